@@ -1,0 +1,221 @@
+"""Helpers for the checkpoint tests: a loopback HTTP file server and pickles in NVIDIA's persistence format.
+
+The pickles are made here, from our own networks, in the exact shape ``torch_utils.persistence`` writes
+(reference §4.3/§4.4): each network object reduces to ``torch_utils.persistence._reconstruct_persistent_obj``
+called with ``meta = {type: 'class', version: 6, module_src, class_name, state}``. Pickle checks that a
+global it writes can be imported, so while writing, stand-in modules ``torch_utils.persistence`` and
+``dnnlib.util`` are registered in ``sys.modules`` and removed again afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copyreg
+import pickle
+import socket
+import sys
+import threading
+import types
+from collections import OrderedDict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+# --- loopback HTTP server ---------------------------------------------------------------------------------
+
+
+class FileServer:
+    """Serves ``files`` (URL path -> bytes) on 127.0.0.1 with Range support and scripted faults.
+
+    ``drop_first[path] = n``: the first GET of ``path`` announces the full length but sends only ``n``
+    bytes, then closes the connection. ``ignore_range``: paths whose Range headers are ignored (200).
+    ``requests`` logs ``(path, Range header or None)`` of every GET.
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.drop_first: dict[str, int] = {}
+        self.ignore_range: set[str] = set()
+        self.requests: list[tuple[str, str | None]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # keep pytest output clean
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+                rng = self.headers.get("Range")
+                server.requests.append((self.path, rng))
+                data = server.files.get(self.path)
+                if data is None:
+                    self.send_error(404, "Not Found")
+                    return
+                start = 0
+                if rng and self.path not in server.ignore_range:
+                    start = int(rng.removeprefix("bytes=").split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                cut = server.drop_first.pop(self.path, None)
+                if cut is not None:
+                    self.wfile.write(body[:cut])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> FileServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (connections are refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- persistence-format pickles ---------------------------------------------------------------------------
+
+SENTINEL_SOURCE = "import pathlib\npathlib.Path({path!r}).write_text('pwned')\n"
+
+
+def _never_called(meta: Any) -> Any:  # the writer's stand-in; loaders must never reach it
+    raise AssertionError("the real persistence loader was called")
+
+
+class _EasyDict(dict):
+    pass
+
+
+@contextlib.contextmanager
+def stand_in_modules() -> Any:
+    """Register ``torch_utils.persistence`` and ``dnnlib.util`` while pickling (removed afterwards)."""
+    names = ["torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util"]
+    if any(n in sys.modules for n in names):
+        raise RuntimeError("a real torch_utils/dnnlib is imported; these helpers would shadow it")
+    persistence = types.ModuleType("torch_utils.persistence")
+    _never_called.__module__ = "torch_utils.persistence"
+    _never_called.__qualname__ = _never_called.__name__ = "_reconstruct_persistent_obj"
+    persistence._reconstruct_persistent_obj = _never_called
+    util = types.ModuleType("dnnlib.util")
+    _EasyDict.__module__ = "dnnlib.util"
+    _EasyDict.__qualname__ = _EasyDict.__name__ = "EasyDict"
+    util.EasyDict = _EasyDict
+    modules = {
+        "torch_utils": types.ModuleType("torch_utils"),
+        "torch_utils.persistence": persistence,
+        "dnnlib": types.ModuleType("dnnlib"),
+        "dnnlib.util": util,
+    }
+    modules["torch_utils"].persistence = persistence
+    modules["dnnlib"].util = util
+    sys.modules.update(modules)
+    try:
+        yield
+    finally:
+        for n in names:
+            sys.modules.pop(n, None)
+
+
+class Persistent:
+    """Pickles exactly like a ``persistent_class`` object: ``_reconstruct_persistent_obj(meta)``."""
+
+    def __init__(self, class_name: str, state: dict[str, Any], module_src: str = "# network source\n") -> None:
+        self.meta = dict(type="class", version=6, module_src=module_src, class_name=class_name, state=state)
+
+    def __reduce__(self) -> tuple:
+        return (sys.modules["torch_utils.persistence"]._reconstruct_persistent_obj, (self.meta,))
+
+
+class FakeModuleDict:
+    """Pickles like ``torch.nn.ModuleDict``: NEWOBJ of the real class, then BUILD with its ``__dict__``."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def __reduce__(self) -> tuple:
+        return (copyreg.__newobj__, (nn.ModuleDict,), self.state)
+
+
+def module_state(module: nn.Module, children: OrderedDict, init_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A ``__dict__`` in the shape of an nn.Module's (hook dicts included), with persistence's extras."""
+    return {
+        "training": False,
+        "_parameters": OrderedDict((k, v) for k, v in module._parameters.items()),
+        "_buffers": OrderedDict((k, v) for k, v in module._buffers.items()),
+        "_non_persistent_buffers_set": set(module._non_persistent_buffers_set),
+        "_backward_hooks": OrderedDict(),
+        "_forward_hooks": OrderedDict(),
+        "_forward_pre_hooks": OrderedDict(),
+        "_state_dict_hooks": OrderedDict(),
+        "_load_state_dict_pre_hooks": OrderedDict(),
+        "_modules": children,
+        "_init_args": (),
+        "_init_kwargs": init_kwargs,
+    }
+
+
+def persistent_tree(module: nn.Module, class_name: str, init_kwargs: dict[str, Any], *, extra=None, dtype=None):
+    """Mirror ``module`` as persistence objects (ModuleDicts stay ModuleDicts), optionally casting tensors."""
+
+    def cast(t: torch.Tensor | None) -> Any:
+        if t is None or dtype is None or not t.is_floating_point():
+            return t
+        data = t.detach().to(dtype)
+        return nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
+
+    def mirror(m: nn.Module, name: str, kwargs: dict[str, Any]) -> Any:
+        children = OrderedDict(
+            (k, None if c is None else mirror(c, type(c).__name__, {})) for k, c in m._modules.items()
+        )
+        if m is module and extra:
+            children.update(extra)
+        state = module_state(m, children, kwargs)
+        state["_parameters"] = OrderedDict((k, cast(v)) for k, v in state["_parameters"].items())
+        state["_buffers"] = OrderedDict((k, cast(v)) for k, v in state["_buffers"].items())
+        if isinstance(m, nn.ModuleDict):
+            return FakeModuleDict(state)
+        return Persistent(name, state)
+
+    return mirror(module, class_name, init_kwargs)
+
+
+def write_pickle(obj: Any, path: Path) -> Path:
+    with stand_in_modules():
+        data = pickle.dumps(obj, protocol=pickle.DEFAULT_PROTOCOL)
+    path.write_bytes(data)
+    return path
+
+
+def easydict(**kwargs: Any) -> Any:
+    """An object that pickles as ``dnnlib.util.EasyDict`` (only inside ``stand_in_modules``)."""
+    return _EasyDict(**kwargs)
+
+
+def numpy_float(x: float) -> np.float64:
+    return np.float64(x)

@@ -1,0 +1,183 @@
+"""fetch(): loopback HTTP server with resume, 404, checksum errors, offline hosts, file:// and local paths."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from checkpoint_helpers import FileServer, closed_port
+
+from tcm_core.checkpoints import REGISTRY, FetchError, fetch, recorded_sha256, sha256_file, sha256_sidecar
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch):
+    # A proxy from the environment must not intercept loopback traffic.
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def payload() -> bytes:
+    return os.urandom(3 * (1 << 20) + 12345)  # > 1 chunk, so a cut lands mid-stream
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".part") or p.name.startswith("."))
+
+
+def test_resume_after_dropped_connection(tmp_path, payload):
+    with FileServer() as srv:
+        srv.files["/ckpt.pkl"] = payload
+        srv.drop_first["/ckpt.pkl"] = len(payload) // 2
+        out = fetch(f"{srv.url}/ckpt.pkl", tmp_path / "ckpt.pkl", sha256=_sha(payload), backoff=0)
+    assert out.read_bytes() == payload
+    assert sha256_file(out) == _sha(payload)
+    ranges = [r for _, r in srv.requests]
+    assert ranges[0] is None
+    # The second request resumed from the bytes kept (those of whole chunks read before the cut).
+    resumed_at = int(ranges[1].removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_at <= len(payload) // 2
+    assert len(srv.requests) == 2
+    assert _leftovers(tmp_path) == []
+
+
+def test_server_ignoring_range_restarts_cleanly(tmp_path, payload):
+    with FileServer() as srv:
+        srv.files["/x.bin"] = payload
+        srv.drop_first["/x.bin"] = len(payload) // 2
+        srv.ignore_range.add("/x.bin")
+        out = fetch(f"{srv.url}/x.bin", tmp_path / "x.bin", sha256=_sha(payload), backoff=0)
+    assert out.read_bytes() == payload  # 200 after a Range request: the partial bytes were discarded
+    assert srv.requests[1][1] is not None and srv.requests[1][1].startswith("bytes=")
+
+
+def test_404_is_a_clear_error_and_leaves_nothing(tmp_path):
+    with FileServer() as srv:
+        url = f"{srv.url}/missing.pkl"
+        with pytest.raises(FetchError, match="404") as err:
+            fetch(url, tmp_path / "m.pkl", backoff=0)
+    assert url in str(err.value)
+    assert len(srv.requests) == 1  # 404 is not retried
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checksum_mismatch_deletes_and_names_both_hashes(tmp_path, payload):
+    wrong = _sha(b"something else")
+    with FileServer() as srv:
+        srv.files["/c.pkl"] = payload
+        with pytest.raises(FetchError) as err:
+            fetch(f"{srv.url}/c.pkl", tmp_path / "c.pkl", sha256=wrong, backoff=0)
+    msg = str(err.value)
+    assert wrong in msg and _sha(payload) in msg and "mismatch" in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreachable_host_names_the_url_and_the_manual_route(tmp_path):
+    url = f"http://127.0.0.1:{closed_port()}/edm.pkl"
+    with pytest.raises(FetchError) as err:
+        fetch(url, tmp_path / "edm.pkl", retries=2, backoff=0, timeout=5)
+    msg = str(err.value)
+    assert url in msg and "--path" in msg and "offline" in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_file_url_and_local_path(tmp_path, payload):
+    src = tmp_path / "src" / "hand placed.pkl"
+    src.parent.mkdir()
+    src.write_bytes(payload)
+    a = fetch(src.as_uri(), tmp_path / "a.pkl", sha256=_sha(payload))
+    b = fetch(str(src), tmp_path / "b.pkl")
+    assert a.read_bytes() == payload and b.read_bytes() == payload
+    with pytest.raises(FetchError, match="no such file"):
+        fetch(str(tmp_path / "nope.pkl"), tmp_path / "c.pkl")
+    assert not (tmp_path / "c.pkl").exists()
+
+
+def test_first_download_records_hash_then_enforces_it(tmp_path, payload, capsys):
+    out = tmp_path / "first.pkl"
+    with FileServer() as srv:
+        srv.files["/f.pkl"] = payload
+        fetch(f"{srv.url}/f.pkl", out, backoff=0)
+        assert recorded_sha256(out) == _sha(payload)
+        err = capsys.readouterr().err
+        assert _sha(payload) in err and "sha256:" in err and "config.yaml" in err
+        # Second fetch: already in place and matching the record -> no transfer.
+        n = len(srv.requests)
+        fetch(f"{srv.url}/f.pkl", out, backoff=0)
+        assert len(srv.requests) == n
+        # The file is damaged; the server now serves different bytes: the record is enforced.
+        out.write_bytes(b"damaged")
+        srv.files["/f.pkl"] = b"changed upstream"
+        with pytest.raises(FetchError, match="mismatch") as exc:
+            fetch(f"{srv.url}/f.pkl", out, backoff=0)
+    assert _sha(payload) in str(exc.value) and _sha(b"changed upstream") in str(exc.value)
+    assert out.read_bytes() == b"damaged"  # never replaced by an unverified file
+    assert _leftovers(tmp_path) == []
+
+
+_DISK_FULL_SCRIPT = """
+import resource, signal, sys
+from tcm_core.checkpoints import FetchError, fetch
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG (an OSError)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    fetch(sys.argv[1], sys.argv[2])
+except FetchError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def test_disk_error_is_clear_and_removes_temp_file(tmp_path, payload):
+    src = tmp_path / "s.pkl"
+    src.write_bytes(payload)
+    (tmp_path / "out").mkdir()
+    with FileServer() as srv:
+        srv.files["/big.pkl"] = payload
+        for source in (str(src), f"{srv.url}/big.pkl"):
+            res = subprocess.run([sys.executable, "-c", _DISK_FULL_SCRIPT, source, str(tmp_path / "out" / "x.pkl")],
+                                 capture_output=True, text=True, timeout=60)
+            assert res.returncode == 3, res.stderr
+            assert "disk error" in res.stdout
+            assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_manual_registry_entries_explain_what_to_do(tmp_path):
+    manual = [n for n, e in REGISTRY.items() if e["manual"]]
+    assert manual and all(not REGISTRY[n]["sha256"] for n in REGISTRY)
+    for name in manual:
+        with pytest.raises(FetchError) as err:
+            fetch(name, tmp_path / "x.pkl")
+        assert REGISTRY[name]["url"] in str(err.value) and "--path" in str(err.value)
+    assert {"edm-cifar10-uncond-vp", "edm2-img64-s", "edm2-img64-xl"} <= set(REGISTRY)
+    assert REGISTRY["edm2-img64-xl"]["url"].endswith("edm2-img64-xl-0671088-0.040.pkl")
+
+
+@pytest.mark.slow
+def test_cli_fetch_success_and_one_line_errors(tmp_path, payload):
+    cmd = [sys.executable, "-m", "tcm_core", "fetch"]
+    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost"}
+    src = tmp_path / "s.pkl"
+    src.write_bytes(payload)
+    ok = subprocess.run([*cmd, "--path", str(src), "--out", str(tmp_path / "o.pkl")], capture_output=True, text=True,
+                        env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert sha256_sidecar(tmp_path / "o.pkl").read_text().split()[0] == _sha(payload)
+    bad = subprocess.run([*cmd, "--url", f"http://127.0.0.1:{closed_port()}/x.pkl", "--retries", "1",
+                          "--out", str(tmp_path / "x.pkl")], capture_output=True, text=True, env=env)
+    assert bad.returncode != 0
+    assert "Traceback" not in bad.stderr and bad.stderr.strip().count("\n") == 0
+    assert bad.stderr.startswith("error: cannot reach")
+    manual = subprocess.run([*cmd, "--name", "tcm-cifar10", "--out", str(tmp_path / "t.pkl")], capture_output=True,
+                            text=True, env=env)
+    assert manual.returncode != 0 and "drive.google.com" in manual.stderr and "Traceback" not in manual.stderr
