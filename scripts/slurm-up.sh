@@ -10,6 +10,11 @@
 #   SLURM_FAKE_GPUS=N       advertise N fake GPUs (gres on mknod'ed char devices; default 2)
 #   SLURM_PARTITION=NAME    name of the one partition (default debug); it is the default partition
 #   SLURM_MIN_JOB_AGE=S     seconds slurmctld keeps finished jobs (default 300, the Slurm default)
+#   SLURM_NODE_CPUS=N       CPUs the node advertises (default: the real count)
+#   SLURM_NODE_MEM_MB=M     memory the node advertises (default: the real MemTotal - 512 MiB)
+#                           Advertising more than the machine has (like the fake GPUs) lets the real
+#                           profiles/slurm requests (8 CPUs and 64 GB per GPU) schedule on a small CI
+#                           machine; slurmd then trusts slurm.conf (SlurmdParameters=config_overrides).
 #
 # Every daemon this script starts is listed in $SLURM_DIR/owned (its pid file), so slurm-down.sh stops
 # exactly those, by PID. Tested recipe: ../shared/reference/slurm-local.md (outside the repo).
@@ -38,7 +43,11 @@ fi
 
 mkdir -p "$D"/{state,spool,log}
 touch "$D/owned"
-MEM=$(( $(awk '/MemTotal/{print int($2/1024)}' /proc/meminfo) - 512 ))
+REAL_MEM=$(( $(awk '/MemTotal/{print int($2/1024)}' /proc/meminfo) - 512 ))
+MEM=${SLURM_NODE_MEM_MB:-$REAL_MEM}
+CPUS=${SLURM_NODE_CPUS:-$(nproc)}
+OVERRIDES=""
+if [ "$MEM" -gt "$REAL_MEM" ] || [ "$CPUS" -gt "$(nproc)" ]; then OVERRIDES="SlurmdParameters=config_overrides"; fi
 GRES_NODE=""; GRES_TYPES=""
 mkdir -p /etc/slurm
 if [ "$NGPU" -gt 0 ]; then
@@ -88,7 +97,8 @@ SlurmdLogFile=$D/log/slurmd.log
 JobCompType=jobcomp/none
 $ACCT_LINES
 $GRES_TYPES
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$MEM $GRES_NODE State=UNKNOWN
+$OVERRIDES
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM $GRES_NODE State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 
