@@ -15,12 +15,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import inspect
+import json
+import math
 import os
 import sys
 import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -446,4 +450,409 @@ def run_fetch(args: argparse.Namespace) -> int:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     print(out)
+    return 0
+
+
+# --- architecture from foreign constructor kwargs ------------------------------------------------------------
+
+_PRECOND_ARCH_KEYS = ("img_resolution", "img_channels", "label_dim", "sigma_data")
+# Constructor kwargs with no counterpart in our networks (fp16 is a storage choice; the logvar head is
+# not built; sigma_min/max only bound EDM's own sampler).
+_IGNORED_KWARGS = {"use_fp16", "sigma_min", "sigma_max", "logvar_channels", "class_name", "out_channels"}
+_SONGUNET_VARIANT_KEYS = ("embedding_type", "encoder_type", "decoder_type")
+_EDM2_BACKBONE_NAMES = ("UNet", "EDM2UNet")
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON data from pickled kwargs (numpy scalars -> Python numbers, tuples -> lists)."""
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def _backbone_keys(model_type: str) -> set[str]:
+    from tcm_core.networks import EDM2UNet, SongUNet
+
+    backbone = SongUNet if model_type == "SongUNet" else EDM2UNet
+    keys = set(inspect.signature(backbone.__init__).parameters) - {"self", "img_resolution", "img_channels"}
+    keys -= {"in_channels", "out_channels", "label_dim"}
+    if model_type == "SongUNet":
+        keys |= set(_SONGUNET_VARIANT_KEYS)
+    return keys
+
+
+def arch_from_pickle(ema: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Our ``arch`` dict from a pickled EDM/ECT/TCM (SongUNet) or EDM2 precond holder.
+
+    Returns ``(arch, ignored)`` where ``ignored`` holds constructor kwargs with no counterpart here.
+    ``augment_dim`` is mapped to 0 (ECT/TCM train without augmentation labels; ``map_augment`` is dropped).
+    """
+    from tcm_core.safe_pickle import PersistentHolder, find_submodule
+
+    if not isinstance(ema, PersistentHolder):
+        raise CheckpointError("the pickle's network is not a persistent network object")
+    outer = _jsonable(ema.init_kwargs)
+    if find_submodule(ema, "unet") is not None:
+        inner_holder, model_type = find_submodule(ema, "unet"), "EDM2UNet"
+    else:
+        inner_holder = find_submodule(ema, "model")
+        inner_name = inner_holder.class_name if inner_holder is not None else None
+        declared = outer.get("model_type", inner_name)
+        if inner_name in _EDM2_BACKBONE_NAMES or declared in _EDM2_BACKBONE_NAMES:
+            model_type = "EDM2UNet"
+        elif declared == "SongUNet" or inner_name == "SongUNet":
+            model_type = "SongUNet"
+        else:
+            raise CheckpointError(
+                f"unsupported backbone {declared or inner_name!r} in {ema.class_name} "
+                f"(supported: SongUNet (DDPM++) and the EDM2 UNet)"
+            )
+    inner = _jsonable(inner_holder.init_kwargs) if inner_holder is not None else {}
+    if "in_channels" in inner:
+        if inner.get("out_channels", inner["in_channels"]) != inner["in_channels"]:
+            raise CheckpointError("backbone with in_channels != out_channels is not supported")
+        inner["img_channels"] = inner.pop("in_channels")
+        inner.pop("out_channels", None)
+    merged = {**inner, **outer}  # the precond's kwargs were passed down; they win on a conflict
+    merged.pop("model_type", None)
+    allowed = _backbone_keys(model_type)
+    arch: dict[str, Any] = {"model_type": model_type}
+    ignored: dict[str, Any] = {}
+    for key, value in merged.items():
+        if key in _PRECOND_ARCH_KEYS or key in allowed:
+            arch[key] = value
+        else:
+            ignored[key] = value
+    for key in ("img_resolution", "img_channels"):
+        if key not in arch:
+            raise CheckpointError(f"the pickle's constructor kwargs lack {key!r}; cannot tell the architecture")
+    arch.setdefault("label_dim", 0)
+    arch.setdefault("sigma_data", 0.5)
+    if model_type == "SongUNet":
+        arch["augment_dim"] = 0
+    return arch, ignored
+
+
+def map_state_dict(state: dict[str, Any], arch: dict[str, Any]) -> OrderedDict[str, Any]:
+    """EDM/EDM2/ECT/TCM names -> ours: ``unet.`` -> ``model.``, drop the logvar head and (when
+    ``augment_dim`` is 0) ``model.map_augment.*``, cast floating tensors to fp32."""
+    import torch
+
+    out: OrderedDict[str, Any] = OrderedDict()
+    for name, tensor in state.items():
+        if name.startswith("unet."):
+            name = "model." + name[len("unet.") :]
+        if name.startswith(("logvar_fourier.", "logvar_linear.")):
+            continue
+        if name.startswith("model.map_augment.") and not arch.get("augment_dim"):
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"state entry {name!r} is not a tensor")
+        out[name] = tensor.detach().to(torch.float32) if tensor.is_floating_point() else tensor.detach()
+    return out
+
+
+# Above this many weights, networks are built on the meta device (no memory, no random init). Smaller ones
+# are built directly: cheaper than the one-off import that meta-device construction triggers in torch.
+_META_BUILD_NUMEL = 20_000_000
+
+
+def _build_empty(arch: dict[str, Any], numel_hint: int) -> Any:
+    import torch
+
+    from tcm_core.networks import build_precond
+
+    try:
+        if numel_hint > _META_BUILD_NUMEL:
+            with torch.device("meta"):
+                return build_precond(arch)
+        return build_precond(arch)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"cannot build the checkpoint's architecture: {_one_line(exc)}") from None
+
+
+def _build_loaded(arch: dict[str, Any], state: dict[str, Any], device: Any) -> Any:
+    """Build the network for ``arch`` and load ``state`` strictly."""
+    from tcm_core.networks import build_precond
+
+    net = _build_empty(arch, sum(t.numel() for t in state.values()))
+    expected = set(net.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights do not match the architecture: missing {_abbrev(missing)}, unexpected {_abbrev(unexpected)}"
+        )
+    try:
+        net.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights do not match the architecture: {_one_line(exc)[:600]}") from None
+    if any(t.is_meta for t in [*net.parameters(), *net.buffers()]):
+        # Something outside the state dict (a non-persistent buffer) stayed unmaterialised: build for real.
+        net = build_precond(arch)
+        net.load_state_dict(state, strict=True)
+    return net.to(device).eval()
+
+
+def _abbrev(names: list[str], n: int = 6) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+# --- our own format ---------------------------------------------------------------------------------------------
+
+
+def _json_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def save_network(net: Any, path: str | Path, *, iteration: int, provenance: dict[str, Any]) -> None:
+    """Write ``X.safetensors`` (weights, fp32 as held) and ``X.json`` (arch, iteration, provenance), atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"path must end in .safetensors, got {path}")
+    if int(iteration) < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    arch = getattr(net, "arch", None)
+    if not arch:
+        raise ValueError("net has no .arch dict (build it with tcm_core.networks.build_precond)")
+    record = {"arch": arch, "iteration": int(iteration), "provenance": dict(provenance)}
+    text = json.dumps(record, indent=2, sort_keys=True) + "\n"  # fails early on non-JSON provenance
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "tcm-network", "arch": json.dumps(arch)})
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _write_text_atomic(_json_path(path), text)
+
+
+# --- loading ------------------------------------------------------------------------------------------------------
+
+
+def _check_recorded(path: Path, digest: str) -> None:
+    recorded = recorded_sha256(path)
+    if recorded is not None and recorded != digest:
+        raise CheckpointError(
+            f"checksum mismatch for {path}: expected sha256 {recorded} (from {sha256_sidecar(path)}), actual {digest}"
+        )
+
+
+def _read_arch_json(path: Path) -> dict[str, Any] | None:
+    sibling = _json_path(path)
+    if not sibling.is_file():
+        return None
+    record = json.loads(sibling.read_text())
+    return record.get("arch", record) if isinstance(record, dict) else None
+
+
+def _ema_from_pickle(obj: Any) -> tuple[Any, str]:
+    """The EMA network holder and the file flavour from a loaded pickle's top-level object."""
+    from tcm_core.safe_pickle import PersistentHolder
+
+    if isinstance(obj, PersistentHolder):
+        return obj, "network"
+    if isinstance(obj, dict) and isinstance(obj.get("ema"), PersistentHolder):
+        return obj["ema"], "snapshot"
+    if isinstance(obj, dict) and isinstance(obj.get("net"), PersistentHolder):
+        return obj["net"], "training-state"
+    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+    raise CheckpointError(f"no network in the pickle (expected a dict with 'ema'); found {keys}")
+
+
+def _plain_state_dict(obj: Any) -> dict[str, Any]:
+    import torch
+
+    for key in ("ema", "state_dict", "model", "net"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError("the file is not a plain state dict of tensors")
+    return obj
+
+
+def _read_pickle(path: Path) -> tuple[Any, Any]:
+    from tcm_core.safe_pickle import safe_load
+
+    obj = safe_load(path)
+    ema, _ = _ema_from_pickle(obj)
+    return obj, ema
+
+
+def load_network(
+    path: str | Path,
+    device: Any = "cpu",
+    arch_overrides: dict[str, Any] | None = None,
+    *,
+    arch: dict[str, Any] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Load a checkpoint into our ``Precond`` (in eval mode, fp32); return ``(net, meta)``.
+
+    Formats by suffix: ``.safetensors`` (ours, with ``X.json``), ``.pkl`` (EDM/EDM2/ECT/TCM pickles, read by
+    the allow-list unpickler: nothing in the file is executed) and ``.pt``/``.pth`` (plain state dicts read
+    weights-only; the architecture comes from ``arch`` or a sibling ``X.json``). ``arch_overrides`` are applied
+    to the architecture (e.g. ``{"dropout": 0.2}``). A ``FILE.sha256`` record beside the file is enforced.
+    ``meta``: ``format``, ``arch``, ``iteration`` (0 for foreign files), ``provenance``, ``sha256`` (+ details).
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no such checkpoint: {path}")
+    digest = sha256_file(path)
+    _check_recorded(path, digest)
+    suffix = path.suffix.lower()
+    meta: dict[str, Any] = {"sha256": digest, "iteration": 0}
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        record: dict[str, Any] = {}
+        if _json_path(path).is_file():
+            record = json.loads(_json_path(path).read_text())
+        else:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+            if "arch" in header:
+                record = {"arch": json.loads(header["arch"])}
+        base_arch = arch or record.get("arch")
+        if not base_arch:
+            raise CheckpointError(f"{path}: no architecture ({_json_path(path).name} missing)")
+        state = load_file(str(path), device="cpu")
+        meta.update(format="safetensors", class_name="Precond", iteration=int(record.get("iteration", 0)),
+                    provenance=record.get("provenance", {}))
+        arch_final = {**base_arch, **(arch_overrides or {})}
+    elif suffix == ".pkl":
+        obj, ema = _read_pickle(path)
+        base_arch, ignored = arch_from_pickle(ema)
+        from tcm_core.safe_pickle import state_dict_from_holder
+
+        arch_final = {**(arch or base_arch), **(arch_overrides or {})}
+        state = state_dict_from_holder(ema)
+        meta.update(
+            format="pickle",
+            class_name=ema.class_name,
+            flavour="edm2" if base_arch["model_type"] == "EDM2UNet" else "edm",
+            ignored_kwargs=ignored,
+            provenance={"source": str(path), "sha256": digest, "format": "pickle", "class_name": ema.class_name},
+        )
+        del obj
+    elif suffix in (".pt", ".pth"):
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch's weights-only unpickler refuses anything but tensors and containers
+            raise CheckpointError(f"{path} is not a weights-only state dict: {_one_line(exc)[:400]}") from None
+        state = _plain_state_dict(loaded)
+        base_arch = arch or _read_arch_json(path)
+        if not base_arch:
+            raise CheckpointError(
+                f"{path} is a plain state dict: give its architecture (arch=..., --arch) or a sibling "
+                f"{_json_path(path).name} with {{\"arch\": {{...}}}}"
+            )
+        arch_final = {**base_arch, **(arch_overrides or {})}
+        meta.update(format="state_dict", class_name=None,
+                    provenance={"source": str(path), "sha256": digest, "format": "state_dict"})
+    else:
+        raise CheckpointError(f"unknown checkpoint format {path.suffix!r} (use .safetensors, .pkl, .pt or .pth)")
+    net = _build_loaded(arch_final, map_state_dict(state, arch_final), device)
+    meta["arch"] = net.arch
+    return net, meta
+
+
+# --- inspect -------------------------------------------------------------------------------------------------------
+
+
+def _parameter_count(arch: dict[str, Any], numel_hint: int) -> int:
+    from tcm_core.networks import count_parameters
+
+    return count_parameters(_build_empty(arch, numel_hint))
+
+
+def inspect_checkpoint(path: str | Path, arch: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Describe a checkpoint without running anything from it: format, class, arch, parameter count, sha256."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no such checkpoint: {path}")
+    info: dict[str, Any] = {"path": str(path), "sha256": sha256_file(path), "recorded_sha256": recorded_sha256(path)}
+    suffix = path.suffix.lower()
+    if suffix == ".pkl":
+        from tcm_core.safe_pickle import parameter_count_from_holder, state_dict_from_holder
+
+        obj, ema = _read_pickle(path)
+        info["format"] = "pickle"
+        info["top_level_keys"] = sorted(map(str, obj)) if isinstance(obj, dict) else None
+        info["class_name"] = ema.class_name
+        info["init_kwargs"] = _jsonable(ema.init_kwargs)
+        tensors = state_dict_from_holder(ema)
+        info["tensors"] = len(tensors)
+        numel = sum(t.numel() for t in tensors.values())
+        info["parameter_count_in_file"] = parameter_count_from_holder(ema)
+        found, ignored = arch_from_pickle(ema)
+        info["ignored_kwargs"] = ignored
+    elif suffix == ".safetensors":
+        from safetensors import safe_open
+
+        info["format"] = "safetensors"
+        info["class_name"] = "Precond"
+        record = json.loads(_json_path(path).read_text()) if _json_path(path).is_file() else {}
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+            info["tensors"] = len(names)
+            numel = sum(math.prod(f.get_slice(k).get_shape()) for k in names)
+            header = f.metadata() or {}
+        found = record.get("arch") or (json.loads(header["arch"]) if "arch" in header else None)
+        info["iteration"] = record.get("iteration")
+        info["provenance"] = record.get("provenance")
+    elif suffix in (".pt", ".pth"):
+        try:
+            state = _plain_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{path} is not a weights-only state dict: {_one_line(exc)[:400]}") from None
+        info["format"] = "state_dict"
+        info["class_name"] = None
+        info["tensors"] = len(state)
+        numel = sum(t.numel() for t in state.values())
+        found = _read_arch_json(path)
+    else:
+        raise CheckpointError(f"unknown checkpoint format {path.suffix!r} (use .safetensors, .pkl, .pt or .pth)")
+    info["arch"] = arch or found
+    info["parameter_count"] = _parameter_count(info["arch"], numel) if info["arch"] else None
+    return info
+
+
+def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", type=Path, help="checkpoint: .safetensors (ours), .pkl (EDM/EDM2/ECT/TCM), .pt/.pth")
+    parser.add_argument("--arch", default=None, help="architecture as JSON (plain state dicts without X.json)")
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from tcm_core.safe_pickle import UnsafePickleError
+
+    try:
+        arch = json.loads(args.arch) if args.arch else None
+        info = inspect_checkpoint(args.file, arch=arch)
+    except (UnsafePickleError, CheckpointError, ValueError, OSError) as exc:
+        print(f"error: {args.file}: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2, sort_keys=True))
     return 0

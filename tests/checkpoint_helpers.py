@@ -158,6 +158,10 @@ class FakeModuleDict:
     def __init__(self, state: dict[str, Any]) -> None:
         self.state = state
 
+    @property
+    def __class__(self) -> type:  # noqa: PLE0307 -- pickle's NEWOBJ check reads __class__
+        return nn.ModuleDict
+
     def __reduce__(self) -> tuple:
         return (copyreg.__newobj__, (nn.ModuleDict,), self.state)
 
@@ -180,7 +184,7 @@ def module_state(module: nn.Module, children: OrderedDict, init_kwargs: dict[str
     }
 
 
-def persistent_tree(module: nn.Module, class_name: str, init_kwargs: dict[str, Any], *, extra=None, dtype=None):
+def persistent_tree(module: nn.Module, class_name: str, init_kwargs: dict[str, Any], *, dtype=None) -> Persistent:
     """Mirror ``module`` as persistence objects (ModuleDicts stay ModuleDicts), optionally casting tensors."""
 
     def cast(t: torch.Tensor | None) -> Any:
@@ -193,8 +197,6 @@ def persistent_tree(module: nn.Module, class_name: str, init_kwargs: dict[str, A
         children = OrderedDict(
             (k, None if c is None else mirror(c, type(c).__name__, {})) for k, c in m._modules.items()
         )
-        if m is module and extra:
-            children.update(extra)
         state = module_state(m, children, kwargs)
         state["_parameters"] = OrderedDict((k, cast(v)) for k, v in state["_parameters"].items())
         state["_buffers"] = OrderedDict((k, cast(v)) for k, v in state["_buffers"].items())
