@@ -1,0 +1,299 @@
+"""Training configuration: the :class:`TrainConfig` keys, their resolution from YAML and their validation.
+
+Resolution order (see docs/ARCHITECTURE.md "config.yaml layout"):
+
+1. ``presets[P][section(mode)]`` of the YAML (``P`` = ``--preset`` or the YAML's top-level ``preset``);
+   ``stage1_continued`` takes the ``stage1`` keys with the ``iterations`` of ``stage2`` (the control runs
+   as long as Stage 2), ``stage3`` merges ``stage3`` over ``stage2``; ``pretrain`` also takes the preset's
+   ``arch`` and every mode takes the preset's ``eval`` block (``every, num, mid_t, dfid_ts`` ->
+   ``eval_every, eval_num, eval_mid_t, eval_dfid_ts``) unless the section sets those keys itself.
+   A flat YAML (no ``presets``) is taken as the TrainConfig keys directly.
+2. ``key=value`` overrides from the command line, values parsed with ``yaml.safe_load``.
+3. Mode-dependent defaults (``None`` below) are filled in, then everything is validated before any compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODES = ("pretrain", "stage1", "stage1_continued", "stage2", "stage3")
+TRUNCATED_MODES = ("stage2", "stage3")
+CONSISTENCY_MODES = ("stage1", "stage1_continued", "stage2", "stage3")
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": ("adam", "radam"),
+    "ema": ("constant", "power"),
+    "time_dist": ("lognormal", "student_t"),
+    "weighting": ("inv_delta_t", "inv_cout_sq", "uniform"),
+    "precision": ("fp32", "bf16", "fp16"),
+    "nonfinite": ("skip", "abort"),
+}
+
+# the preset's `eval` block -> TrainConfig keys
+EVAL_BLOCK_KEYS = {"every": "eval_every", "num": "eval_num", "mid_t": "eval_mid_t", "dfid_ts": "eval_dfid_ts"}
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run, named as in the paper / official code (docs: §2 of the reference)."""
+
+    # schedule and batch
+    iterations: int = 1000  # iterations run by THIS job; the global counter starts at the init's iteration
+    batch: int = 128  # global batch (all ranks together)
+    batch_gpu: int | None = None  # samples per loss call (micro-batch); None = batch / world_size
+    seed: int = 101
+    # optimiser and learning rate
+    optimizer: str = "radam"
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    lr_decay_iters: int = 0  # 0: constant; else lr / sqrt(max(it / lr_decay_iters, 1))
+    lr_rampup_iters: int = 0  # 0: none; else lr * min(it / lr_rampup_iters, 1)
+    # EMA (what is saved)
+    ema: str = "constant"
+    ema_beta: float = 0.9999
+    ema_gamma: float = 6.94  # power EMA: beta_k = (1 - 1/k)^(gamma + 1)
+    # time distribution and consistency loss
+    time_dist: str | None = None  # None: lognormal for pretrain/stage1, student_t for stage2/3
+    p_mean: float | None = None  # None: -1.2 (pretrain, EDM) or -1.1 (consistency, ECT CIFAR)
+    p_std: float | None = None  # None: 1.2 (pretrain) or 2.0
+    t_min: float = 0.002
+    t_max: float = 80.0
+    t_prime: float | None = None  # None: 1 for stage2, 4 for stage3
+    rho: float = 0.25
+    w_b: float = 0.1
+    mu: float = 0.0
+    nu: float = 0.01
+    sigma: float = 0.2
+    q: float = 2.0
+    ratio_limit: float = 0.999
+    double_iters: int = 25000
+    c: float = 1e-8
+    weighting: str = "inv_delta_t"
+    dropout: float | None = None  # None: keep the checkpoint's / arch's dropout
+    # numerics
+    precision: str = "fp32"
+    tf32: bool = False
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True)
+    grad_clip: float | None = None  # None: no clipping (the norm is still measured)
+    nonfinite: str = "abort"
+    nonfinite_patience: int = 5  # abort after this many consecutive non-finite steps
+    # observability
+    log_every: int = 10
+    state_every: int = 1000
+    eval_every: int = 0  # 0: off (FID/dFID needs --eval-ref-stats)
+    grid_every: int = 0  # 0: off
+    eval_num: int = 1000
+    eval_mid_t: float | None = None
+    eval_dfid_ts: list[float] = field(default_factory=list)
+    grid_num: int = 64
+    # network (pretrain from scratch only)
+    arch: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+_INT_KEYS = {"iterations", "batch", "batch_gpu", "seed", "lr_decay_iters", "lr_rampup_iters", "double_iters",
+             "nonfinite_patience", "log_every", "state_every", "eval_every", "grid_every", "eval_num", "grid_num"}
+_BOOL_KEYS = {"tf32", "deterministic"}
+_STR_KEYS = set(CHOICES)
+_DICT_KEYS = {"arch"}
+_LIST_KEYS = {"eval_dfid_ts"}
+
+
+def section_for_mode(mode: str) -> str:
+    return {"stage1_continued": "stage1"}.get(mode, mode)
+
+
+def load_yaml_sections(path: str | Path, mode: str, preset: str | None = None) -> dict[str, Any]:
+    """The TrainConfig keys for ``mode`` from a presets YAML or a flat YAML (before overrides)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path}: expected a mapping at the top level")
+    if "presets" not in raw:
+        return dict(raw)
+    name = preset or raw.get("preset")
+    presets = raw["presets"] or {}
+    if name is None or name not in presets:
+        raise ValueError(f"preset must be one of {', '.join(map(str, presets))}, got {name!r} (config {path})")
+    block = presets[name] or {}
+
+    def section(key: str) -> dict[str, Any]:
+        value = block.get(key) or {}
+        if not isinstance(value, dict):
+            raise ValueError(f"config {path}: presets.{name}.{key} must be a mapping")
+        return dict(value)
+
+    if mode == "stage1_continued":
+        keys = section("stage1")
+        if "iterations" in section("stage2"):
+            keys["iterations"] = section("stage2")["iterations"]
+    elif mode == "stage3":
+        keys = {**section("stage2"), **section("stage3")}
+    else:
+        keys = section(mode)
+    if mode == "pretrain" and "arch" not in keys and block.get("arch") is not None:
+        keys["arch"] = dict(block["arch"])
+    for eval_key, cfg_key in EVAL_BLOCK_KEYS.items():
+        if cfg_key not in keys and eval_key in section("eval"):
+            keys[cfg_key] = section("eval")[eval_key]
+    return keys
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lr=2e-4", "eval_dfid_ts=[1,2]"]`` -> dict; values go through ``yaml.safe_load``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected key=value")
+        parsed = yaml.safe_load(value) if value != "" else None
+        # yaml 1.1 reads "1e-4" as a string; accept it as the float it means
+        if isinstance(parsed, str):
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key.strip()] = parsed
+    return out
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        if key in _BOOL_KEYS:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if key in _INT_KEYS:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise TypeError
+            return int(float(value))
+        if key in _STR_KEYS:
+            return str(value)
+        if key in _DICT_KEYS:
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+        if key in _LIST_KEYS:
+            values = value if isinstance(value, (list, tuple)) else [value]
+            return [float(v) for v in values]
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key!r}: cannot use {value!r} ({type(value).__name__})") from None
+
+
+def build_config(keys: dict[str, Any], mode: str) -> TrainConfig:
+    """TrainConfig from resolved keys: unknown keys rejected, types coerced, mode defaults filled, validated."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    unknown = sorted(set(keys) - set(FIELD_NAMES))
+    if unknown:
+        raise ValueError(f"unknown config key {unknown[0]!r}; allowed keys: {', '.join(FIELD_NAMES)}")
+    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in keys.items()})
+    truncated = mode in TRUNCATED_MODES
+    if cfg.time_dist is None:
+        cfg.time_dist = "student_t" if truncated else "lognormal"
+    if cfg.p_mean is None:
+        cfg.p_mean = -1.2 if mode == "pretrain" else -1.1
+    if cfg.p_std is None:
+        cfg.p_std = 1.2 if mode == "pretrain" else 2.0
+    if cfg.t_prime is None and truncated:
+        cfg.t_prime = 4.0 if mode == "stage3" else 1.0
+    validate_config(cfg, mode)
+    return cfg
+
+
+def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"config key {key!r} must be {allowed}, got {value!r}")
+
+
+def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
+    """Raise ValueError naming the first invalid key and its allowed values (cheap: runs before any compute)."""
+    for key, allowed in CHOICES.items():
+        value = getattr(cfg, key)
+        if value is not None or key != "time_dist":
+            _require(value in allowed, key, f"one of {', '.join(allowed)}", value)
+    for key in FIELD_NAMES:
+        value = getattr(cfg, key)
+        if isinstance(value, float) and key not in ("p_mean", "mu"):
+            _require(math.isfinite(value), key, "finite", value)
+    _require(cfg.iterations >= 0, "iterations", ">= 0", cfg.iterations)
+    _require(cfg.batch >= 1, "batch", ">= 1", cfg.batch)
+    _require(cfg.lr > 0, "lr", "> 0", cfg.lr)
+    _require(0 <= cfg.beta1 < 1, "beta1", "in [0, 1)", cfg.beta1)
+    _require(0 <= cfg.beta2 < 1, "beta2", "in [0, 1)", cfg.beta2)
+    _require(cfg.eps > 0, "eps", "> 0", cfg.eps)
+    _require(cfg.lr_decay_iters >= 0, "lr_decay_iters", ">= 0 (0 = constant)", cfg.lr_decay_iters)
+    _require(cfg.lr_rampup_iters >= 0, "lr_rampup_iters", ">= 0 (0 = none)", cfg.lr_rampup_iters)
+    _require(0 <= cfg.ema_beta < 1, "ema_beta", "in [0, 1)", cfg.ema_beta)
+    _require(cfg.ema_gamma > 0, "ema_gamma", "> 0", cfg.ema_gamma)
+    _require(math.isfinite(cfg.p_mean), "p_mean", "finite", cfg.p_mean)
+    _require(cfg.p_std > 0, "p_std", "> 0", cfg.p_std)
+    _require(cfg.t_min > 0, "t_min", "> 0", cfg.t_min)
+    _require(cfg.t_max > cfg.t_min, "t_max", f"> t_min ({cfg.t_min})", cfg.t_max)
+    _require(cfg.nu > 0, "nu", "> 0", cfg.nu)
+    _require(cfg.sigma > 0, "sigma", "> 0", cfg.sigma)
+    _require(cfg.q > 1, "q", "> 1", cfg.q)
+    _require(0 < cfg.ratio_limit < 1, "ratio_limit", "in (0, 1)", cfg.ratio_limit)
+    _require(cfg.double_iters >= 1, "double_iters", ">= 1", cfg.double_iters)
+    _require(cfg.c >= 0, "c", ">= 0", cfg.c)
+    _require(cfg.dropout is None or 0 <= cfg.dropout < 1, "dropout", "in [0, 1) or null", cfg.dropout)
+    _require(cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", "> 0 or null", cfg.grad_clip)
+    _require(cfg.nonfinite_patience >= 1, "nonfinite_patience", ">= 1", cfg.nonfinite_patience)
+    _require(cfg.log_every >= 1, "log_every", ">= 1", cfg.log_every)
+    _require(cfg.state_every >= 1, "state_every", ">= 1", cfg.state_every)
+    _require(cfg.eval_every >= 0, "eval_every", ">= 0 (0 = off)", cfg.eval_every)
+    _require(cfg.grid_every >= 0, "grid_every", ">= 0 (0 = off)", cfg.grid_every)
+    _require(cfg.eval_num >= 1, "eval_num", ">= 1", cfg.eval_num)
+    _require(cfg.grid_num >= 1, "grid_num", ">= 1", cfg.grid_num)
+    _require(cfg.eval_mid_t is None or cfg.t_min < cfg.eval_mid_t < cfg.t_max, "eval_mid_t",
+             f"in (t_min, t_max) = ({cfg.t_min}, {cfg.t_max}) or null", cfg.eval_mid_t)
+    _require(all(t > 0 for t in cfg.eval_dfid_ts), "eval_dfid_ts", "a list of times > 0", cfg.eval_dfid_ts)
+    if mode in TRUNCATED_MODES:
+        _require(cfg.t_min < cfg.t_prime < cfg.t_max, "t_prime", f"in (t_min, t_max) = ({cfg.t_min}, {cfg.t_max})",
+                 cfg.t_prime)
+        _require(0 < cfg.rho < 1, "rho", "in (0, 1)", cfg.rho)
+        _require(cfg.w_b >= 0, "w_b", ">= 0", cfg.w_b)
+    if mode == "pretrain" and cfg.arch is not None:
+        _require(isinstance(cfg.arch, dict), "arch", "a mapping", cfg.arch)
+    batch_split(cfg, mode, world_size)
+
+
+def batch_split(cfg: TrainConfig, mode: str, world_size: int) -> tuple[int, int]:
+    """(samples per loss call, loss calls per rank per iteration); ValueError when the batch does not divide."""
+    _require(world_size >= 1, "world_size", ">= 1", world_size)
+    _require(cfg.batch % world_size == 0, "batch", f"divisible by the world size {world_size}", cfg.batch)
+    per_rank = cfg.batch // world_size
+    chunk = per_rank if cfg.batch_gpu is None else cfg.batch_gpu
+    _require(chunk >= 1 and per_rank % chunk == 0, "batch_gpu",
+             f"a divisor of batch / world_size = {per_rank}", cfg.batch_gpu)
+    if mode in TRUNCATED_MODES:
+        _require(math.floor(chunk * cfg.rho) >= 1, "rho",
+                 f"such that floor(batch_gpu * rho) >= 1 with {chunk} samples per loss call", cfg.rho)
+    return chunk, per_rank // chunk
+
+
+def resolve_config(config_path: str | Path | None, mode: str, preset: str | None = None,
+                   overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+    keys = load_yaml_sections(config_path, mode, preset) if config_path else {}
+    if isinstance(overrides, dict):
+        keys.update(overrides)
+    elif overrides:
+        keys.update(parse_overrides(overrides))
+    return build_config(keys, mode)
