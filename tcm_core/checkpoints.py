@@ -372,8 +372,15 @@ def fetch(
         raise FetchError(str(exc)) from None
     src_path = _local_path_of(source)
 
-    if out.is_file() and expected is not None and sha256_file(out) == expected:
-        return out  # already in place and verified
+    present = None
+    if out.is_file():
+        present = sha256_file(out)
+        if expected is None:
+            # Placed by hand (or by an earlier run) and nothing to compare with: adopt it and record its hash.
+            print(f"using the existing {out}", file=sys.stderr)
+            return _finish_in_place(out, present, None, name)
+        if present == expected:
+            return out  # already in place and verified
     if src_path is not None and src_path.exists() and out.exists() and os.path.samefile(src_path, out):
         actual = sha256_file(out)  # the file was placed by hand at the target itself
         return _finish_in_place(out, actual, expected, name)
@@ -402,6 +409,14 @@ def fetch(
             os.replace(tmp, out)
         except OSError as exc:
             raise FetchError(f"disk error while moving the download to {out}: {exc.strerror or exc}") from None
+    except FetchError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if present is not None and present != expected:
+            raise FetchError(
+                f"{exc}; the existing {out} does not match either: expected sha256 {expected}, actual {present}"
+            ) from None
+        raise
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -688,9 +703,16 @@ def _plain_state_dict(obj: Any) -> dict[str, Any]:
 
 
 def _read_pickle(path: Path) -> tuple[Any, Any]:
-    from tcm_core.safe_pickle import safe_load
+    import pickle
 
-    obj = safe_load(path)
+    from tcm_core.safe_pickle import UnsafePickleError, safe_load
+
+    try:
+        obj = safe_load(path)
+    except UnsafePickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError) as exc:
+        raise CheckpointError(f"{path} is not a readable network pickle: {_one_line(exc)[:300]}") from None
     ema, _ = _ema_from_pickle(obj)
     return obj, ema
 

@@ -267,3 +267,15 @@ def test_stand_in_modules_are_removed():
     with stand_in_modules():
         assert "torch_utils.persistence" in sys.modules
     assert "torch_utils" not in sys.modules and "dnnlib.util" not in sys.modules
+
+
+def test_corrupt_or_foreign_pickles_are_clear_errors(tmp_path):
+    _, path = make_edm_pickle(tmp_path / "edm.pkl")
+    cut = tmp_path / "cut.pkl"
+    cut.write_bytes(path.read_bytes()[: 5000])
+    with pytest.raises(CheckpointError, match="not a readable network pickle"):
+        load_network(cut)
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    with pytest.raises(CheckpointError, match="no network in the pickle"):
+        load_network(plain)

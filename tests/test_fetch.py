@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from checkpoint_helpers import FileServer, closed_port
 
-from tcm_core.checkpoints import REGISTRY, FetchError, fetch, recorded_sha256, sha256_file, sha256_sidecar
+from tcm_core.checkpoints import REGISTRY, FetchError, fetch, recorded_sha256, sha256_file, sha256_sidecar, verify_file
 
 
 @pytest.fixture(autouse=True)
@@ -115,8 +115,11 @@ def test_first_download_records_hash_then_enforces_it(tmp_path, payload, capsys)
         n = len(srv.requests)
         fetch(f"{srv.url}/f.pkl", out, backoff=0)
         assert len(srv.requests) == n
+        assert verify_file(out) == _sha(payload)
         # The file is damaged; the server now serves different bytes: the record is enforced.
         out.write_bytes(b"damaged")
+        with pytest.raises(FetchError, match="mismatch"):
+            verify_file(out)
         srv.files["/f.pkl"] = b"changed upstream"
         with pytest.raises(FetchError, match="mismatch") as exc:
             fetch(f"{srv.url}/f.pkl", out, backoff=0)
@@ -181,3 +184,14 @@ def test_cli_fetch_success_and_one_line_errors(tmp_path, payload):
     manual = subprocess.run([*cmd, "--name", "tcm-cifar10", "--out", str(tmp_path / "t.pkl")], capture_output=True,
                             text=True, env=env)
     assert manual.returncode != 0 and "drive.google.com" in manual.stderr and "Traceback" not in manual.stderr
+
+
+def test_file_placed_by_hand_at_out_is_adopted_offline(tmp_path, payload, capsys):
+    out = tmp_path / "edm.pkl"
+    out.write_bytes(payload)
+    url = f"http://127.0.0.1:{closed_port()}/edm.pkl"
+    assert fetch(url, out, retries=1) == out  # no network needed
+    assert recorded_sha256(out) == _sha(payload) and _sha(payload) in capsys.readouterr().err
+    with pytest.raises(FetchError, match="does not match"):  # a pinned hash that does not match is enforced
+        fetch(url, out, sha256=_sha(b"other"), retries=1)
+    assert out.read_bytes() == payload
