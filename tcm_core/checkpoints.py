@@ -483,7 +483,9 @@ def _jsonable(value: Any) -> Any:
     import numpy as np
 
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # strict JSON has no inf/nan
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -876,5 +878,5 @@ def run_inspect(args: argparse.Namespace) -> int:
     except (UnsafePickleError, CheckpointError, ValueError, OSError) as exc:
         print(f"error: {args.file}: {_one_line(exc)}", file=sys.stderr)
         return 2
-    print(json.dumps(info, indent=2, sort_keys=True))
+    print(json.dumps(info, indent=2, sort_keys=True, allow_nan=False))
     return 0
