@@ -1,0 +1,277 @@
+"""Paper tables, figures and claims (tcm_core.reporting) on a synthetic results folder and a real MLflow store."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+from reporting_helpers import LABEL, Scenario, build_synthetic, mirror_to_mlflow
+
+from tcm_core import reporting
+from tcm_core.reporting import MISSING, build_report, format_summary, load_paper_values, output_files
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_TEXT = REPO.parent / "shared" / "paper" / "tcm-paper.txt"
+FULL_LABEL = LABEL[:-1] + ", min of 3)"
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """results/tiny with every run of the default scenario, mirrored into a real SQLite MLflow store."""
+    root = tmp_path_factory.mktemp("reporting")
+    results = root / "results" / "tiny"
+    specs = build_synthetic(results)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mirror_to_mlflow(specs, uri)
+    return SimpleNamespace(root=root, results=results, uri=uri, specs=specs)
+
+
+@pytest.fixture(scope="session")
+def full(synthetic, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    report = build_report("tiny", synthetic.results, out, synthetic.uri)
+    return SimpleNamespace(report=report, out=out)
+
+
+def _rows(md: str) -> list[list[str]]:
+    """The cells of every Markdown table row (header and separator rows included)."""
+    return [
+        [c.strip() for c in line.strip().strip("|").split(" | ")] for line in md.splitlines() if line.startswith("|")
+    ]
+
+
+def _row(md: str, *first_cells: str) -> list[str]:
+    matches = [r for r in _rows(md) if r[: len(first_cells)] == list(first_cells)]
+    assert len(matches) == 1, (first_cells, matches)
+    return matches[0]
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+# ------------------------------------------------------------------------------------------ paper values
+
+
+def _paper_block(text: str, start: str, end: str) -> list[list[str]]:
+    block = text[text.index(start) : text.index(end, text.index(start))]
+    return [line.split("\t") for line in block.splitlines() if line.count("\t") >= 3]
+
+
+def _num(cell: str) -> float:
+    return float(re.sub(r"[^0-9.]", "", cell))
+
+
+@pytest.mark.skipif(not PAPER_TEXT.exists(), reason="paper text not beside the repository")
+def test_paper_values_match_the_paper_text():
+    text = PAPER_TEXT.read_text()
+    rows = load_paper_values()
+    for source, start, end in (
+        ("Table 1", "Method\tNFE\tFID\t# param. (M)\nDiffusion models", "loss. We discuss"),
+        ("Table 2", "Method\tNFE\tFID\t# param. (M)\nDiffusion models\t\t\t\nEDM2-S", "imposing boundary"),
+    ):
+        printed = sorted(
+            (_num(c[1]), _num(c[2]), _num(c[3]))
+            for c in _paper_block(text, start, end)
+            if c[1].strip() and c[1] != "NFE"
+        )
+        ours = sorted((float(r.nfe), r.fid, r.params_m) for r in rows if r.source == source)
+        assert ours == printed, source
+    # Table 3: the t' row and the FID row, in the printed order
+    t_line = next(line for line in text.splitlines() if line.startswith("t' value\t"))
+    f_line = text.splitlines()[text.splitlines().index(t_line) + 1]
+    printed3 = dict(zip(map(float, t_line.split("\t")[1:]), map(float, f_line.split("\t")[1:])))
+    assert printed3 == {0.17: 2.70, 0.8: 2.69, 1.0: 2.56, 1.5: 2.79}
+    ours3 = {float(r.setting.split("=")[1]): r.fid for r in rows if r.source == "Table 3"}
+    assert ours3 == printed3
+    stages = text[text.index("Table 4: CIFAR-10 FID") :].splitlines()
+    printed4 = [float(v) for v in next(line for line in stages if line.startswith("FID\t")).split("\t")[1:]]
+    assert [r.fid for r in rows if r.key.startswith("t4_stage_")] == printed4 == [2.77, 2.46, 2.46]
+
+
+def test_paper_values_have_a_source_and_the_compared_rows():
+    rows = load_paper_values()
+    assert all(r.source for r in rows)
+    keyed = {r.key: r.fid for r in rows if r.key}
+    assert keyed["t1_tcm_1"] == 2.46 and keyed["t1_tcm_2"] == 2.05
+    assert keyed["t2_tcm_s_1"] == 2.88 and keyed["t2_tcm_s_2"] == 2.31
+    assert keyed["t2_tcm_xl_1"] == 2.20 and keyed["t2_tcm_xl_2"] == 1.62
+    methods = {r.method for r in rows}
+    assert {"ECM (Geng et al. 2024)", "iCT (Song & Dhariwal 2023)", "TCM (ours)"} <= methods
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+
+def test_table1_shows_ours_paper_and_difference(full):
+    md = (full.out / "tables" / "table1_cifar10.md").read_text()
+    tcm1 = _row(md, "TCM (Stage 2)", "1")
+    assert tcm1[2:5] == [f"{Scenario().stage2_final:.2f}", "2.46", f"{Scenario().stage2_final - 2.46:+.2f}"]
+    assert tcm1[7] == FULL_LABEL
+    tcm2 = _row(md, "TCM (Stage 2)", "2")
+    assert tcm2[2:5] == [f"{Scenario().stage2_final * 0.8:.2f}", "2.05", f"{Scenario().stage2_final * 0.8 - 2.05:+.2f}"]
+    assert _row(md, "Stage 1 (standard consistency training)", "1")[3] == "2.77"  # Table 4's Stage 1
+    assert f"Our metric: **{FULL_LABEL}**" in md
+    # baselines are quoted and labelled as such
+    assert _row(md, "ECM (Geng et al. 2024) [quoted]", "1")[2] == "3.60"
+    quoted = [r for r in _csv(full.out / "tables" / "table1_cifar10.csv") if r["kind"] == "quoted from paper"]
+    assert {"iCT (Song & Dhariwal 2023) [quoted]", "ECM (Geng et al. 2024) [quoted]"} <= {r["Method"] for r in quoted}
+
+
+def test_table2_on_a_non_imagenet_preset_has_no_measured_value(full):
+    md = (full.out / "tables" / "table2_imagenet64.md").read_text()
+    row = _row(md, "TCM (EDM2-S)", "1")
+    assert row[2] == MISSING and row[3] == "2.88" and row[4] == MISSING
+    assert _row(md, "TCM (EDM2-XL)", "2")[3] == "1.62"
+
+
+def test_tables_3_and_4(full):
+    md3 = (full.out / "tables" / "table3_tprime.md").read_text()
+    assert _row(md3, "t' = 1")[1:4] == ["25.00", "2.56", "+22.44"]
+    assert _row(md3, "t' = 0.17")[1:3] == [MISSING, "2.70"]  # paper value, not run here
+    assert _row(md3, "t' = 2")[1:3] == ["27.00", MISSING]  # run here, not in the paper
+    md4 = (full.out / "tables" / "table4_stages.md").read_text()
+    assert _row(md4, "Stage 3")[1:3] == ["19.50", "2.46"]
+    csv4 = _csv(full.out / "tables" / "table4_stages.csv")
+    assert [r["FID (paper)"] for r in csv4] == ["2.77", "2.46", "2.46"]
+
+
+def test_missing_runs_show_a_dash_and_no_invented_number(tmp_path):
+    results = tmp_path / "results" / "tiny"
+    build_synthetic(results, scenario=Scenario(skip_stages=("stage2", "stage3"), ablations=False))
+    report = build_report("tiny", results, tmp_path / "out", tracking_uri=None)
+    md = (tmp_path / "out" / "tables" / "table1_cifar10.md").read_text()
+    for nfe in ("1", "2"):
+        row = _row(md, "TCM (Stage 2)", nfe)
+        assert row[2] == MISSING and row[4] == MISSING and row[7] == MISSING and row[9] == MISSING
+    md3 = (tmp_path / "out" / "tables" / "table3_tprime.md").read_text()
+    assert all(r[1] == MISSING for r in _rows(md3)[2:])
+    assert {c.cid: c.verdict for c in report.claims} == {f"S{i}": "not measured" for i in range(1, 5)}
+    assert {"fig4b_fid_sigma_nu", "fig4c_fid_rho_wb"} <= set(report.empty_figures)
+    assert "fig1b_fid_stages" not in report.empty_figures  # Stage 1 curves are still there
+
+
+def test_output_files_lists_exactly_what_is_written(full):
+    declared = output_files(full.out)
+    assert sorted(declared["tables"] + declared["figures"]) == sorted(str(p) for p in full.report.files)
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def _check_png(path: Path, min_bytes: int) -> None:
+    assert path.stat().st_size > min_bytes, (path, path.stat().st_size)
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.size == (
+            int(reporting.FIG_SIZE_IN[0] * reporting.FIG_DPI),
+            int(reporting.FIG_SIZE_IN[1] * reporting.FIG_DPI),
+        )
+
+
+def test_figures_are_sane_pngs(full):
+    assert full.report.empty_figures == []
+    for name in reporting.FIGURES:
+        _check_png(full.out / "figures" / f"{name}.png", 20_000)
+
+
+def test_figures_without_data_say_so_and_are_still_pngs(tmp_path):
+    report = build_report("tiny", tmp_path / "nothing", tmp_path / "out", tracking_uri=None)
+    # Fig. 4a is analytic (the paper's three (sigma, nu) cases); every other figure has no run to show
+    assert sorted(report.empty_figures) == sorted(set(reporting.FIGURES) - {"fig4a_time_density"})
+    for name in reporting.FIGURES:
+        _check_png(tmp_path / "out" / "figures" / f"{name}.png", 5_000)
+    summary = format_summary(report, 0.0)
+    assert "figures with no data yet: " in summary and "fig7_grad_norm" in summary
+
+
+# ------------------------------------------------------------------------------------------ claims
+
+
+def test_claims_hold_on_the_default_scenario(full):
+    verdicts = {c.cid: c.verdict for c in full.report.claims}
+    assert verdicts == {"S1": "holds", "S2": "holds", "S3": "holds", "S4": "holds"}
+    md = (full.out / "tables" / "claims.md").read_text()
+    assert "ratio 3.60" in _row(md, "S3")[3]
+    assert "> 2x the FID" in _row(md, "S3")[2]  # "explodes" is defined in the table itself
+
+
+def test_claims_that_do_not_hold_are_reported(tmp_path):
+    scenario = Scenario(
+        stage2_final=35.0,  # worse than Stage 1 continued (30)
+        wb001_final=50.0,  # exactly 2x the centre (25): not "> 2x", so no explosion
+        tprime_fids={0.5: 22.0, 1.0: 25.0, 2.0: 27.0},  # t' = 0.5 best
+        dfid_below_rises=False,
+    )
+    results = tmp_path / "results" / "tiny"
+    build_synthetic(results, scenario=scenario)
+    report = build_report("tiny", results, tmp_path / "out", tracking_uri=None, figures=False)
+    verdicts = {c.cid: c.verdict for c in report.claims}
+    assert verdicts == {f"S{i}": "does not hold" for i in range(1, 5)}
+    rows = {r["claim"]: r for r in _csv(tmp_path / "out" / "tables" / "claims.csv")}
+    assert rows["S4"]["verdict"] == "does not hold" and "best t' = 0.5" in rows["S4"]["measured"]
+    assert "ratio 2.00" in rows["S3"]["measured"]
+
+
+def test_claim_s3_counts_a_non_finite_fid_as_exploded(tmp_path):
+    results = tmp_path / "results" / "tiny"
+    build_synthetic(results, scenario=Scenario(wb001_final=float("nan")))
+    report = build_report("tiny", results, tmp_path / "out", tracking_uri=None, figures=False)
+    assert next(c for c in report.claims if c.cid == "S3").verdict == "holds"
+
+
+# ------------------------------------------------------------------------------------------ MLflow
+
+
+def test_mlflow_fills_in_missing_files_and_is_cross_checked(synthetic, tmp_path):
+    results = tmp_path / "results" / "tiny"
+    shutil.copytree(synthetic.results, results)
+    shutil.rmtree(results / "main" / "stage2")  # only MLflow knows this run now
+    metrics = results / "main" / "stage1" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records[-1]["fid_1step"] += 1.0  # the files disagree with MLflow on one value
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    report = build_report("tiny", results, tmp_path / "out", synthetic.uri, figures=False)
+    md = (tmp_path / "out" / "tables" / "table1_cifar10.md").read_text()
+    assert _row(md, "TCM (Stage 2)", "1")[2] == f"{Scenario().stage2_final:.2f}"
+    stage2 = report.results.main_run("stage2")
+    assert stage2.sources == {"mlflow"} and stage2.key == "train_stage2/main"
+    crosscheck = _csv(tmp_path / "out" / "tables" / "crosscheck.csv")
+    differ = [r for r in crosscheck if r["agree"] == "False"]
+    assert [(r["run"], r["metric"], r["step"]) for r in differ] == [("train_stage1/main", "fid_1step", "400")]
+    assert sum(r["agree"] == "True" for r in crosscheck) > 50
+    assert "1 differ" in format_summary(report, 0.0)
+
+
+def test_runs_of_another_preset_are_ignored(synthetic, tmp_path):
+    report = build_report("ci", tmp_path / "empty", tmp_path / "out", synthetic.uri, figures=False)
+    assert report.results.runs == [] and report.results.evaluations == []
+    assert any("no run tagged tcm.preset=ci" in n for n in report.results.notes)
+
+
+@pytest.mark.slow
+def test_cli_prints_where_each_file_is(synthetic, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tcm_core", "tables", "--preset", "tiny", "--results", str(synthetic.results),
+         "--tracking-uri", synthetic.uri, "--out", str(out), "--no-figures"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for path in output_files(out)["tables"]:
+        assert path in proc.stdout
+    assert "timing:" in proc.stdout and "S1 holds" in proc.stdout
