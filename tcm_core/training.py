@@ -169,13 +169,13 @@ def _arch_overrides(cfg: TrainConfig) -> dict[str, Any] | None:
 
 
 def build_initial_network(cfg: TrainConfig, mode: str, init: str | Path | None, dataset: Any,
-                          device: str | torch.device) -> tuple[nn.Module, int]:
-    """(network, start iteration) from ``init`` or, for pretrain without init, from ``cfg.arch``."""
+                          device: str | torch.device) -> tuple[nn.Module, int, str | None]:
+    """(network, start iteration, init sha256) from ``init`` or, for pretrain without init, from ``cfg.arch``."""
     if init:
         from tcm_core.checkpoints import load_network
 
         net, meta = load_network(Path(init), device, _arch_overrides(cfg))
-        return net, int(meta.get("iteration") or 0)
+        return net, int(meta.get("iteration") or 0), meta.get("sha256")
     if mode != "pretrain":
         raise ValueError(f"mode {mode} needs --init (a checkpoint to start from)")
     if not cfg.arch:
@@ -192,7 +192,7 @@ def build_initial_network(cfg: TrainConfig, mode: str, init: str | Path | None, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         net = build_precond(arch)
-    return net.to(device), 0
+    return net.to(device), 0, None
 
 
 def freeze_boundary_model(model: nn.Module) -> nn.Module:
@@ -363,18 +363,18 @@ def train(cfg: TrainConfig, *, mode: str, data: str | Path, out: str | Path, ini
     from tcm_core.data import InfiniteSampler, open_dataset
 
     dataset = open_dataset(data)
-    net, start_iteration = build_initial_network(cfg, mode, init, dataset, dev)
+    net, start_iteration, init_sha = build_initial_network(cfg, mode, init, dataset, dev)
     if net.img_resolution != dataset.resolution or net.img_channels != dataset.channels:
         raise ValueError(f"network is {net.img_channels}x{net.img_resolution}x{net.img_resolution} but the data "
                          f"{data} is {dataset.channels}x{dataset.resolution}x{dataset.resolution}")
     net.train().requires_grad_(True)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    frozen = None
+    frozen, boundary_sha = None, None
     if mode in TRUNCATED_MODES:
         from tcm_core.checkpoints import load_network
 
-        frozen, _ = load_network(Path(boundary_model), dev, _arch_overrides(cfg))
-        frozen = freeze_boundary_model(frozen)
+        frozen, frozen_meta = load_network(Path(boundary_model), dev, _arch_overrides(cfg))
+        frozen, boundary_sha = freeze_boundary_model(frozen), frozen_meta.get("sha256")
     loss_fn = build_loss(cfg, mode, float(getattr(net, "sigma_data", 0.5)), frozen)
     optimizer = build_optimizer(cfg, net.parameters())
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
@@ -415,10 +415,9 @@ def train(cfg: TrainConfig, *, mode: str, data: str | Path, out: str | Path, ini
 
     # ---- outputs (rank 0)
     tracker = evaluator = None
-    init_sha = boundary_sha = None
     if dist_info.is_main:
-        init_sha = file_sha256(init) if init else None
-        boundary_sha = file_sha256(boundary_model) if boundary_model else None
+        init_sha = init_sha or (file_sha256(init) if init else None)
+        boundary_sha = boundary_sha or (file_sha256(boundary_model) if boundary_model else None)
         run_info = {"mode": mode, "start_iteration": start_iteration, "end_iteration": end_iteration,
                     "init": str(init) if init else None, "init_sha256": init_sha,
                     "boundary_model": str(boundary_model) if boundary_model else None,
@@ -631,6 +630,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from tcm_core.checkpoints import CheckpointError
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = resolve_config(args.config, args.mode, args.preset, args.overrides)
@@ -639,7 +640,7 @@ def run_train(args: argparse.Namespace) -> int:
                        mlflow_uri=args.mlflow_uri, mlflow_parent=args.mlflow_parent, run_key=args.run_key,
                        eval_ref_stats=args.eval_ref_stats, eval_extractor=args.eval_extractor,
                        eval_feature_net=args.eval_feature_net, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, NonFiniteError) as error:
+    except (ValueError, FileNotFoundError, NonFiniteError, CheckpointError) as error:
         print(f"train: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ValueError) else 1
     if int(os.environ.get("RANK", "0")) == 0:

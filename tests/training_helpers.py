@@ -1,0 +1,74 @@
+"""Helpers for the training tests: a small real-MNIST dataset, micro networks, CLI subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The `tiny` preset made smaller still, so CPU tests take seconds; dropout on to exercise mask replay.
+MICRO_ARCH: dict[str, Any] = {"preset": "tiny", "model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1,
+                              "attn_resolutions": [], "dropout": 0.1}
+
+
+def make_small_mnist(path: Path, count: int = 64, resolution: int = 16) -> Path:
+    """The first ``count`` real mnist5k digits as an EDM-layout zip (what prepare-dataset makes, only smaller)."""
+    from tcm_core.data import load_mnist5k, mnist_to_resolution, write_dataset_zip
+
+    images, labels = load_mnist5k()
+    digits = [mnist_to_resolution(images[i], resolution) for i in range(count)]
+    write_dataset_zip(path, digits, [int(x) for x in labels[:count]])
+    return path
+
+
+def micro_network(seed: int = 0) -> torch.nn.Module:
+    from tcm_core.networks import arch_preset, build_precond
+
+    spec = dict(MICRO_ARCH)
+    torch.manual_seed(seed)
+    return build_precond(arch_preset(spec.pop("preset"), **spec))
+
+
+def save_micro_checkpoint(path: Path, iteration: int, seed: int = 0) -> Path:
+    from tcm_core.checkpoints import save_network
+
+    save_network(micro_network(seed), path, iteration=iteration, provenance={"note": "test"})
+    return path
+
+
+def run_cli(args: list[str], *, torchrun: int = 0, timeout: float = 300, check: bool = True
+            ) -> subprocess.CompletedProcess:
+    """``python -m tcm_core ARGS`` (or under ``torchrun --nproc_per_node N``) in a real subprocess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(REPO)}
+    if torchrun:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+                   "-m", "tcm_core", *args]
+    else:
+        command = [sys.executable, "-m", "tcm_core", *args]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(args[:3])} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def train_args(mode: str, data: Path, out: Path, *overrides: str, init: Path | None = None,
+               boundary: Path | None = None, extra: list[str] | None = None) -> list[str]:
+    args = ["train", "--mode", mode, "--data", str(data), "--out", str(out), "--device", "cpu", "--no-progress"]
+    if init:
+        args += ["--init", str(init)]
+    if boundary:
+        args += ["--boundary-model", str(boundary)]
+    return args + list(extra or []) + list(overrides)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
