@@ -12,6 +12,9 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
+# Telemetry posts to a public endpoint; this project runs offline and never wants it.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 
 class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
@@ -63,3 +66,388 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow mirror
+# --------------------------------------------------------------------------------------------
+
+#: Extra run tags as a JSON object, set by the workflow for each job (rule, preset, stage, grid, ...).
+ENV_TAGS = "TCM_MLFLOW_TAGS"
+#: Extra files to log as artifacts when the run closes, as a JSON list (e.g. a job's declared outputs).
+ENV_ARTIFACTS = "TCM_MLFLOW_ARTIFACTS"
+
+_TRANSIENT_MARKERS = (
+    "database is locked",
+    "database table is locked",
+    "disk i/o error",
+    "unable to open database",
+    "connection",
+    "timed out",
+    "temporarily unavailable",
+    "too many requests",
+    "503",
+    "502",
+    "504",
+)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: SQLite lock contention and network hiccups of a server."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    if "already exists" in text or "changing param values" in text:
+        return False
+    return any(marker in text for marker in _TRANSIENT_MARKERS)
+
+
+def with_retry(fn, *args, attempts: int = 10, base_delay: float = 0.1, max_delay: float = 5.0, **kwargs):
+    """Call ``fn`` and retry transient MLflow/SQLite/HTTP failures with jittered exponential backoff."""
+    import random
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if attempt == attempts - 1 or not _is_transient(exc):
+                raise
+            delay = min(max_delay, base_delay * 2**attempt) * (0.5 + random.random())
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dicts become dotted keys; every value becomes the string MLflow stores."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, prefix=f"{name}."))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            flat[name] = text[:6000]  # MLflow's limit for a param value
+    return flat
+
+
+def _quote(value: str) -> str:
+    if "'" in value or "\\" in value:
+        raise ValueError(f"run_key / ids must not contain quotes or backslashes, got {value!r}")
+    return f"'{value}'"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :])
+    return None
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """For a SQLite store, artifacts go to ``<db folder>/mlartifacts`` (never ``./mlruns`` of the cwd)."""
+    db = _sqlite_path(tracking_uri)
+    if db is None:
+        return None  # a tracking server decides (``--artifacts-destination``)
+    return (db.resolve().parent / "mlartifacts").as_uri()
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    db = _sqlite_path(tracking_uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return with_retry(MlflowClient, tracking_uri=tracking_uri)
+
+
+def init_study(tracking_uri: str, experiment: str, study: str) -> dict[str, str]:
+    """Create (or reuse) the experiment and the study's parent run; return the parent record.
+
+    Idempotent: a second call returns the same experiment and parent run ids.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    exp = with_retry(client.get_experiment_by_name, experiment)
+    if exp is None:
+        try:
+            with_retry(
+                client.create_experiment,
+                experiment,
+                artifact_location=default_artifact_location(tracking_uri),
+                tags={"tcm.project": "tcm-pipeline"},
+            )
+        except MlflowException as exc:  # created concurrently by someone else
+            if "already exists" not in str(exc).lower():
+                raise
+        exp = with_retry(client.get_experiment_by_name, experiment)
+    if exp.lifecycle_stage == "deleted":
+        with_retry(client.restore_experiment, exp.experiment_id)
+    parents = with_retry(
+        client.search_runs,
+        [exp.experiment_id],
+        filter_string=f"tags.`tcm.study` = {_quote(study)} AND tags.`tcm.role` = 'parent'",
+        order_by=["attributes.start_time ASC"],
+    )
+    if parents:
+        parent_id = parents[0].info.run_id
+    else:
+        run = with_retry(
+            client.create_run,
+            exp.experiment_id,
+            run_name=study,
+            tags={"tcm.study": study, "tcm.role": "parent", "mlflow.note.content": f"TCM study {study}"},
+        )
+        parent_id = run.info.run_id
+        # The parent only groups the jobs; it has nothing to wait for.
+        with_retry(client.set_terminated, parent_id, "FINISHED")
+    return {
+        "tracking_uri": tracking_uri,
+        "experiment_name": experiment,
+        "experiment_id": exp.experiment_id,
+        "study": study,
+        "parent_run_id": parent_id,
+    }
+
+
+class MlflowTracker:
+    """Mirrors a job's params, metrics and artifacts into a child run of the study's parent run.
+
+    The child run is identified by ``tcm.run_key`` under ``mlflow.parentRunId``. A job that resumes
+    (``resume_step`` given) continues that run: metric steps at or below the last step already logged
+    for a key are skipped, and params are only added (a changed value is kept as it was and flagged by
+    a ``tcm.param_conflict.<key>`` tag). A job that starts afresh although its run already holds metrics
+    (its inputs or settings changed) supersedes the old run, which keeps its data under a renamed key.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        parent: str | Path | dict,
+        run_key: str,
+        *,
+        tags: dict[str, str] | None = None,
+        resume_step: int | None = None,
+    ) -> None:
+        import time
+
+        record = parent if isinstance(parent, dict) else json.loads(Path(parent).read_text())
+        self.tracking_uri = tracking_uri
+        self.parent_run_id = record["parent_run_id"]
+        self.experiment_id = record["experiment_id"]
+        self.run_key = run_key
+        self.client = _client(tracking_uri)
+        self._pending: list = []
+        self._artifacts_logged: set[str] = set()
+        self._closed = False
+
+        run = self._find_run()
+        if run is not None and resume_step is None and run.data.metrics:
+            # A fresh start (not a resume) must not mix its curve with the previous attempt's.
+            superseded = f"{run_key}#superseded@{int(time.time())}"
+            with_retry(self.client.set_tag, run.info.run_id, "tcm.run_key", superseded)
+            with_retry(self.client.set_tag, run.info.run_id, "tcm.superseded", "true")
+            if run.info.status == "RUNNING":
+                with_retry(self.client.set_terminated, run.info.run_id, "KILLED")
+            run = None
+        all_tags = {
+            "mlflow.parentRunId": self.parent_run_id,
+            "tcm.run_key": run_key,
+            "mlflow.runName": run_key,
+            **{k: str(v) for k, v in (tags or {}).items()},
+        }
+        if run is None:
+            run = with_retry(self.client.create_run, self.experiment_id, tags=all_tags, run_name=run_key)
+            self.run_id = run.info.run_id
+            self._last_step: dict[str, int] = {}
+            self._params: dict[str, str] = {}
+            attempts = 1
+        else:
+            self.run_id = run.info.run_id
+            with_retry(self.client.update_run, self.run_id, status="RUNNING")
+            self._params = dict(run.data.params)
+            self._last_step = {}
+            for key in run.data.metrics:
+                history = with_retry(self.client.get_metric_history, self.run_id, key)
+                self._last_step[key] = max((m.step for m in history), default=-1)
+            attempts = int(run.data.tags.get("tcm.attempts", "1")) + 1
+        from mlflow.entities import RunTag
+
+        extra = {**all_tags, "tcm.attempts": str(attempts)}
+        extra.pop("mlflow.runName", None)
+        if resume_step is not None:
+            extra["tcm.resumed_from_step"] = str(int(resume_step))
+        with_retry(self.client.log_batch, self.run_id, tags=[RunTag(k, v) for k, v in extra.items()])
+
+    def _find_run(self):
+        runs = with_retry(
+            self.client.search_runs,
+            [self.experiment_id],
+            filter_string=(
+                f"tags.`tcm.run_key` = {_quote(self.run_key)} "
+                f"AND tags.`mlflow.parentRunId` = {_quote(self.parent_run_id)}"
+            ),
+            order_by=["attributes.start_time DESC"],
+        )
+        return runs[0] if runs else None
+
+    # -- Tracker protocol ----------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param, RunTag
+
+        new, conflicts = [], []
+        for key, value in _flatten(params).items():
+            if key not in self._params:
+                new.append(Param(key, value))
+                self._params[key] = value
+            elif self._params[key] != value:
+                conflicts.append(RunTag(f"tcm.param_conflict.{key}"[:250], f"logged={self._params[key]} new={value}"))
+        for i in range(0, len(new), 100):
+            with_retry(self.client.log_batch, self.run_id, params=new[i : i + 100])
+        if conflicts:
+            conflicts.append(RunTag("tcm.warning", "params changed on resume; kept the first values"))
+            with_retry(self.client.log_batch, self.run_id, tags=conflicts)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        step = int(step)
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if value is None or step <= self._last_step.get(key, -(2**62)):
+                continue  # already logged by an earlier attempt of this job
+            self._pending.append(Metric(key, float(value), now, step))
+            self._last_step[key] = step
+        self.flush(raise_errors=False)
+
+    def flush(self, raise_errors: bool = True) -> None:
+        """Send pending metrics; on a persistent failure keep them for the next call."""
+        while self._pending:
+            batch = self._pending[:1000]
+            try:
+                with_retry(self.client.log_batch, self.run_id, metrics=batch)
+            except Exception as exc:
+                if raise_errors:
+                    raise
+                import sys
+
+                print(f"tracking: MLflow unavailable, {len(self._pending)} metrics queued ({exc})", file=sys.stderr)
+                return
+            del self._pending[: len(batch)]
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if not path.exists() or str(path.resolve()) in self._artifacts_logged:
+            return
+        with_retry(self.client.log_artifact, self.run_id, str(path), artifact_path)
+        self._artifacts_logged.add(str(path.resolve()))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        with_retry(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self._closed:
+            return
+        self.flush(raise_errors=True)
+        with_retry(self.client.set_terminated, self.run_id, status)
+        self._closed = True
+
+
+class _MirroredTracker:
+    """``metrics.jsonl`` first (the source of truth), then the MLflow mirror."""
+
+    def __init__(self, jsonl: JsonlTracker, mirror: MlflowTracker, run_dir: Path, artifacts: list[str]) -> None:
+        self.jsonl, self.mirror, self.run_dir, self.artifacts = jsonl, mirror, run_dir, artifacts
+
+    @property
+    def run_id(self) -> str:
+        return self.mirror.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.jsonl.log_params(params)
+        self.mirror.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.jsonl.log_metrics(metrics, step)
+        self.mirror.log_metrics(metrics, step)
+
+    def log_artifact(self, path: str | Path) -> None:
+        self.jsonl.log_artifact(path)
+        self.mirror.log_artifact(path)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.jsonl.close(status)
+        # The resolved config and the metrics record travel with the run, plus whatever the job named.
+        for name in ("config.json", "params.json", "metrics.jsonl"):
+            self.mirror.log_artifact(self.run_dir / name)
+        for path in self.artifacts:
+            self.mirror.log_artifact(path)
+        self.mirror.close(status)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close("FAILED" if exc_type else "FINISHED")
+
+
+def open_tracker(
+    run_dir: str | Path,
+    *,
+    mlflow_uri: str | None = None,
+    parent: str | Path | None = None,
+    run_key: str | None = None,
+    tags: dict | None = None,
+    resume_step: int | None = None,
+) -> Tracker:
+    """The tracker a job uses: ``metrics.jsonl`` always, mirrored into MLflow when ``mlflow_uri`` is given.
+
+    ``parent`` is the ``mlflow.json`` written by ``mlflow-init``; ``run_key`` identifies the job's child
+    run (deterministic: rule + wildcards). Tags from the ``TCM_MLFLOW_TAGS`` environment variable (a JSON
+    object set by the workflow) are added to ``tags``; files listed in ``TCM_MLFLOW_ARTIFACTS`` are
+    logged as artifacts when the tracker closes.
+    """
+    run_dir = Path(run_dir)
+    jsonl = JsonlTracker(run_dir, resume_step=resume_step)
+    if not mlflow_uri:
+        return jsonl
+    if parent is None or not run_key:
+        raise ValueError("open_tracker: mlflow_uri needs parent (mlflow.json from mlflow-init) and run_key")
+    env_tags = json.loads(os.environ.get(ENV_TAGS) or "{}")
+    artifacts = json.loads(os.environ.get(ENV_ARTIFACTS) or "[]")
+    mirror = MlflowTracker(mlflow_uri, parent, run_key, tags={**(tags or {}), **env_tags}, resume_step=resume_step)
+    # Lets a later reader (reports, debugging) go from the run folder to the MLflow run.
+    info = run_dir / "mlflow_run.json"
+    tmp = info.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"run_id": mirror.run_id, "run_key": run_key, "tracking_uri": mlflow_uri}))
+    os.replace(tmp, info)
+    return _MirroredTracker(jsonl, mirror, run_dir, artifacts)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: python -m tcm_core mlflow-init
+# --------------------------------------------------------------------------------------------
+
+
+def add_mlflow_init_arguments(parser) -> None:
+    parser.add_argument("--tracking-uri", required=True, help="sqlite:///ABS/PATH/mlflow.db or http://host:port")
+    parser.add_argument("--experiment", required=True, help="experiment name (one per preset)")
+    parser.add_argument("--study", required=True, help="study name: the parent run of every job")
+    parser.add_argument("--out", required=True, type=Path, help="where to write the parent record (JSON)")
+
+
+def run_mlflow_init(args) -> int:
+    import fcntl
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # One initialiser at a time on this machine: experiment creation and parent search are not atomic.
+    with open(args.out.with_suffix(args.out.suffix + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = init_study(args.tracking_uri, args.experiment, args.study)
+        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, args.out)
+    print(json.dumps(record))
+    return 0
