@@ -1,0 +1,45 @@
+"""Stage-2 / Stage-1 step benchmark: the memory method and a smoke run of the command (no timing assertions)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tcm_core.bench import _cpu_peak_bytes
+
+MiB = 2**20
+
+
+def test_cpu_peak_counts_live_allocator_bytes():
+    result: dict[str, int] = {}
+    with _cpu_peak_bytes(result):
+        a = torch.empty(MiB, dtype=torch.uint8)
+        b = torch.empty(3 * MiB, dtype=torch.uint8)
+        del a
+        c = torch.empty(2 * MiB, dtype=torch.uint8)  # live: b + c = 5 MiB > a + b = 4 MiB
+        del b, c
+        d = torch.empty(MiB // 2, dtype=torch.uint8)
+        del d
+    assert result["peak"] == pytest.approx(5 * MiB, rel=0.01)
+
+
+@pytest.mark.slow
+def test_bench_command_smoke():
+    cmd = [sys.executable, "-m", "tcm_core.bench", "--net", "tiny", "--batch", "8", "--repeats", "1", "--warmup", "0"]
+    cmd += ["--device", "cpu", "--threads", "1", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    for key in ("net", "batch", "device", "torch", "stage1_time_s", "stage2_time_s", "stage1_peak_bytes"):
+        assert key in result
+    assert result["net"] == "tiny" and result["batch"] == 8 and result["device"] == "cpu"
+    for key in ("stage2_over_stage1_time", "stage2_over_stage1_mem"):
+        assert math.isfinite(result[key]) and result[key] > 0
+    # The peak includes the static state, and Stage 2 holds exactly one more copy of the weights.
+    weight_bytes = result["parameters"] * 4
+    assert result["stage1_peak_bytes"] >= result["stage1_static_bytes"] >= 4 * weight_bytes
+    assert result["stage2_static_bytes"] - result["stage1_static_bytes"] == pytest.approx(weight_bytes, rel=0.01)
