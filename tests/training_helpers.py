@@ -43,16 +43,23 @@ def save_micro_checkpoint(path: Path, iteration: int, seed: int = 0) -> Path:
     return path
 
 
+def cli_env() -> dict[str, str]:
+    # one thread per process: reproducible float reductions, and two ranks share the CI's two cores
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(REPO)}
+
+
+def cli_command(args: list[str], torchrun: int = 0) -> list[str]:
+    if torchrun:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+                "-m", "tcm_core", *args]
+    return [sys.executable, "-m", "tcm_core", *args]
+
+
 def run_cli(args: list[str], *, torchrun: int = 0, timeout: float = 300, check: bool = True
             ) -> subprocess.CompletedProcess:
     """``python -m tcm_core ARGS`` (or under ``torchrun --nproc_per_node N``) in a real subprocess."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(REPO)}
-    if torchrun:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-                   "-m", "tcm_core", *args]
-    else:
-        command = [sys.executable, "-m", "tcm_core", *args]
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cli_command(args, torchrun), cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         pytest.fail(f"{' '.join(args[:3])} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

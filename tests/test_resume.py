@@ -1,0 +1,67 @@
+"""kill -9 in the middle of a run, restart with the same command: the result is bit-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from training_helpers import (
+    REPO,
+    cli_command,
+    cli_env,
+    load_weights,
+    make_small_mnist,
+    run_cli,
+    save_micro_checkpoint,
+    train_args,
+)
+
+from tcm_core.train_state import list_states
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bit_identical(tmp_path):
+    data = make_small_mnist(tmp_path / "mnist16.zip", count=40)  # 40 is not a multiple of the batch: epochs wrap
+    init = save_micro_checkpoint(tmp_path / "stage1-init.safetensors", iteration=100, seed=3)
+    overrides = ["iterations=24", "batch=6", "batch_gpu=3", "state_every=3", "log_every=2", "lr=1e-3",
+                 "ema=power", "deterministic=true", "seed=7"]
+
+    reference = tmp_path / "reference"
+    run_cli(train_args("stage1", data, reference, *overrides, init=init))
+
+    run = tmp_path / "interrupted"
+    state_dir = tmp_path / "state"  # outside the run folder, as the workflow passes it
+    args = train_args("stage1", data, run, *overrides, init=init, extra=["--state-dir", str(state_dir)])
+    proc = subprocess.Popen(cli_command(args), cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not list_states(state_dir) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    _, stderr = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    killed_at = list_states(state_dir)[0][0]
+    assert 100 < killed_at < 124 and not (run / "network.safetensors").exists(), "the run ended before the kill"
+
+    resumed = run_cli(args)  # the very same command
+    assert f"resumed from {killed_at}" in resumed.stderr
+
+    expected, actual = load_weights(reference / "network.safetensors"), load_weights(run / "network.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    ref_metrics, run_metrics = _metrics(reference), _metrics(run)
+    assert [r["step"] for r in run_metrics] == list(range(102, 125, 2))  # no step twice, none missing
+    assert run_metrics == ref_metrics
+    assert json.loads((run / "network.json").read_text())["iteration"] == 124
+    assert [it for it, _ in list_states(state_dir)] == [124, 123]
