@@ -128,6 +128,16 @@ def test_table1_shows_ours_paper_and_difference(full):
     assert {"iCT (Song & Dhariwal 2023) [quoted]", "ECM (Geng et al. 2024) [quoted]"} <= {r["Method"] for r in quoted}
 
 
+def test_table1_counts_our_parameters_from_the_checkpoint_arch(full):
+    from tcm_core.networks import arch_preset, build_precond, count_parameters
+
+    expected = count_parameters(build_precond(arch_preset("tiny")))
+    assert 1e5 < expected < 1e7
+    md = (full.out / "tables" / "table1_cifar10.md").read_text()
+    assert _row(md, "TCM (Stage 2)", "1")[5] == f"{expected / 1e6:.2f}"
+    assert _row(md, "TCM (Stage 2)", "1")[6] == "55.7"
+
+
 def test_table2_on_a_non_imagenet_preset_has_no_measured_value(full):
     md = (full.out / "tables" / "table2_imagenet64.md").read_text()
     row = _row(md, "TCM (EDM2-S)", "1")
