@@ -117,6 +117,7 @@ class Evaluation:
     target: str | None = None  # the key of the training run evaluated
     path: Path | None = None
     source: str = "files"
+    setup: tuple = ()  # (extractor, num, seeds): two FIDs compare only when their setups agree
 
 
 @dataclass
@@ -126,6 +127,7 @@ class Measured:
     run: str
     iteration: int | None
     source: str
+    setup: tuple = ()
 
 
 @dataclass
@@ -334,15 +336,18 @@ def load_result_files(results_dir: Path) -> tuple[list[TrainingRun], list[Evalua
     for metrics_path in sorted(results_dir.rglob("metrics.jsonl")):
         run_dir = metrics_path.parent
         rel = run_dir.relative_to(results_dir)
-        if any(p.startswith("_") or p.startswith(".") for p in rel.parts):
-            continue  # mid-run state folders are not results
-        config = _read_json(run_dir / "config.json") or {}
+        if any(p.startswith("_") or p.startswith(".") or p.endswith(".tracking") for p in rel.parts):
+            continue  # mid-run state and an evaluation job's own tracking folder are not training runs
+        config = _read_json(run_dir / "config.json")
+        if not isinstance(config, dict):
+            continue  # ``train`` always writes config.json; anything else is not a training run
         params_file = _read_json(run_dir / "params.json") or {}
-        merged = {**params_file, **config} if isinstance(config, dict) else dict(params_file)
+        merged = {**params_file, **config} if isinstance(params_file, dict) else config
         stage = _infer_stage(merged, rel.parts)
         if stage is None:
-            continue  # an evaluation job's own metrics.jsonl, not a training run
-        key = str(merged.get("run_key") or merged.get("tcm.run_key") or rel.as_posix())
+            continue
+        mlflow_run = _read_json(run_dir / "mlflow_run.json") or {}  # written by tracking.open_tracker
+        key = str(mlflow_run.get("run_key") or merged.get("run_key") or rel.as_posix())
         run = TrainingRun(
             key=key,
             stage=stage,
@@ -350,6 +355,7 @@ def load_result_files(results_dir: Path) -> tuple[list[TrainingRun], list[Evalua
             params={k: v for k, v in merged.items() if not isinstance(v, dict | list)},
             histories=_history_from_records(read_metrics(metrics_path)),
             run_dir=run_dir.resolve(),
+            mlflow_run_id=mlflow_run.get("run_id"),
             aliases={rel.as_posix()},
             sources={"files"},
         )
@@ -360,7 +366,8 @@ def load_result_files(results_dir: Path) -> tuple[list[TrainingRun], list[Evalua
     evaluations: list[Evaluation] = []
     for path in sorted(results_dir.rglob("*.json")):
         rel = path.relative_to(results_dir)
-        if any(p.startswith("_") or p.startswith(".") for p in rel.parts) or path.stat().st_size > 5_000_000:
+        hidden = any(p.startswith("_") or p.startswith(".") or p.endswith(".tracking") for p in rel.parts[:-1])
+        if hidden or path.stat().st_size > 5_000_000:
             continue
         data = _read_json(path)
         if not isinstance(data, dict) or data.get("metric") not in ("fid_1step", "fid_2step", "dfid"):
@@ -394,6 +401,11 @@ def load_result_files(results_dir: Path) -> tuple[list[TrainingRun], list[Evalua
                 target=str(target) if target else None,
                 path=path,
                 source="files",
+                setup=(
+                    data.get("extractor"),
+                    int(data["num"]) if isinstance(data.get("num"), int) else None,
+                    seeds or 1,
+                ),
             )
         )
     return runs, evaluations
@@ -449,9 +461,23 @@ def load_mlflow(uri: str, preset: str) -> tuple[list[TrainingRun], list[Evaluati
         stage = tags.get("tcm.stage")
         if stage == "eval":
             target = tags.get("tcm.target_run_key")
-            label = params.get("label") or tags.get("tcm.label")
             seeds = _as_float(params.get("seeds"))
+            num = _as_float(params.get("num"))
+            extractor = params.get("extractor")
+            setup = (extractor, int(num) if num else None, int(seeds) if seeds else 1)
+            # evaluate logs no label to MLflow: rebuild one that names what was measured
+            described = ", ".join(
+                x
+                for x in (
+                    extractor,
+                    f"{int(num)} samples" if num else None,
+                    f"min of {int(seeds)}" if seeds and seeds > 1 else None,
+                )
+                if x
+            )
+            label = params.get("label") or tags.get("tcm.label")
             dfid_values: dict[float, float] = {}
+            dfid_step = None
             for key in metric_keys:
                 history = client.get_metric_history(row["run_id"], key)
                 if not history:
@@ -460,28 +486,32 @@ def load_mlflow(uri: str, preset: str) -> tuple[list[TrainingRun], list[Evaluati
                 t = _dfid_t(key)
                 if t is not None:
                     dfid_values[t] = last.value
+                    dfid_step = int(last.step)
                 elif key in ("fid_1step", "fid_2step"):
                     evaluations.append(
                         Evaluation(
                             metric=key,
-                            label=full_label(str(label or f"{key} (MLflow)"), int(seeds) if seeds else None),
+                            label=full_label(str(label), int(seeds) if seeds else None)
+                            if label
+                            else f"FID ({described or 'MLflow eval run'})",
                             value=last.value,
                             iteration=int(last.step),
                             seeds=int(seeds) if seeds else None,
                             target=target,
                             source="mlflow",
+                            setup=setup,
                         )
                     )
             if dfid_values:
-                step = _as_float(params.get("iteration"))
                 evaluations.append(
                     Evaluation(
                         metric="dfid",
-                        label=str(label or "dFID (MLflow)"),
+                        label=str(label or f"dFID ({described or 'MLflow eval run'})"),
                         values=dfid_values,
-                        iteration=int(step) if step is not None else None,
+                        iteration=dfid_step,
                         target=target,
                         source="mlflow",
+                        setup=setup,
                     )
                 )
             continue
@@ -646,12 +676,12 @@ def final_fid(results: Results, run: TrainingRun | None, metric: str = "fid_1ste
     evals = [e for e in results.evaluations_of(run, metric) if e.value is not None]
     if evals:
         best = max(evals, key=lambda e: (e.iteration if e.iteration is not None else -1, e.source == "files"))
-        return Measured(best.value, best.label, run.key, best.iteration, best.source)
+        return Measured(best.value, best.label, run.key, best.iteration, best.source, best.setup)
     points = run.histories.get(metric)
     if points:
         step, value = points[-1]
         label = f"{metric} (periodic evaluation during training)"
-        return Measured(value, label, run.key, step, "/".join(sorted(run.sources)))
+        return Measured(value, label, run.key, step, "/".join(sorted(run.sources)), ("periodic",))
     return None
 
 
@@ -970,7 +1000,7 @@ def claim_s1(results: Results) -> Claim:
     s2, s1c = results.main_run("stage2"), results.main_run("stage1_continued")
     f2, f1c = final_fid(results, s2), final_fid(results, s1c)
     measured, ok = MISSING, None
-    if f2 and f1c and f2.label == f1c.label:
+    if f2 and f1c and f2.setup == f1c.setup:
         measured = f"Stage 2 {_fmt(f2.value)} vs Stage 1 continued {_fmt(f1c.value)} ({f2.label})"
         ok = f2.value < f1c.value if _finite(f2.value) and _finite(f1c.value) else _finite(f2.value)
     elif s2 and s1c and s2.histories.get("fid_1step") and s1c.histories.get("fid_1step"):

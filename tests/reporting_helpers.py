@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tcm_core.networks import arch_preset
 
-LABEL = "FID (LeNet features, 5k)"
+LABEL = "FID (LeNet features, 5k, min of 3)"  # as evaluation.fid_label writes it
 DFID_TS = (0.2, 0.5, 2.0, 4.0, 80.0)
 BASELINE = {"t_prime": 1.0, "rho": 0.25, "w_b": 0.1, "sigma": 0.2, "nu": 0.01}
 
@@ -147,6 +147,7 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
         config = spec.config
         (spec.folder / "config.json").write_text(json.dumps(config))
         (spec.folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in spec.records))
+        (spec.folder / "params.json").write_text(json.dumps(spec.config))  # JsonlTracker.log_params
         ckpt = spec.folder / "network.safetensors"
         ckpt.write_bytes(b"")
         if spec.grid == "main":  # the checkpoint's sidecar, as save_network writes it
@@ -171,6 +172,11 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
             }
             (spec.folder / f"{metric}.json").write_text(json.dumps(data))
             spec.evals.append(data)
+            # the evaluation job's own tracking folder (JsonlTracker): never a training run
+            tracking = spec.folder / f"{metric}.tracking"
+            tracking.mkdir(exist_ok=True)
+            (tracking / "metrics.jsonl").write_text(json.dumps({"step": spec.end, metric: value}) + "\n")
+            (tracking / "params.json").write_text(json.dumps({"ckpt": str(ckpt), "num": 5000, "seeds": 3}))
         if spec.grid == "main":
             values = {f"{t:g}": spec.records[-1][f"dfid_t{t:g}"] for t in DFID_TS}
             data = {
@@ -213,15 +219,18 @@ def mirror_to_mlflow(specs: list[RunSpec], tracking_uri: str, preset: str = "tin
             client.log_batch(run_id, metrics=metrics[i : i + 900], params=params if i == 0 else [])
         client.set_terminated(run_id)
         ids[spec.run_key] = run_id
+        # what tracking.open_tracker leaves in the run folder
+        info = {"run_id": run_id, "run_key": spec.run_key, "tracking_uri": tracking_uri}
+        (spec.folder / "mlflow_run.json").write_text(json.dumps(info))
         for data in spec.evals:
             eval_key = f"evaluate_{data['metric']}/{spec.run_key}"
             eval_tags = {**tags, "tcm.stage": "eval", "tcm.run_key": eval_key, "tcm.target_run_key": spec.run_key}
             eval_id = client.create_run(exp_id, tags=eval_tags).info.run_id
             if data["metric"] == "dfid":
                 metrics = [Metric(f"dfid_t{t}", float(v), 0, data["iteration"]) for t, v in data["values"].items()]
-                params = [Param("label", data["label"]), Param("iteration", str(data["iteration"]))]
-            else:
+                params = [Param("ts", json.dumps(data["ts"])), Param("num", str(data["num"]))]
+            else:  # the params ``evaluate fid`` logs (no label: the reader rebuilds one)
                 metrics = [Metric(data["metric"], float(data["min"]), 0, data["iteration"])]
-                params = [Param("label", data["label"]), Param("seeds", str(data["seeds"]))]
+                params = [Param(k, str(data[k])) for k in ("num", "seeds", "extractor")]
             client.log_batch(eval_id, metrics=metrics, params=params)
     return ids

@@ -22,7 +22,7 @@ from tcm_core.reporting import MISSING, build_report, format_summary, load_paper
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_TEXT = REPO.parent / "shared" / "paper" / "tcm-paper.txt"
-FULL_LABEL = LABEL[:-1] + ", min of 3)"
+FULL_LABEL = LABEL
 
 
 @pytest.fixture(scope="session")
@@ -256,7 +256,9 @@ def test_mlflow_fills_in_missing_files_and_is_cross_checked(synthetic, tmp_path)
 
     report = build_report("tiny", results, tmp_path / "out", synthetic.uri, figures=False)
     md = (tmp_path / "out" / "tables" / "table1_cifar10.md").read_text()
-    assert _row(md, "TCM (Stage 2)", "1")[2] == f"{Scenario().stage2_final:.2f}"
+    row = _row(md, "TCM (Stage 2)", "1")
+    assert row[2] == f"{Scenario().stage2_final:.2f}"
+    assert row[7] == "FID (lenet, 5000 samples, min of 3)"  # rebuilt from the eval run's params
     stage2 = report.results.main_run("stage2")
     assert stage2.sources == {"mlflow"} and stage2.key == "train_stage2/main"
     crosscheck = _csv(tmp_path / "out" / "tables" / "crosscheck.csv")
@@ -264,6 +266,14 @@ def test_mlflow_fills_in_missing_files_and_is_cross_checked(synthetic, tmp_path)
     assert [(r["run"], r["metric"], r["step"]) for r in differ] == [("train_stage1/main", "fid_1step", "400")]
     assert sum(r["agree"] == "True" for r in crosscheck) > 50
     assert "1 differ" in format_summary(report, 0.0)
+
+
+def test_every_run_is_matched_between_files_and_mlflow(full, synthetic):
+    runs = full.report.results.runs
+    assert sorted(r.key for r in runs) == sorted(spec.run_key for spec in synthetic.specs)
+    assert all(r.sources == {"files", "mlflow"} for r in runs)
+    # evaluation tracking folders (metrics.jsonl beside fid_1step.json) are not training runs
+    assert not any(".tracking" in alias for r in runs for alias in r.aliases)
 
 
 def test_runs_of_another_preset_are_ignored(synthetic, tmp_path):
