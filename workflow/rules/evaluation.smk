@@ -1,0 +1,109 @@
+# Evaluations of a trained network (any run folder): 1- and 2-step FID, dFID sweeps, sample grids.
+# Each is an MLflow child run tagged with the training run it evaluates (tcm.target_run_key).
+
+
+rule fid:
+    input:
+        ckpt=eval_ckpt,
+        ref=ref_stats_path,
+        feature_net=feature_net_path,
+        mlflow=ancient("results/{preset}/mlflow.json"),
+    output:
+        json="results/{preset}/{run}/eval/fid_{steps}.json",
+    log:
+        "results/{preset}/logs/fid/{run}/{steps}.log",
+    params:
+        steps=eval_steps,
+        num=eval_num,
+        seeds=eval_seeds,
+        features=feature_args,
+        device=P["device"],
+        run_key=eval_run_key("fid"),
+        target=eval_target,
+        env=eval_env("fid"),
+    threads: res("eval", "cpus_per_task")
+    resources:
+        gpu=min(1, res("eval", "gpu")),
+        mem_mb=res("eval", "mem_mb"),
+        runtime=res("eval", "runtime"),
+        cpus_per_task=res("eval", "cpus_per_task"),
+    conda:
+        "../../envs/tcm.yaml"
+    shell:
+        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate fid --ckpt {input.ckpt}"
+        " --steps {params.steps} --num {params.num} --seeds {params.seeds} {params.features}"
+        " --ref-stats {input.ref} --out {output.json} --device {params.device} --no-progress"
+        ' --mlflow-uri "$TCM_MLFLOW_URI" --mlflow-parent {input.mlflow} --run-key {params.run_key}'
+        " --target-run-key {params.target} > {log} 2>&1"
+
+
+rule dfid:
+    input:
+        ckpt=eval_ckpt,
+        data=dataset_path,
+        ref=ref_stats_path,
+        feature_net=feature_net_path,
+        mlflow=ancient("results/{preset}/mlflow.json"),
+    output:
+        json="results/{preset}/{run}/eval/{sweep}.json",
+    log:
+        "results/{preset}/logs/dfid/{run}/{sweep}.log",
+    params:
+        ts=dfid_ts,
+        num=EVAL["dfid_num"],
+        features=feature_args,
+        device=P["device"],
+        run_key=eval_run_key("dfid"),
+        target=eval_target,
+        env=eval_env("dfid"),
+    threads: res("eval", "cpus_per_task")
+    resources:
+        gpu=min(1, res("eval", "gpu")),
+        mem_mb=res("eval", "mem_mb"),
+        runtime=res("eval", "runtime"),
+        cpus_per_task=res("eval", "cpus_per_task"),
+    conda:
+        "../../envs/tcm.yaml"
+    shell:
+        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate dfid --ckpt {input.ckpt}"
+        " --data {input.data} --ts {params.ts} --num {params.num} {params.features}"
+        " --ref-stats {input.ref} --out {output.json} --device {params.device} --no-progress"
+        ' --mlflow-uri "$TCM_MLFLOW_URI" --mlflow-parent {input.mlflow} --run-key {params.run_key}'
+        " --target-run-key {params.target} > {log} 2>&1"
+
+
+rule sample_grid:
+    input:
+        ckpt=eval_ckpt,
+        mlflow=ancient("results/{preset}/mlflow.json"),
+    output:
+        png=report(
+            "results/{preset}/{run}/eval/grid_{steps}.png",
+            caption="../report/sample_grid.rst",
+            category="Samples",
+            subcategory="{run}",
+            labels={"run": "{run}", "sampling": "{steps}"},
+        ),
+    log:
+        "results/{preset}/logs/sample_grid/{run}/{steps}.log",
+    params:
+        steps=eval_steps,
+        num=EVAL["grid_num"],
+        device=P["device"],
+        run_key=eval_run_key("sample_grid"),
+        target=eval_target,
+        env=eval_env("sample_grid"),
+    threads: res("eval", "cpus_per_task")
+    resources:
+        gpu=min(1, res("eval", "gpu")),
+        mem_mb=res("eval", "mem_mb"),
+        runtime=res("eval", "runtime"),
+        cpus_per_task=res("eval", "cpus_per_task"),
+    conda:
+        "../../envs/tcm.yaml"
+    shell:
+        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate grid --ckpt {input.ckpt}"
+        " --steps {params.steps} --num {params.num} --seed 0 --out {output.png}"
+        ' --device {params.device} --no-progress --mlflow-uri "$TCM_MLFLOW_URI"'
+        " --mlflow-parent {input.mlflow} --run-key {params.run_key}"
+        " --target-run-key {params.target} > {log} 2>&1"
