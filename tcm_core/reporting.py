@@ -383,6 +383,22 @@ def load_result_files(results_dir: Path) -> tuple[list[TrainingRun], list[Evalua
                 if run is not None:
                     target = run.key
                     break
+        if target is None and path.parent.name == "eval":  # the workflow's layout: <run folder>/eval/<metric>.json
+            folder = path.parent.parent.resolve()
+            run = by_dir.get(folder)
+            stage = _infer_stage({}, rel.parts[:-2])
+            if run is None and stage is not None:
+                # an evaluated checkpoint that no training job here produced (e.g. a downloaded Stage-1 model)
+                run = TrainingRun(
+                    key=Path(*rel.parts[:-2]).as_posix(),
+                    stage=stage,
+                    grid=_infer_grid({}, rel.parts[:-2]),
+                    run_dir=folder,
+                    sources={"files"},
+                )
+                runs.append(run)
+                by_dir[folder] = run
+            target = run.key if run is not None else None
         seeds = data.get("seeds")
         seeds = len(seeds) if isinstance(seeds, list) else (int(seeds) if isinstance(seeds, int | float) else None)
         label = str(data.get("label") or data["metric"])
@@ -685,27 +701,103 @@ def final_fid(results: Results, run: TrainingRun | None, metric: str = "fid_1ste
     return None
 
 
-def dfid_series(results: Results, run: TrainingRun | None) -> dict[float, list[tuple[int, float]]]:
-    """dFID_t by t: the ``dfid_t*`` histories, completed by ``evaluate dfid`` JSONs of the run's checkpoints."""
+# The run each stage starts from: its final checkpoint is the first point of the next stage's curves.
+INIT_OF = {"stage1_continued": "stage1", "stage2": "stage1", "stage3": "stage2"}
+
+
+def _init_run(results: Results, run: TrainingRun) -> TrainingRun | None:
+    parent = INIT_OF.get(run.stage)
+    return results.main_run(parent) if parent else None
+
+
+def _start(run: TrainingRun) -> float | None:
+    return _as_float(run.params.get("start_iteration"))
+
+
+def _with_start_point(
+    points: dict[int, float], parent_points: Sequence[tuple[int, float]], start: float | None
+) -> dict[int, float]:
+    """Add the parent's last point at or before the run's start (the checkpoint the run started from)."""
+    if not points:
+        return points
+    first = min(points) if start is None else start
+    before = [(s, v) for s, v in parent_points if s <= first]
+    if before:
+        points.setdefault(*before[-1])
+    return points
+
+
+def metric_series(
+    results: Results, run: TrainingRun | None, metric: str, source: str = "history", with_init: bool = True
+) -> list[tuple[int, float]]:
+    """A run's curve of ``metric`` from one source, so that one curve never mixes two evaluation setups:
+    ``history`` (periodic evaluation during training) or ``evaluations`` (the evaluation JSONs of its
+    checkpoints). With ``with_init`` the curve starts at the checkpoint the run started from."""
+    if run is None:
+        return []
+    if source == "history":
+        points = dict(run.histories.get(metric, []))
+    else:
+        evals = [e for e in results.evaluations_of(run, metric) if e.iteration is not None and e.value is not None]
+        points = {e.iteration: e.value for e in sorted(evals, key=lambda e: e.source != "files")[::-1]}
+    parent = _init_run(results, run) if with_init else None
+    if parent is not None:
+        parent_points = metric_series(results, parent, metric, source, False)
+        points = _with_start_point(points, parent_points, _start(run))
+    return sorted(points.items())
+
+
+def curve(results: Results, run: TrainingRun | None, metric: str) -> tuple[list[tuple[int, float]], str]:
+    """The periodic-evaluation curve when it has two points or more, else the evaluation JSONs' curve."""
+    history = metric_series(results, run, metric, "history")
+    if len(history) >= 2:
+        return history, "periodic evaluation"
+    return metric_series(results, run, metric, "evaluations"), "evaluation JSONs of checkpoints"
+
+
+def dfid_series(
+    results: Results, run: TrainingRun | None, source: str = "history", with_init: bool = True
+) -> dict[float, list[tuple[int, float]]]:
+    """dFID_t by t from one source: the ``dfid_t*`` histories or the ``evaluate dfid`` JSONs of the run's
+    checkpoints; with ``with_init``, starting at the dFID of the checkpoint the run started from."""
     if run is None:
         return {}
     series: dict[float, dict[int, float]] = {}
-    for key, points in run.histories.items():
-        t = _dfid_t(key)
-        if t is not None:
-            series.setdefault(t, {}).update(dict(points))
-    for e in results.evaluations_of(run, "dfid"):
-        if e.iteration is None:
-            continue
-        for t, value in e.values.items():
-            series.setdefault(t, {}).setdefault(e.iteration, value)
+    if source == "history":
+        for key, points in run.histories.items():
+            t = _dfid_t(key)
+            if t is not None:
+                series.setdefault(t, {}).update(dict(points))
+    else:
+        for e in sorted(results.evaluations_of(run, "dfid"), key=lambda e: e.source == "files"):
+            if e.iteration is not None:
+                for t, value in e.values.items():
+                    series.setdefault(t, {})[e.iteration] = value  # files (sorted last) win over MLflow
+    parent = _init_run(results, run) if with_init else None
+    if parent is not None:
+        parent_series = dfid_series(results, parent, source, False)
+        for t in series:
+            series[t] = _with_start_point(series[t], parent_series.get(t, []), _start(run))
     return {t: sorted(points.items()) for t, points in sorted(series.items())}
 
 
-def ablation_baseline(runs: Sequence[TrainingRun]) -> dict[str, float | None]:
-    """The centre of a one-factor-at-a-time grid: the most common value of each swept hyperparameter."""
+def dfid_curve(results: Results, run: TrainingRun | None) -> tuple[dict[float, list[tuple[int, float]]], str]:
+    history = dfid_series(results, run, "history")
+    if any(len(points) >= 2 for points in history.values()):
+        return history, "periodic evaluation"
+    return dfid_series(results, run, "evaluations"), "evaluate dfid JSONs"
+
+
+def ablation_baseline(results: Results) -> dict[str, float | None]:
+    """The centre of the ablation grid: the main Stage-2 run's hyperparameters (the grid is built around them);
+    without that run, the most common value of each swept hyperparameter among the grid's runs."""
+    main = next(iter(results.runs_of("stage2", "main")), None)
+    runs = _ablation_runs(results) or results.runs_of("stage2")
     baseline: dict[str, float | None] = {}
     for name in SWEPT_PARAMS:
+        if main is not None and main.param(name) is not None:
+            baseline[name] = main.param(name)
+            continue
         values = [v for r in runs if (v := r.param(name)) is not None]
         if not values:
             baseline[name] = None
@@ -723,7 +815,7 @@ def _ablation_runs(results: Results, stage: str = "stage2") -> list[TrainingRun]
 def ablation_slice(results: Results, vary: Sequence[str], stage: str = "stage2") -> list[TrainingRun]:
     """Ablation runs whose hyperparameters, other than those in ``vary``, sit at the baseline."""
     runs = _ablation_runs(results, stage)
-    baseline = ablation_baseline(runs)
+    baseline = ablation_baseline(results)
     chosen = []
     for run in runs:
         if all(
@@ -936,7 +1028,7 @@ def table3(results: Results, paper: Sequence[PaperRow]) -> Table:
         m = final_fid(results, ours.get(t), "fid_1step")
         measured.append(m)
         rows.append(_ablation_row(f"t' = {t:g}", m, p))
-    baseline = ablation_baseline(_ablation_runs(results))
+    baseline = ablation_baseline(results)
     fixed = ", ".join(f"{k} = {_fmt_g(v)}" for k, v in baseline.items() if k != "t_prime" and v is not None)
     intro = _metric_intro(results.preset, measured, _dataset_note(results.preset, "cifar10"))
     intro.append(f"Ablation grid (Stage 2), other hyperparameters at the grid centre: {fixed or MISSING}.")
@@ -953,12 +1045,8 @@ def table3(results: Results, paper: Sequence[PaperRow]) -> Table:
 def table4(results: Results, paper: Sequence[PaperRow]) -> Table:
     rows, measured = [], []
     for stage_number, stage in ((1, "stage1"), (2, "stage2"), (3, "stage3")):
-        if stage == "stage2":
-            centre = ablation_slice(results, [])
-            run = centre[0] if centre else results.main_run(stage)
-        else:
-            run = (results.runs_of(stage, "ablation") or [results.main_run(stage)])[0]
-        m = final_fid(results, run, "fid_1step")
+        # the main runs: Stage 3 continues from the main Stage 2, which starts from the main Stage 1
+        m = final_fid(results, results.main_run(stage), "fid_1step")
         measured.append(m)
         rows.append(_ablation_row(f"Stage {stage_number}", m, _paper(paper, f"t4_stage_{stage_number}")))
     intro = _metric_intro(results.preset, measured, _dataset_note(results.preset, "cifar10"))
@@ -1015,12 +1103,13 @@ def claim_s1(results: Results) -> Claim:
 def claim_s2(results: Results) -> Claim:
     statement = "During Stage 2, dFID below t' rises while dFID above t' and the 1-step FID fall"
     criterion = (
-        "change = value at the last logged Stage-2 step − value at the first; holds if every dFID_t with t < t' "
-        "rises (> 0), every dFID_t with t > t' falls (< 0) and fid_1step falls (< 0)"
+        "change = value at the end of Stage 2 − value at its start (the Stage-1 checkpoint it starts from, or its "
+        "first periodic evaluation), each curve from one evaluation setup; holds if every dFID_t with t < t' "
+        "rises (> 0), every dFID_t with t > t' falls (< 0) and the 1-step FID falls (< 0)"
     )
     run = results.main_run("stage2")
     t_prime = run.param("t_prime") if run else None
-    series = dfid_series(results, run)
+    series, _ = dfid_curve(results, run)
     changes: dict[str, float] = {}
     below, above = [], []
     for t, points in series.items():
@@ -1029,7 +1118,7 @@ def claim_s2(results: Results) -> Claim:
         delta = points[-1][1] - points[0][1]
         changes[f"dFID_t{t:g}"] = delta
         (below if t < t_prime else above).append(delta)
-    fid_points = run.histories.get("fid_1step", []) if run else []
+    fid_points, _ = curve(results, run, "fid_1step")
     fid_delta = fid_points[-1][1] - fid_points[0][1] if len(fid_points) >= 2 else None
     if fid_delta is not None:
         changes["fid_1step"] = fid_delta
@@ -1041,7 +1130,7 @@ def claim_s2(results: Results) -> Claim:
         ok = all(d > 0 for d in below) and all(d < 0 for d in above) and fid_delta < 0
     elif changes:
         missing = [n for n, v in (("dFID below t'", below), ("dFID above t'", above)) if not v]
-        missing += ["fid_1step history"] if fid_delta is None else []
+        missing += ["1-step FID at two iterations"] if fid_delta is None else []
         measured += f" (not measured: {', '.join(missing)})"
     return Claim("S2", statement, criterion, measured, _verdict(ok), "Fig. 3, Sec. 4.2")
 
@@ -1053,7 +1142,7 @@ def claim_s3(results: Results) -> Claim:
         "centre (same other hyperparameters), or is not finite"
     )
     runs = ablation_slice(results, ["w_b"])
-    baseline = ablation_baseline(_ablation_runs(results))
+    baseline = ablation_baseline(results)
     small = next((r for r in runs if _same(r.param("w_b"), 0.01)), None)
     centre = next(
         (r for r in runs if _same(r.param("w_b"), baseline["w_b"]) and not _same(baseline["w_b"], 0.01)), None
@@ -1127,6 +1216,10 @@ def _new_figure(ncols: int = 1):
     return fig, list(axes[0])
 
 
+def _empty_message(runs: Sequence[TrainingRun | None], what: str) -> str:
+    return f"no {what} in the runs yet" if any(r is not None for r in runs) else "no runs yet"
+
+
 def _no_data(ax, message: str = "no runs yet") -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=13, color="0.35")
 
@@ -1150,12 +1243,14 @@ def _t_colours(ts: Sequence[float]):
     return norm, plt.get_cmap("viridis")
 
 
-def _plot_dfid(fig, ax, series: dict[float, list[tuple[int, float]]], t_prime: float | None, title: str) -> bool:
+def _plot_dfid(
+    fig, ax, series: dict[float, list[tuple[int, float]]], t_prime: float | None, title: str, empty: str
+) -> bool:
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel("training iteration")
+    ax.set_xlabel("training iteration (global)")
     ax.set_ylabel("dFID_t (lower is better)")
     if not series:
-        _no_data(ax)
+        _no_data(ax, empty)
         return False
     norm, cmap = _t_colours(list(series))
     for t, points in series.items():
@@ -1183,24 +1278,22 @@ def _plot_dfid(fig, ax, series: dict[float, list[tuple[int, float]]], t_prime: f
 
 def figure_fig1b(results: Results, path: Path) -> bool:
     fig, (ax,) = _new_figure()
-    ax.set_title(f"Fig. 1b analogue: 1-step FID vs iteration (fid_1step history) — preset {results.preset}")
+    ax.set_title(f"Fig. 1b analogue: 1-step FID (fid_1step) vs iteration — preset {results.preset}")
     ax.set_xlabel("training iteration (global)")
     ax.set_ylabel("1-step FID (lower is better)")
     drawn = False
-    for stage, name, style in (
-        ("stage1", "Stage 1", "-"),
-        ("stage1_continued", "Stage 1 continued", "-"),
-        ("stage2", "Stage 2 (TCM)", "-"),
-    ):
-        run = results.main_run(stage)
-        points = run.histories.get("fid_1step") if run else None
+    runs = [results.main_run(stage) for stage in ("stage1", "stage1_continued", "stage2")]
+    for run, name in zip(runs, ("Stage 1", "Stage 1 continued", "Stage 2 (TCM)")):
+        points, source = curve(results, run, "fid_1step")
         if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", markersize=3, label=name)
+            ax.plot(
+                [p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=f"{name} ({source})"
+            )
             drawn = True
     if drawn:
         ax.legend()
     else:
-        _no_data(ax)
+        _no_data(ax, _empty_message(runs, "1-step FID"))
     _save(fig, path)
     return drawn
 
@@ -1212,9 +1305,10 @@ def figure_fig2(results: Results, path: Path) -> bool:
     drawn = _plot_dfid(
         fig,
         ax,
-        dfid_series(results, run),
+        dfid_curve(results, run)[0],
         t_prime,
         f"Fig. 2 analogue: dFID_t during Stage 1 (dashed: t < t') — preset {results.preset}",
+        _empty_message([run], "dFID_t"),
     )
     _save(fig, path)
     return drawn
@@ -1226,7 +1320,10 @@ def figure_fig3(results: Results, path: Path) -> bool:
     t_prime = stage2.param("t_prime") if stage2 else None
     drawn = False
     for ax, stage, name in zip(axes, ("stage1_continued", "stage2"), ("Stage 1 continued", "Stage 2 (TCM)")):
-        drawn |= _plot_dfid(fig, ax, dfid_series(results, results.main_run(stage)), t_prime, f"{name}")
+        run = results.main_run(stage)
+        series, source = dfid_curve(results, run)
+        title = f"{name} ({source})" if series else name
+        drawn |= _plot_dfid(fig, ax, series, t_prime, title, _empty_message([run], "dFID_t"))
     suffix = f", t' = {t_prime:g} in red" if t_prime is not None else ""
     fig.suptitle(f"Fig. 3 analogue: dFID_t vs iteration{suffix} — preset {results.preset}", fontsize=11)
     _save(fig, path)
@@ -1238,7 +1335,7 @@ def figure_fig8(results: Results, path: Path) -> bool:
     ax.set_title(f"Fig. 8 analogue: dFID_t vs t at several Stage-1 iterations — preset {results.preset}", fontsize=10)
     ax.set_xlabel("t (noise level, log scale)")
     ax.set_ylabel("dFID_t (lower is better)")
-    series = dfid_series(results, results.main_run("stage1"))
+    series, _ = dfid_curve(results, results.main_run("stage1"))
     by_step: dict[int, list[tuple[float, float]]] = {}
     for t, points in series.items():
         for step, value in points:
@@ -1268,7 +1365,7 @@ def figure_fig8(results: Results, path: Path) -> bool:
             ax.axvline(t_prime, color="red", linestyle=":", label=f"t' = {t_prime:g}")
         ax.legend(fontsize=7, ncols=2)
     else:
-        _no_data(ax)
+        _no_data(ax, _empty_message([results.main_run("stage1")], "dFID_t"))
     _save(fig, path)
     return drawn
 
@@ -1281,7 +1378,7 @@ def _sigma_nu_pairs(results: Results) -> list[tuple[float, float]]:
 def figure_fig4a(results: Results, path: Path) -> bool:
     fig, (ax,) = _new_figure()
     runs = _ablation_runs(results) or results.runs_of("stage2")
-    baseline = ablation_baseline(runs)
+    baseline = ablation_baseline(results)
     t_prime = baseline["t_prime"] if baseline["t_prime"] is not None else PAPER_DEFAULTS["t_prime"]
     t_max = next((v for r in runs if (v := r.param("t_max")) is not None), 80.0)
     mu = next((v for r in runs if (v := r.param("mu")) is not None), 0.0)
@@ -1317,23 +1414,24 @@ def figure_fig4b(results: Results, path: Path) -> bool:
     fig, (ax,) = _new_figure()
     ax.set_title(f"Fig. 4b analogue: 1-step FID vs iteration for (sigma, nu) — preset {results.preset}", fontsize=10)
     ax.set_xlabel("training iteration (global)")
-    ax.set_ylabel("1-step FID (fid_1step history, lower is better)")
+    ax.set_ylabel("1-step FID (fid_1step, lower is better)")
     drawn = False
-    for run in sorted(ablation_slice(results, ["sigma", "nu"]), key=lambda r: (r.param("sigma"), r.param("nu"))):
-        points = run.histories.get("fid_1step")
+    runs = sorted(ablation_slice(results, ["sigma", "nu"]), key=lambda r: (r.param("sigma"), r.param("nu")))
+    for run in runs:
+        points, source = curve(results, run, "fid_1step")
         if points:
             ax.plot(
                 [p[0] for p in points],
                 [p[1] for p in points],
                 marker="o",
                 markersize=3,
-                label=f"sigma = {_fmt_g(run.param('sigma'))}, nu = {_fmt_g(run.param('nu'))}",
+                label=f"sigma = {_fmt_g(run.param('sigma'))}, nu = {_fmt_g(run.param('nu'))} ({source})",
             )
             drawn = True
     if drawn:
         ax.legend()
     else:
-        _no_data(ax)
+        _no_data(ax, _empty_message(runs, "1-step FID"))
     _save(fig, path)
     return drawn
 
@@ -1356,7 +1454,7 @@ def figure_fig4c(results: Results, path: Path) -> bool:
     ax.set_xlabel("w_b (boundary-loss weight)")
     ax.set_ylabel("rho (boundary batch fraction)")
     if not cells:
-        _no_data(ax)
+        _no_data(ax, _empty_message(runs, "final 1-step FID"))
         _save(fig, path)
         return False
     import matplotlib.pyplot as plt
@@ -1422,7 +1520,8 @@ def figure_fig7(results: Results, path: Path) -> bool:
         ax.axhline(GRAD_SPIKE, color="red", linestyle=":", linewidth=0.8)
         ax.legend(fontsize=8)
     else:
-        _no_data(ax)
+        runs = [results.main_run(s) for s in ("stage1", "stage1_continued", "stage2")]
+        _no_data(ax, _empty_message(runs, "grad_norm history"))
     _save(fig, path)
     return drawn
 

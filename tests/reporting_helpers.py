@@ -31,6 +31,7 @@ class Scenario:
     dfid_below_rises: bool = True
     skip_stages: tuple[str, ...] = ()  # main-grid stages with no run at all
     ablations: bool = True
+    histories: bool = True  # periodic evaluation during training (config eval.every > 0)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class RunSpec:
     params: dict
     start: int
     end: int
+    first_fid: float
     final_fid: float
     folder: Path
     records: list[dict] = field(default_factory=list)
@@ -48,91 +50,64 @@ class RunSpec:
     evals: list[dict] = field(default_factory=list)
 
 
-def _fid_curve(start: int, end: int, first: float, final: float, every: int = 100) -> list[tuple[int, float]]:
-    steps = list(range(start, end + 1, every))
-    n = max(len(steps) - 1, 1)
-    return [(s, first + (final - first) * (i / n)) for i, s in enumerate(steps)]
-
-
-def _training_records(spec: RunSpec, scenario: Scenario, first_fid: float) -> list[dict]:
-    records = []
-    fid = dict(_fid_curve(spec.start, spec.end, first_fid, spec.final_fid))
+def _dfid(spec: RunSpec, scenario: Scenario, t: float, frac: float) -> float:
+    """dFID_t after a fraction ``frac`` of the run: below t' it rises in Stage 2, elsewhere it falls."""
     t_prime = spec.params.get("t_prime") or 1.0
+    base = 2.0 + math.log(t + 1)
+    start = base - 0.8 if spec.stage != "stage1" else base  # Stage 1 ends 0.8 lower: where later stages start
+    if spec.stage == "stage2" and t < t_prime:
+        return start + (1.5 if scenario.dfid_below_rises else -0.5) * frac
+    return start - 0.8 * frac
+
+
+def _training_records(spec: RunSpec, scenario: Scenario) -> list[dict]:
+    records = []
+    span = max(spec.end - spec.start, 1)
     for step in range(spec.start, spec.end + 1, 20):
         grad = 5.0 + (step % 7)
         if spec.stage == "stage1" and step in (200, 320):
             grad = 250.0  # spikes, as in the paper's Fig. 7
         record = {"step": step, "loss": 1.0 / (1 + step / 100), "grad_norm": grad, "lr": 1e-4}
-        if step in fid:
-            record["fid_1step"] = fid[step]
-            frac = (step - spec.start) / max(spec.end - spec.start, 1)
+        if scenario.histories and (step - spec.start) % 100 == 0:
+            frac = (step - spec.start) / span
+            record["fid_1step"] = spec.first_fid + (spec.final_fid - spec.first_fid) * frac
             for t in DFID_TS:
-                base = 2.0 + math.log(t + 1)
-                if spec.stage == "stage2" and t < t_prime:
-                    change = (1.5 if scenario.dfid_below_rises else -0.5) * frac
-                else:
-                    change = -0.8 * frac
-                record[f"dfid_t{t:g}"] = base + change
+                record[f"dfid_t{t:g}"] = _dfid(spec, scenario, t, frac)
         records.append(record)
     return records
 
 
 def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None = None) -> list[RunSpec]:
-    """Write ``root`` (= results/<preset>) and return the run specs (to mirror into MLflow)."""
+    """Write ``root`` (= results/<preset>) in the workflow's layout and return the run specs (for MLflow)."""
     scenario = scenario or Scenario()
     specs: list[RunSpec] = []
 
-    def add(run_key, stage, grid, params, start, end, final, first, folder):
-        spec = RunSpec(run_key, stage, grid, params, start, end, final, root / folder)
-        spec.records = _training_records(spec, scenario, first)
+    def add(run, stage, grid, params, start, end, first, final):
+        spec = RunSpec(f"{stage}:{preset}:{run}", stage, grid, params, start, end, first, final, root / run)
+        spec.records = _training_records(spec, scenario)
         specs.append(spec)
-        return spec
 
+    s2_final, s1c_final = scenario.stage2_final, scenario.stage1_continued_final
     main = [
-        ("train_stage1/main", "stage1", {"t_prime": None}, 0, 400, 40.0, 80.0, "main/stage1"),
-        (
-            "train_stage1_continued/main",
-            "stage1_continued",
-            {"t_prime": None},
-            400,
-            800,
-            scenario.stage1_continued_final,
-            40.0,
-            "main/stage1_continued",
-        ),
-        ("train_stage2/main", "stage2", dict(BASELINE), 400, 800, scenario.stage2_final, 40.0, "main/stage2"),
-        (
-            "train_stage3/main",
-            "stage3",
-            {**BASELINE, "t_prime": 4.0},
-            800,
-            1000,
-            19.5,
-            scenario.stage2_final,
-            "main/stage3",
-        ),
+        ("stage1", "stage1", {"t_prime": None}, 0, 400, 80.0, 40.0),
+        ("stage1_continued", "stage1_continued", {"t_prime": None}, 400, 800, 40.0, s1c_final),
+        ("stage2/main", "stage2", dict(BASELINE), 400, 800, 40.0, s2_final),
+        ("stage3/main", "stage3", {**BASELINE, "t_prime": 4.0}, 800, 1000, s2_final, 19.5),
     ]
-    for key, stage, params, start, end, final, first, folder in main:
+    for run, stage, params, start, end, first, final in main:
         if stage not in scenario.skip_stages:
-            add(key, stage, "main", params, start, end, final, first, folder)
+            add(run, stage, "main", params, start, end, first, final)
     if scenario.ablations:
-        grid: list[dict] = []
-        for t_prime, fid in scenario.tprime_fids.items():
-            grid.append({**BASELINE, "t_prime": t_prime, "_fid": fid})
-        for rho in (0.1, 0.5):
-            grid.append({**BASELINE, "rho": rho, "_fid": 26.0 + rho})
-        for w_b, fid in ((0.01, scenario.wb001_final), (1.0, 26.5)):
-            grid.append({**BASELINE, "w_b": w_b, "_fid": fid})
-        for sigma, nu in ((2.0, 10000.0), (0.2, 2.0)):
-            grid.append({**BASELINE, "sigma": sigma, "nu": nu, "_fid": 29.0 + sigma})
+        grid: list[tuple[dict, float]] = [({**BASELINE, "t_prime": t}, f) for t, f in scenario.tprime_fids.items()]
+        grid += [({**BASELINE, "rho": rho}, 26.0 + rho) for rho in (0.1, 0.5)]
+        grid += [({**BASELINE, "w_b": 0.01}, scenario.wb001_final), ({**BASELINE, "w_b": 1.0}, 26.5)]
+        grid += [({**BASELINE, "sigma": s, "nu": n}, 29.0 + s) for s, n in ((2.0, 10000.0), (0.2, 2.0))]
         seen = set()
-        for point in grid:
-            fid = point.pop("_fid")
-            name = "_".join(f"{k}{point[k]:g}" for k in BASELINE)
-            if name in seen:
-                continue
-            seen.add(name)
-            add(f"train_ablation/{name}", "stage2", "ablation", point, 400, 600, fid, 40.0, f"ablation/{name}")
+        for point, fid in grid:
+            name = "/".join(f"{k}~{point[k]}" for k in BASELINE)  # a Paramspace instance pattern
+            if name not in seen:
+                seen.add(name)
+                add(f"stage2/ablation/{name}", "stage2", "ablation", point, 400, 600, 40.0, fid)
 
     for spec in specs:
         spec.folder.mkdir(parents=True, exist_ok=True)
@@ -144,8 +119,7 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
             **{"rho": 0.25, "w_b": 0.1, "sigma": 0.2, "nu": 0.01, "mu": 0.0, "t_max": 80.0},
             **spec.params,
         }
-        config = spec.config
-        (spec.folder / "config.json").write_text(json.dumps(config))
+        (spec.folder / "config.json").write_text(json.dumps(spec.config))
         (spec.folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in spec.records))
         (spec.folder / "params.json").write_text(json.dumps(spec.config))  # JsonlTracker.log_params
         ckpt = spec.folder / "network.safetensors"
@@ -153,9 +127,9 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
         if spec.grid == "main":  # the checkpoint's sidecar, as save_network writes it
             meta = {"arch": arch_preset("tiny"), "iteration": spec.end, "provenance": {}}
             (spec.folder / "network.json").write_text(json.dumps(meta))
+        evals = spec.folder / "eval"
+        evals.mkdir()
         for metric, value in (("fid_1step", spec.final_fid), ("fid_2step", spec.final_fid * 0.8)):
-            if spec.grid == "ablation" and metric == "fid_2step":
-                continue
             data = {
                 "metric": metric,
                 "label": LABEL,
@@ -164,31 +138,32 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
                 "seeds": 3,
                 "per_seed": [value, value + 0.3, value + 0.5],
                 "min": value,
-                "steps": [80.0],
-                "ckpt": str(ckpt),
+                "steps": [80.0] if metric == "fid_1step" else [80.0, 1.0],
+                "ckpt": str(ckpt.relative_to(root.parent.parent)),  # relative to the workflow's folder
                 "ckpt_sha256": "0" * 64,
                 "iteration": spec.end,
                 "seconds": 1.0,
             }
-            (spec.folder / f"{metric}.json").write_text(json.dumps(data))
+            (evals / f"{metric}.json").write_text(json.dumps(data))
             spec.evals.append(data)
             # the evaluation job's own tracking folder (JsonlTracker): never a training run
-            tracking = spec.folder / f"{metric}.tracking"
-            tracking.mkdir(exist_ok=True)
+            tracking = evals / f"{metric}.tracking"
+            tracking.mkdir()
             (tracking / "metrics.jsonl").write_text(json.dumps({"step": spec.end, metric: value}) + "\n")
-            (tracking / "params.json").write_text(json.dumps({"ckpt": str(ckpt), "num": 5000, "seeds": 3}))
+            (tracking / "params.json").write_text(json.dumps({"ckpt": data["ckpt"], "num": 5000, "seeds": 3}))
         if spec.grid == "main":
-            values = {f"{t:g}": spec.records[-1][f"dfid_t{t:g}"] for t in DFID_TS}
+            values = {f"{t:g}": _dfid(spec, scenario, t, 1.0) for t in DFID_TS}
             data = {
                 "metric": "dfid",
                 "label": "dFID (LeNet features, 1k)",
                 "ts": list(DFID_TS),
                 "values": values,
                 "num": 1000,
-                "ckpt": str(ckpt),
+                "extractor": "lenet",
+                "ckpt": str(ckpt.relative_to(root.parent.parent)),
                 "iteration": spec.end,
             }
-            (spec.folder / "dfid.json").write_text(json.dumps(data))
+            (evals / "dfid.json").write_text(json.dumps(data))
             spec.evals.append(data)
     return specs
 
@@ -223,7 +198,8 @@ def mirror_to_mlflow(specs: list[RunSpec], tracking_uri: str, preset: str = "tin
         info = {"run_id": run_id, "run_key": spec.run_key, "tracking_uri": tracking_uri}
         (spec.folder / "mlflow_run.json").write_text(json.dumps(info))
         for data in spec.evals:
-            eval_key = f"evaluate_{data['metric']}/{spec.run_key}"
+            run = spec.run_key.split(":", 2)[2]
+            eval_key = f"{data['metric'].split('_')[0]}:{preset}:{run}:{data['metric']}"
             eval_tags = {**tags, "tcm.stage": "eval", "tcm.run_key": eval_key, "tcm.target_run_key": spec.run_key}
             eval_id = client.create_run(exp_id, tags=eval_tags).info.run_id
             if data["metric"] == "dfid":

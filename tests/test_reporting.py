@@ -171,6 +171,20 @@ def test_missing_runs_show_a_dash_and_no_invented_number(tmp_path):
     assert "fig1b_fid_stages" not in report.empty_figures  # Stage 1 curves are still there
 
 
+def test_an_evaluated_checkpoint_without_training_run_is_reported(tmp_path):
+    """imagenet64_xl: Stage 1 is the downloaded ECM-XL checkpoint, evaluated but not trained here."""
+    results = tmp_path / "results" / "imagenet64_xl"
+    build_synthetic(results, preset="imagenet64_xl", scenario=Scenario(ablations=False))
+    for name in ("config.json", "metrics.jsonl", "params.json", "network.json"):
+        (results / "stage1" / name).unlink()
+    report = build_report("imagenet64_xl", results, tmp_path / "out", tracking_uri=None, figures=False)
+    md = (tmp_path / "out" / "tables" / "table2_imagenet64.md").read_text()
+    assert _row(md, "Stage 1 (EDM2-XL)", "1")[2] == "40.00"
+    assert _row(md, "TCM (EDM2-XL)", "1")[2:4] == [f"{Scenario().stage2_final:.2f}", "2.20"]
+    assert _row(md, "TCM (EDM2-S)", "1")[2] == MISSING  # measured by preset imagenet64_s, not this one
+    assert report.results.main_run("stage1").histories == {}
+
+
 def test_output_files_lists_exactly_what_is_written(full):
     declared = output_files(full.out)
     assert sorted(declared["tables"] + declared["figures"]) == sorted(str(p) for p in full.report.files)
@@ -235,6 +249,27 @@ def test_claims_that_do_not_hold_are_reported(tmp_path):
     assert "ratio 2.00" in rows["S3"]["measured"]
 
 
+def test_without_periodic_evaluation_curves_come_from_the_checkpoint_evaluations(tmp_path):
+    """eval.every = 0 (the ci preset): no fid/dFID history, only the evaluation JSONs of final checkpoints.
+    Stage 2 then starts at the Stage-1 checkpoint's evaluation and ends at its own."""
+    results = tmp_path / "results" / "tiny"
+    build_synthetic(results, scenario=Scenario(histories=False))
+    for metrics in results.rglob("metrics.jsonl"):  # evaluations must map to runs by their folder alone
+        if "eval" not in metrics.parts:
+            assert "fid_1step" not in metrics.read_text()
+    report = build_report("tiny", results, tmp_path / "out", tracking_uri=None)
+    s2 = next(c for c in report.claims if c.cid == "S2")
+    assert s2.verdict == "holds"
+    assert "dFID_t0.2 +1.5" in s2.measured and "dFID_t2 -0.8" in s2.measured and "fid_1step -20" in s2.measured
+    stage2 = report.results.main_run("stage2")
+    assert reporting.curve(report.results, stage2, "fid_1step") == (
+        [(400, 40.0), (800, Scenario().stage2_final)],
+        "evaluation JSONs of checkpoints",
+    )
+    assert "fig1b_fid_stages" not in report.empty_figures and "fig3_dfid_stage2" not in report.empty_figures
+    assert "fig4b_fid_sigma_nu" not in report.empty_figures  # final points of each (sigma, nu) run
+
+
 def test_claim_s3_counts_a_non_finite_fid_as_exploded(tmp_path):
     results = tmp_path / "results" / "tiny"
     build_synthetic(results, scenario=Scenario(wb001_final=float("nan")))
@@ -248,8 +283,8 @@ def test_claim_s3_counts_a_non_finite_fid_as_exploded(tmp_path):
 def test_mlflow_fills_in_missing_files_and_is_cross_checked(synthetic, tmp_path):
     results = tmp_path / "results" / "tiny"
     shutil.copytree(synthetic.results, results)
-    shutil.rmtree(results / "main" / "stage2")  # only MLflow knows this run now
-    metrics = results / "main" / "stage1" / "metrics.jsonl"
+    shutil.rmtree(results / "stage2" / "main")  # only MLflow knows this run now
+    metrics = results / "stage1" / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     records[-1]["fid_1step"] += 1.0  # the files disagree with MLflow on one value
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -260,10 +295,10 @@ def test_mlflow_fills_in_missing_files_and_is_cross_checked(synthetic, tmp_path)
     assert row[2] == f"{Scenario().stage2_final:.2f}"
     assert row[7] == "FID (lenet, 5000 samples, min of 3)"  # rebuilt from the eval run's params
     stage2 = report.results.main_run("stage2")
-    assert stage2.sources == {"mlflow"} and stage2.key == "train_stage2/main"
+    assert stage2.sources == {"mlflow"} and stage2.key == "stage2:tiny:stage2/main"
     crosscheck = _csv(tmp_path / "out" / "tables" / "crosscheck.csv")
     differ = [r for r in crosscheck if r["agree"] == "False"]
-    assert [(r["run"], r["metric"], r["step"]) for r in differ] == [("train_stage1/main", "fid_1step", "400")]
+    assert [(r["run"], r["metric"], r["step"]) for r in differ] == [("stage1:tiny:stage1", "fid_1step", "400")]
     assert sum(r["agree"] == "True" for r in crosscheck) > 50
     assert "1 differ" in format_summary(report, 0.0)
 
