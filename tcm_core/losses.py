@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tcm_core.networks import no_forced_weight_norm
 from tcm_core.networks.dropout import DropoutMaskRecord, record_dropout_masks, replay_dropout_masks
 from tcm_core.schedules import curriculum_ratio, r_from_t
 
@@ -129,8 +130,6 @@ def _target_pass(
     class_labels: torch.Tensor | None,
 ) -> torch.Tensor:
     """stopgrad f(y + r·ε, r) on the rows ``index``, with the dropout masks those rows had in the graded pass."""
-    from tcm_core.networks import no_forced_weight_norm  # lazy: networks import is heavy
-
     r_sub = r.index_select(0, index)
     x_r = images.index_select(0, index) + r_sub.reshape(-1, 1, 1, 1) * noise.index_select(0, index)
     with torch.no_grad(), no_forced_weight_norm(), replay_dropout_masks(record, index):
