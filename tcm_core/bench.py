@@ -107,7 +107,7 @@ def _sync(device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def _cpu_peak_bytes(result: dict[str, int]):
+def cpu_peak_bytes(result: dict[str, int]):
     """Peak of live bytes allocated inside the block (relative to its start), from profiler allocator events."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -149,7 +149,7 @@ def measure_peak_memory(
         static = torch.cuda.memory_allocated(device) - base
     else:
         result: dict[str, int] = {}
-        with _cpu_peak_bytes(result):
+        with cpu_peak_bytes(result):
             state = build_state(master, stage, device, ema)
             for _ in range(steps):
                 train_step(state, images)

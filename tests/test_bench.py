@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 
-from tcm_core.bench import _cpu_peak_bytes
+from tcm_core.bench import cpu_peak_bytes
 
 MiB = 2**20
 
 
 def test_cpu_peak_counts_live_allocator_bytes():
     result: dict[str, int] = {}
-    with _cpu_peak_bytes(result):
+    with cpu_peak_bytes(result):
         a = torch.empty(MiB, dtype=torch.uint8)
         b = torch.empty(3 * MiB, dtype=torch.uint8)
         del a
