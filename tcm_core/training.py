@@ -411,7 +411,11 @@ def train(cfg: TrainConfig, *, mode: str, data: str | Path, out: str | Path, ini
     if dist_info.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(net, device_ids=[dev.index] if device_kind == "cuda" else None)
+        # broadcast_buffers=False (as ECT/TCM): a buffer broadcast is a collective on EVERY forward, and the
+        # number of no-grad student target passes differs between ranks (zero when all of a rank's r < t').
+        # Our buffers are constants (resampling filters, Fourier frequencies), identical on all ranks.
+        model = DistributedDataParallel(net, device_ids=[dev.index] if device_kind == "cuda" else None,
+                                        broadcast_buffers=False)
 
     # ---- outputs (rank 0)
     tracker = evaluator = None
