@@ -4,13 +4,19 @@
 #   snakemake --profile profiles/slurm --config preset=cifar10 all_ablations
 # Settings: config.yaml (validated by workflow/schemas/config.schema.yaml before any job runs).
 import os
+import sys
 
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 # MLflow must never phone home (offline clusters); set before any job or helper imports it.
-os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ.update(MLFLOW_DISABLE_TELEMETRY="true")
+# `python` in the rules is the interpreter running Snakemake (e.g. .venv/bin/snakemake without an
+# activated venv); with --sdm conda the rule's env is activated in front of it.
+os.environ.update(
+    PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+)
 
 
 configfile: "config.yaml"
@@ -29,10 +35,10 @@ include: "workflow/rules/reporting.smk"
 
 
 rule all:
+    default_target: True
     """Stage 1, the Stage-1 control, Stage 2, their FIDs (1 and 2 steps), dFID sweeps and grids."""
     input:
         main_targets(),
-    default_target: True
     localrule: True
 
 
@@ -50,14 +56,14 @@ rule mlflow_init:
         record="results/{preset}/mlflow.json",
     log:
         "results/{preset}/logs/mlflow_init.log",
+    retries: 2
+    localrule: True
+    conda:
+        "envs/tcm.yaml"
     params:
         uri=TRACKING_URI,
         experiment=EXPERIMENT,
         study=STUDY,
-    localrule: True
-    retries: 2
-    conda:
-        "envs/tcm.yaml"
     shell:
         "python -m tcm_core mlflow-init --tracking-uri {params.uri:q} --experiment {params.experiment:q}"
         " --study {params.study:q} --out {output.record} > {log} 2>&1"

@@ -14,6 +14,14 @@ rule stage3:
         **train_outputs("results/{preset}/stage3/main"),
     log:
         "results/{preset}/logs/stage3/main.log",
+    conda:
+        "../../envs/tcm.yaml"
+    threads: res("train", "cpus_per_task")
+    resources:
+        gpu=res("train", "gpu"),
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        cpus_per_task=res("train", "cpus_per_task"),
     params:
         out="results/{preset}/stage3/main",
         run_key=run_key_for("stage3", "stage3/main"),
@@ -24,14 +32,6 @@ rule stage3:
         periodic=periodic_eval_args,
         device=P["device"],
         launch=launcher,
-    threads: res("train", "cpus_per_task")
-    resources:
-        gpu=res("train", "gpu"),
-        mem_mb=res("train", "mem_mb"),
-        runtime=res("train", "runtime"),
-        cpus_per_task=res("train", "cpus_per_task"),
-    conda:
-        "../../envs/tcm.yaml"
     shell:
         "{params.guard} && {params.env} OMP_NUM_THREADS={threads} {params.launch} tcm_core train"
         " --mode stage3 --init {input.init} --boundary-model {input.boundary}"

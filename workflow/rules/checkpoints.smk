@@ -8,13 +8,13 @@ if P["init"]["kind"] == "checkpoint":
         output:
             ckpt=init_checkpoint(),
         log:
-            "logs/fetch_checkpoint/" + init_file_name() + ".log",
-        params:
-            source=fetch_source_args(),
-        localrule: True
+            f"logs/fetch_checkpoint/{init_file_name()}.log",
         retries: 3
+        localrule: True
         conda:
             "../../envs/tcm.yaml"
+        params:
+            source=fetch_source_args(),
         shell:
             "python -m tcm_core fetch {params.source} --out {output.ckpt} > {log} 2>&1"
 
@@ -29,6 +29,14 @@ if P["init"]["kind"] == "pretrain":
             **train_outputs("results/{preset}/pretrain"),
         log:
             "results/{preset}/logs/pretrain_edm.log",
+        conda:
+            "../../envs/tcm.yaml"
+        threads: res("train", "cpus_per_task")
+        resources:
+            gpu=res("train", "gpu"),
+            mem_mb=res("train", "mem_mb"),
+            runtime=res("train", "runtime"),
+            cpus_per_task=res("train", "cpus_per_task"),
         params:
             out="results/{preset}/pretrain",
             run_key=run_key_for("pretrain_edm", "pretrain"),
@@ -37,14 +45,6 @@ if P["init"]["kind"] == "pretrain":
             overrides=train_overrides("pretrain"),
             device=P["device"],
             launch=launcher,
-        threads: res("train", "cpus_per_task")
-        resources:
-            gpu=res("train", "gpu"),
-            mem_mb=res("train", "mem_mb"),
-            runtime=res("train", "runtime"),
-            cpus_per_task=res("train", "cpus_per_task"),
-        conda:
-            "../../envs/tcm.yaml"
         shell:
             "{params.env} OMP_NUM_THREADS={threads} {params.launch} tcm_core train --mode pretrain"
             " --data {input.data} --out {params.out} --state-dir {params.state}"

@@ -1,5 +1,5 @@
-# Helpers shared by the rule files: config validation, the chosen preset, paths, the ablation
-# Paramspace, and the command-line pieces the rules pass to `python -m tcm_core`. No science here.
+# Helpers shared by every rule module (config validation, the chosen preset, paths, the ablation
+# Paramspace, and the command-line pieces passed to `python -m tcm_core`). No science here.
 
 import hashlib
 import json
@@ -18,22 +18,21 @@ class ConfigError(ValueError):
 
 def _schema_error_message(error) -> str:
     where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-    return f"invalid config: {where}: {error.message}"
+    hint = error.schema.get("description") if isinstance(error.schema, dict) else None
+    return f"invalid config: {where}: {error.message}" + (f" ({hint})" if hint else "")
 
 
 def validate_config(cfg):
-    """JSON-schema validation (fills schema defaults), with the failing key named first."""
-    try:
-        validate(cfg, schema="../schemas/config.schema.yaml")
-    except Exception as exc:  # WorkflowError wrapping a jsonschema.ValidationError
-        cause = exc
-        while cause is not None and not hasattr(cause, "absolute_path"):
-            cause = getattr(cause, "__cause__", None) or next(
-                (a for a in getattr(cause, "args", ()) if hasattr(a, "absolute_path")), None
-            )
-        if cause is not None:
-            raise ConfigError(_schema_error_message(cause)) from None
-        raise
+    """JSON-schema validation naming the failing key, then Snakemake's (which fills defaults)."""
+    import jsonschema
+
+    schema_file = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+    schema = yaml.safe_load(schema_file.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(cfg))
+    if error is not None:
+        raise ConfigError(_schema_error_message(error))
+    validate(cfg, schema="../schemas/config.schema.yaml")
 
 
 def check_config(cfg):
@@ -47,10 +46,14 @@ def check_config(cfg):
     init = p["init"]
     if init["kind"] == "pretrain":
         if "pretrain" not in p or "arch" not in p:
-            raise ConfigError(f"invalid config: {where}.init: kind pretrain needs `arch` and `pretrain`")
+            raise ConfigError(
+                f"invalid config: {where}.init: kind pretrain needs `arch` and `pretrain`"
+            )
     elif init["kind"] == "checkpoint":
         if bool(init.get("name")) == bool(init.get("url")):
-            raise ConfigError(f"invalid config: {where}.init: kind checkpoint needs exactly one of name, url")
+            raise ConfigError(
+                f"invalid config: {where}.init: kind checkpoint needs exactly one of name, url"
+            )
     elif not init.get("path"):
         raise ConfigError(
             f"invalid config: {where}.init.path: kind path needs the checkpoint file "
@@ -64,12 +67,16 @@ def check_config(cfg):
                 "or dataset.name (mnist5k | cifar10)"
             )
         if data["name"] == "cifar10" and not data.get("source"):
-            raise ConfigError(f"invalid config: {where}.dataset.source: cifar10 needs a URL or path")
+            raise ConfigError(
+                f"invalid config: {where}.dataset.source: cifar10 needs a URL or path"
+            )
     for section in ("stage1", "stage2", "stage3", "pretrain"):
         keys = merged_section(p, section) if section in p or section == "stage3" else {}
         t_min, t_max = keys.get("t_min", 0.002), keys.get("t_max", 80.0)
         if t_min >= t_max:
-            raise ConfigError(f"invalid config: {where}.{section}.t_min: {t_min} must be < t_max {t_max}")
+            raise ConfigError(
+                f"invalid config: {where}.{section}.t_min: {t_min} must be < t_max {t_max}"
+            )
         if "t_prime" in keys and not t_min < keys["t_prime"] < t_max:
             raise ConfigError(
                 f"invalid config: {where}.{section}.t_prime: {keys['t_prime']} must lie in "
@@ -78,8 +85,13 @@ def check_config(cfg):
     s2 = p["stage2"]
     for t in p["ablation"].get("t_prime", []):
         if not s2.get("t_min", 0.002) < t < s2.get("t_max", 80.0):
-            raise ConfigError(f"invalid config: {where}.ablation.t_prime: {t} must lie in (t_min, t_max)")
-    if 3 in p["ablation"].get("stages", []) and merged_section(p, "stage3")["t_prime"] <= s2["t_prime"]:
+            raise ConfigError(
+                f"invalid config: {where}.ablation.t_prime: {t} must lie in (t_min, t_max)"
+            )
+    if (
+        3 in p["ablation"].get("stages", [])
+        and merged_section(p, "stage3")["t_prime"] <= s2["t_prime"]
+    ):
         raise ConfigError(f"invalid config: {where}.stage3.t_prime must be > stage2.t_prime")
     mid_t = p["eval"].get("mid_t")
     if mid_t is not None and not 0.002 < mid_t < s2.get("t_max", 80.0):
@@ -134,7 +146,7 @@ wildcard_constraints:
 # environment (changing it must not retrain anything); the parent record comes from mlflow_init.
 
 TRACKING_URI = config.get("tracking_uri") or f"sqlite:///{Path.cwd().resolve()}/{RESULTS}/mlflow.db"
-os.environ["TCM_MLFLOW_URI"] = TRACKING_URI
+os.environ.update(TCM_MLFLOW_URI=TRACKING_URI)
 EXPERIMENT = config.get("experiment") or f"tcm-{PRESET}"
 STUDY = config.get("study") or f"{PRESET}-study"
 
@@ -171,7 +183,9 @@ def ablation_frame(p):
     rows = [dict(base)]
     rows += [{**base, "t_prime": float(t)} for t in ab.get("t_prime", [])]
     rows += [
-        {**base, "rho": float(r), "w_b": float(w)} for r in ab.get("rho", []) for w in ab.get("w_b", [])
+        {**base, "rho": float(r), "w_b": float(w)}
+        for r in ab.get("rho", [])
+        for w in ab.get("w_b", [])
     ]
     rows += [{**base, "sigma": float(s), "nu": float(n)} for s, n in ab.get("sigma_nu", [])]
     if not (ab.get("t_prime") or ab.get("rho") or ab.get("w_b") or ab.get("sigma_nu")):

@@ -12,6 +12,14 @@ rule fid:
         json="results/{preset}/{run}/eval/fid_{steps}.json",
     log:
         "results/{preset}/logs/fid/{run}/{steps}.log",
+    conda:
+        "../../envs/tcm.yaml"
+    threads: res("eval", "cpus_per_task")
+    resources:
+        gpu=min(1, res("eval", "gpu")),
+        mem_mb=res("eval", "mem_mb"),
+        runtime=res("eval", "runtime"),
+        cpus_per_task=res("eval", "cpus_per_task"),
     params:
         steps=eval_steps,
         num=eval_num,
@@ -21,14 +29,6 @@ rule fid:
         run_key=eval_run_key("fid"),
         target=eval_target,
         env=eval_env("fid"),
-    threads: res("eval", "cpus_per_task")
-    resources:
-        gpu=min(1, res("eval", "gpu")),
-        mem_mb=res("eval", "mem_mb"),
-        runtime=res("eval", "runtime"),
-        cpus_per_task=res("eval", "cpus_per_task"),
-    conda:
-        "../../envs/tcm.yaml"
     shell:
         "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate fid --ckpt {input.ckpt}"
         " --steps {params.steps} --num {params.num} --seeds {params.seeds} {params.features}"
@@ -48,6 +48,14 @@ rule dfid:
         json="results/{preset}/{run}/eval/{sweep}.json",
     log:
         "results/{preset}/logs/dfid/{run}/{sweep}.log",
+    conda:
+        "../../envs/tcm.yaml"
+    threads: res("eval", "cpus_per_task")
+    resources:
+        gpu=min(1, res("eval", "gpu")),
+        mem_mb=res("eval", "mem_mb"),
+        runtime=res("eval", "runtime"),
+        cpus_per_task=res("eval", "cpus_per_task"),
     params:
         ts=dfid_ts,
         num=EVAL["dfid_num"],
@@ -56,14 +64,6 @@ rule dfid:
         run_key=eval_run_key("dfid"),
         target=eval_target,
         env=eval_env("dfid"),
-    threads: res("eval", "cpus_per_task")
-    resources:
-        gpu=min(1, res("eval", "gpu")),
-        mem_mb=res("eval", "mem_mb"),
-        runtime=res("eval", "runtime"),
-        cpus_per_task=res("eval", "cpus_per_task"),
-    conda:
-        "../../envs/tcm.yaml"
     shell:
         "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate dfid --ckpt {input.ckpt}"
         " --data {input.data} --ts {params.ts} --num {params.num} {params.features}"
@@ -86,6 +86,14 @@ rule sample_grid:
         ),
     log:
         "results/{preset}/logs/sample_grid/{run}/{steps}.log",
+    conda:
+        "../../envs/tcm.yaml"
+    threads: res("eval", "cpus_per_task")
+    resources:
+        gpu=min(1, res("eval", "gpu")),
+        mem_mb=res("eval", "mem_mb"),
+        runtime=res("eval", "runtime"),
+        cpus_per_task=res("eval", "cpus_per_task"),
     params:
         steps=eval_steps,
         num=EVAL["grid_num"],
@@ -93,14 +101,6 @@ rule sample_grid:
         run_key=eval_run_key("sample_grid"),
         target=eval_target,
         env=eval_env("sample_grid"),
-    threads: res("eval", "cpus_per_task")
-    resources:
-        gpu=min(1, res("eval", "gpu")),
-        mem_mb=res("eval", "mem_mb"),
-        runtime=res("eval", "runtime"),
-        cpus_per_task=res("eval", "cpus_per_task"),
-    conda:
-        "../../envs/tcm.yaml"
     shell:
         "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate grid --ckpt {input.ckpt}"
         " --steps {params.steps} --num {params.num} --seed 0 --out {output.png}"

@@ -15,6 +15,14 @@ if P["init"].get("provides") != "stage1":
             **train_outputs("results/{preset}/stage1"),
         log:
             "results/{preset}/logs/stage1.log",
+        conda:
+            "../../envs/tcm.yaml"
+        threads: res("train", "cpus_per_task")
+        resources:
+            gpu=res("train", "gpu"),
+            mem_mb=res("train", "mem_mb"),
+            runtime=res("train", "runtime"),
+            cpus_per_task=res("train", "cpus_per_task"),
         params:
             out="results/{preset}/stage1",
             run_key=run_key_for("stage1", "stage1"),
@@ -25,14 +33,6 @@ if P["init"].get("provides") != "stage1":
             periodic=periodic_eval_args,
             device=P["device"],
             launch=launcher,
-        threads: res("train", "cpus_per_task")
-        resources:
-            gpu=res("train", "gpu"),
-            mem_mb=res("train", "mem_mb"),
-            runtime=res("train", "runtime"),
-            cpus_per_task=res("train", "cpus_per_task"),
-        conda:
-            "../../envs/tcm.yaml"
         shell:
             "{params.guard} && {params.env} OMP_NUM_THREADS={threads} {params.launch} tcm_core train"
             " --mode stage1 --init {input.init} --data {input.data} --out {params.out}"
@@ -51,6 +51,14 @@ rule stage1_continued:
         **train_outputs("results/{preset}/stage1_continued"),
     log:
         "results/{preset}/logs/stage1_continued.log",
+    conda:
+        "../../envs/tcm.yaml"
+    threads: res("train", "cpus_per_task")
+    resources:
+        gpu=res("train", "gpu"),
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        cpus_per_task=res("train", "cpus_per_task"),
     params:
         out="results/{preset}/stage1_continued",
         run_key=run_key_for("stage1_continued", "stage1_continued"),
@@ -61,14 +69,6 @@ rule stage1_continued:
         periodic=periodic_eval_args,
         device=P["device"],
         launch=launcher,
-    threads: res("train", "cpus_per_task")
-    resources:
-        gpu=res("train", "gpu"),
-        mem_mb=res("train", "mem_mb"),
-        runtime=res("train", "runtime"),
-        cpus_per_task=res("train", "cpus_per_task"),
-    conda:
-        "../../envs/tcm.yaml"
     shell:
         "{params.guard} && {params.env} OMP_NUM_THREADS={threads} {params.launch} tcm_core train"
         " --mode stage1_continued --init {input.init} --data {input.data} --out {params.out}"
@@ -90,6 +90,14 @@ rule stage2:
         "results/{preset}/logs/stage2/{run}.log",
     wildcard_constraints:
         run="main|ablation/.+",
+    conda:
+        "../../envs/tcm.yaml"
+    threads: res("train", "cpus_per_task")
+    resources:
+        gpu=res("train", "gpu"),
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        cpus_per_task=res("train", "cpus_per_task"),
     params:
         out="results/{preset}/stage2/{run}",
         run_key=run_key_for("stage2", "stage2/{run}"),
@@ -100,14 +108,6 @@ rule stage2:
         periodic=periodic_eval_args,
         device=P["device"],
         launch=launcher,
-    threads: res("train", "cpus_per_task")
-    resources:
-        gpu=res("train", "gpu"),
-        mem_mb=res("train", "mem_mb"),
-        runtime=res("train", "runtime"),
-        cpus_per_task=res("train", "cpus_per_task"),
-    conda:
-        "../../envs/tcm.yaml"
     shell:
         "{params.guard} && {params.env} OMP_NUM_THREADS={threads} {params.launch} tcm_core train"
         " --mode stage2 --init {input.init} --boundary-model {input.boundary}"

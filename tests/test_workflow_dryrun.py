@@ -1,0 +1,151 @@
+"""Workflow dry runs: every target of every preset plans the expected jobs; bad configs fail early."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.workflow_helpers import REPO, job_counts, make_workdir, snakemake, write_overlay
+
+pytestmark = pytest.mark.slow
+
+EVALS_MAIN = {"fid": 6, "dfid": 6, "sample_grid": 6}  # 3 runs x (1/2-step FID, 2 dFID sweeps, 2 grids)
+OWN_PRETRAIN = {"mlflow_init": 1, "prepare_dataset": 1, "pretrain_edm": 1, "train_feature_net": 1,
+                "reference_stats": 1}
+TRAIN_MAIN = {"stage1": 1, "stage1_continued": 1, "stage2": 1}
+# 14 distinct ablation points (baseline + 3 t' + 8 rho x w_b + 2 (sigma, nu)) + the main Stage-2 run
+ABLATIONS = {"stage2": 15, "stage3": 1, "fid": 6 + 2 * 14 + 2}
+
+EXPECTED = {
+    ("tiny", "all"): {**OWN_PRETRAIN, **TRAIN_MAIN, **EVALS_MAIN, "all": 1},
+    ("ci", "all"): {**OWN_PRETRAIN, **TRAIN_MAIN, **EVALS_MAIN, "all": 1},
+    ("ci", "all_ablations"): {**OWN_PRETRAIN, **TRAIN_MAIN, **EVALS_MAIN, **ABLATIONS, "all_ablations": 1},
+    ("cifar10", "all"): {"fetch_checkpoint": 1, "fetch_dataset": 1, "mlflow_init": 1, "prepare_dataset": 1,
+                         "reference_stats": 1, **TRAIN_MAIN, **EVALS_MAIN, "all": 1},
+    ("cifar10", "all_ablations"): {"fetch_checkpoint": 1, "fetch_dataset": 1, "mlflow_init": 1,
+                                   "prepare_dataset": 1, "reference_stats": 1, **TRAIN_MAIN, **EVALS_MAIN,
+                                   **ABLATIONS, "all_ablations": 1},
+    ("imagenet64_s", "all"): {"fetch_checkpoint": 1, "mlflow_init": 1, "reference_stats": 1, **TRAIN_MAIN,
+                              **EVALS_MAIN, "all": 1},
+    ("imagenet64_s", "all_ablations"): {"fetch_checkpoint": 1, "mlflow_init": 1, "reference_stats": 1,
+                                        **TRAIN_MAIN, **EVALS_MAIN, **ABLATIONS, "all_ablations": 1},
+    # XL: Stage 1 is the given ECM-XL checkpoint, so there is no stage1 job
+    ("imagenet64_xl", "all"): {"mlflow_init": 1, "reference_stats": 1, "stage1_continued": 1, "stage2": 1,
+                               **EVALS_MAIN, "all": 1},
+    ("imagenet64_xl", "all_ablations"): {"mlflow_init": 1, "reference_stats": 1, "stage1_continued": 1,
+                                         **EVALS_MAIN, **ABLATIONS, "all_ablations": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    wd = make_workdir(tmp_path_factory.mktemp("wf"))
+    # ImageNet has no converter here: the presets take an existing dataset (and XL the ECM-XL checkpoint)
+    (wd / "imagenet64.zip").write_bytes(b"")
+    (wd / "ecm-xl.pkl").write_bytes(b"")
+    write_overlay(
+        wd / "imagenet.yaml",
+        "presets:\n"
+        "  imagenet64_s: {dataset: {path: imagenet64.zip}}\n"
+        "  imagenet64_xl: {dataset: {path: imagenet64.zip}, init: {kind: path, path: ecm-xl.pkl, provides: stage1}}\n",
+    )
+    return wd
+
+
+@pytest.mark.parametrize(("preset", "target"), sorted(EXPECTED))
+def test_planned_jobs(workdir, preset, target):
+    args = ["-n", "-p", "--config", f"preset={preset}"]
+    if preset.startswith("imagenet"):
+        args += ["--configfile", "config.yaml", "imagenet.yaml"]
+    out = snakemake(workdir, *args, "--", target, check=True).stdout
+    assert job_counts(out) == EXPECTED[(preset, target)]
+    assert f"results/{preset}/_state/" in out  # training state outside the declared outputs
+    if preset in ("tiny", "ci"):
+        assert "torchrun" not in out and "--device cpu" in out
+    else:
+        assert "torchrun --standalone --nproc_per_node 8 -m tcm_core train" in out
+    if target == "all_ablations":
+        # ablation points train at the ablation batch; the main run does not
+        batch = {"tiny": 16, "ci": 4}.get(preset, 128)
+        assert "stage2/ablation/t_prime~0.17/rho~0.25/w_b~0.1/sigma~0.2/nu~0.01" in out
+        assert f" batch={batch} " in out
+
+
+def test_default_target_is_tiny_all(workdir):
+    out = snakemake(workdir, "-n", check=True).stdout
+    assert job_counts(out) == EXPECTED[("tiny", "all")]
+    assert "results/tiny/stage2/main/network.safetensors" in out
+
+
+BAD_CONFIGS = [
+    ("presets:\n  ci:\n    stage2: {lrr: 1}\n", "presets.ci.stage2", "'lrr' was unexpected"),
+    ("presets:\n  ci:\n    stage2: {weighting: foo}\n", "presets.ci.stage2.weighting", "inv_delta_t"),
+    ("presets:\n  ci:\n    stage2: {rho: 1.5}\n", "presets.ci.stage2.rho", "maximum of 1"),
+    ("presets:\n  ci:\n    ablation: {batch: 0}\n", "presets.ci.ablation.batch", "minimum of 1"),
+    ("presets:\n  ci:\n    stage2: {t_prime: 100.0}\n", "presets.ci.stage2.t_prime", "(t_min, t_max)"),
+    ("presets:\n  ci:\n    eval: {extractor: vgg}\n", "presets.ci.eval.extractor", "'lenet', 'inception'"),
+    ("tracking_uri: ./mlruns\n", "tracking_uri", "sqlite:///"),
+]
+
+
+@pytest.mark.parametrize(("overlay", "key", "allowed"), BAD_CONFIGS)
+def test_bad_config_fails_before_any_job(tmp_path, overlay, key, allowed):
+    wd = make_workdir(tmp_path / "wf")
+    write_overlay(wd / "bad.yaml", overlay)
+    proc = snakemake(wd, "--cores", "1", "--configfile", "config.yaml", "bad.yaml", "--config", "preset=ci")
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert f"invalid config: {key}" in text and allowed in text, text[-2000:]
+    assert not (wd / "results").exists()  # nothing ran, not even mlflow_init
+
+
+@pytest.mark.parametrize(
+    ("config", "key", "allowed"),
+    [
+        ("preset=nope", "preset", "'tiny'"),
+        ("preset=imagenet64_xl", "presets.imagenet64_xl.init.path", "ECM-XL"),
+    ],
+)
+def test_bad_preset_choice_fails_early(workdir, config, key, allowed):
+    proc = snakemake(workdir, "-n", "--config", config)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert f"invalid config: {key}" in text and allowed in text, text[-2000:]
+
+
+OWN_RULE_FILES = ("common", "data", "checkpoints", "training", "evaluation", "ablations")
+
+
+@pytest.mark.parametrize("preset", ["ci", "cifar10"])
+def test_lint_and_format(preset):
+    """`snakemake --lint` reports nothing for these rule files; snakefmt --check passes."""
+    import subprocess
+
+    from tests.workflow_helpers import BIN, env
+
+    proc = snakemake(REPO, "--lint", "--config", f"preset={preset}")
+    text = proc.stdout + proc.stderr
+    lint_heads = [line for line in text.splitlines() if line.startswith("Lints for")]
+    own = [h for h in lint_heads if "Snakefile" in h or any(f"rules/{n}.smk" in h for n in OWN_RULE_FILES)]
+    assert not own, text
+    files = ["Snakefile", *(f"workflow/rules/{n}.smk" for n in OWN_RULE_FILES)]
+    fmt = subprocess.run([str(BIN / "snakefmt"), "--check", *files], cwd=REPO, env=env(), capture_output=True,
+                         text=True)
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_registry_names_match_schema():
+    import yaml
+
+    from tcm_core.checkpoints import REGISTRY
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    assert set(schema["$defs"]["init"]["properties"]["name"]["enum"]) == set(REGISTRY)
+
+
+def test_schema_train_keys_match_trainconfig():
+    import yaml
+
+    from tcm_core.train_config import FIELD_NAMES
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    assert set(schema["$defs"]["train"]["properties"]) == set(FIELD_NAMES)
