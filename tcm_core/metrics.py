@@ -66,27 +66,71 @@ def feature_stats(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.n
     return x.mean(axis=0), np.cov(x, rowvar=False, ddof=1).reshape(x.shape[1], x.shape[1])
 
 
+FID_METHODS = ("sqrtm", "eigh")
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+                     eps: float = 1e-6, method: str = "sqrtm") -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (the FID formula).
 
-    ``sqrtm`` of the product may be non-finite when the covariances are singular (fewer samples than
-    feature dimensions); then ``eps`` is added to both diagonals, the standard fallback. A small imaginary
-    part from round-off is dropped (EDM and clean-fid both take the real part).
+    ``method="sqrtm"`` (default) is the reference computation of EDM / clean-fid / pytorch-fid:
+    ``scipy.linalg.sqrtm(sigma1 @ sigma2)``, real part; when it is non-finite (singular covariances, fewer
+    samples than dimensions) ``eps`` is added to both diagonals, the standard fallback.
+    ``method="eigh"`` computes the same trace, Tr (S1 S2)^{1/2} = Tr (S1^{1/2} S2 S1^{1/2})^{1/2}, from two
+    symmetric eigendecompositions; it agrees to round-off (tested) and is about 5x faster at 2048 dims on
+    this CPU (11 s vs 55 s under load), useful for frequent Inception evaluations.
     """
+    if method not in FID_METHODS:
+        raise ValueError(f"method must be one of {FID_METHODS}, got {method!r}")
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # LinAlgWarning on (near-)singular products: handled below
-        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(sigma1.shape[0]) * eps
-            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = np.real(covmean)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    if method == "eigh":
+        tr_covmean = _trace_sqrt_product_eigh(sigma1, sigma2)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # LinAlgWarning on (near-)singular products: handled below
+            covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+            if not np.isfinite(covmean).all():
+                offset = np.eye(sigma1.shape[0]) * eps
+                covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        tr_covmean = float(np.trace(np.real(covmean)))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+
+
+def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr (S1 S2)^{1/2} for symmetric PSD S1, S2 (tiny negative eigenvalues from round-off clipped to 0)."""
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    inner = root1 @ sigma2 @ root1
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0.0, None)).sum())
+
+
+def fid_from_features(features1: np.ndarray | torch.Tensor, features2: np.ndarray | torch.Tensor) -> float:
+    """FID of two feature sets, exact; cheap when a set has fewer samples than dimensions.
+
+    With A = (X1 - mu1) / sqrt(n1 - 1) and B = (X2 - mu2) / sqrt(n2 - 1) (so S1 = A'A, S2 = B'B), the
+    non-zero eigenvalues of S1 S2 are those of (A B')'(A B'), hence Tr (S1 S2)^{1/2} = ||A B'||_* (the sum
+    of singular values of an n1 x n2 matrix) and FID = |mu1 - mu2|^2 + ||A||_F^2 + ||B||_F^2 - 2 ||A B'||_*.
+    No D x D square root is needed (2048-d Inception features of a few dozen images: milliseconds instead of
+    a minute). For sets larger than D it falls back to :func:`frechet_distance` on the statistics.
+    """
+    x1 = features1.detach().cpu().double().numpy() if isinstance(features1, torch.Tensor) else features1
+    x2 = features2.detach().cpu().double().numpy() if isinstance(features2, torch.Tensor) else features2
+    x1, x2 = np.asarray(x1, np.float64), np.asarray(x2, np.float64)
+    if x1.ndim != 2 or x2.ndim != 2 or x1.shape[1] != x2.shape[1] or min(len(x1), len(x2)) < 2:
+        raise ValueError(f"features must be (N >= 2, D) with the same D, got {x1.shape} and {x2.shape}")
+    n1, n2, dim = len(x1), len(x2), x1.shape[1]
+    if min(n1, n2) > dim:
+        return frechet_distance(*feature_stats(x1), *feature_stats(x2))
+    mu1, mu2 = x1.mean(0), x2.mean(0)
+    a = (x1 - mu1) / np.sqrt(n1 - 1)
+    b = (x2 - mu2) / np.sqrt(n2 - 1)
+    nuclear = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2.0 * nuclear)
 
 
 def extract_features(extractor: FeatureExtractor, images_uint8: torch.Tensor) -> torch.Tensor:
@@ -129,7 +173,7 @@ def stats_of_batches(batches: Iterable[torch.Tensor], extractor: FeatureExtracto
 def fid_of_generator(net: torch.nn.Module, *, extractor: FeatureExtractor, ref_stats: tuple[np.ndarray, np.ndarray],
                      num: int, seed: int = 0, steps: Sequence[float] = (T_MAX,), batch_size: int = 64,
                      device: str | torch.device = "cpu", keep_images: int = 0,
-                     progress: object | None = None) -> tuple[float, StreamResult]:
+                     progress: object | None = None, method: str = "sqrtm") -> tuple[float, StreamResult]:
     """FID of ``num`` images generated with the seed set ``seed`` (image i seeded by seed * 1e6 + i)."""
     if num < 2:
         raise ValueError(f"num must be >= 2, got {num}")
@@ -140,7 +184,7 @@ def fid_of_generator(net: torch.nn.Module, *, extractor: FeatureExtractor, ref_s
         result = stats_of_batches(batches, extractor, keep_images=keep_images, progress=progress)
     finally:
         net.train(was_training)
-    return frechet_distance(result.mu, result.sigma, *ref_stats), result
+    return frechet_distance(result.mu, result.sigma, *ref_stats, method=method), result
 
 
 def dfid_subset(dataset_size: int, num: int, seed: int = 0) -> np.ndarray:
@@ -185,7 +229,7 @@ def denoised_batches(net: torch.nn.Module, dataset, t: float, indices: np.ndarra
 def dfid(net: torch.nn.Module, dataset, ts: float | Sequence[float], *, extractor: FeatureExtractor,
          ref_stats: tuple[np.ndarray, np.ndarray], num: int, batch_size: int = 64,
          device: str | torch.device = "cpu", subset_seed: int = 0, noise_seed: int = 0,
-         progress: object | None = None) -> dict[float, float]:
+         progress: object | None = None, method: str = "sqrtm") -> dict[float, float]:
     """dFID per t: FID of D(y + t z, t) over a fixed seeded subset of ``num`` training images.
 
     Returns ``{t: fid}``. The same subset and the same noise are used for every t.
@@ -203,7 +247,7 @@ def dfid(net: torch.nn.Module, dataset, ts: float | Sequence[float], *, extracto
             batches = denoised_batches(net, dataset, t, indices, batch_size=batch_size, device=device,
                                        noise_seed=noise_seed)
             result = stats_of_batches(batches, extractor, progress=progress)
-            values[t] = frechet_distance(result.mu, result.sigma, *ref_stats)
+            values[t] = frechet_distance(result.mu, result.sigma, *ref_stats, method=method)
     finally:
         net.train(was_training)
     return values
