@@ -34,24 +34,24 @@ include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/reporting.smk"
 
 
+# Stage 1, the Stage-1 control, Stage 2, their FIDs (1 and 2 steps), dFID sweeps and sample grids.
 rule all:
     default_target: True
-    """Stage 1, the Stage-1 control, Stage 2, their FIDs (1 and 2 steps), dFID sweeps and grids."""
     input:
         main_targets(),
     localrule: True
 
 
+# `all` plus every ablation grid point (t', rho x w_b, (sigma, nu), stages) with its FIDs.
 rule all_ablations:
-    """`all` plus every ablation grid point (t', rho x w_b, (sigma, nu), stages) with its FIDs."""
     input:
         main_targets(),
         ablation_targets(),
     localrule: True
 
 
+# Creates the preset's MLflow experiment and the study parent run once, before any job logs.
 rule mlflow_init:
-    """Creates the preset's MLflow experiment and the study parent run once, before any job logs."""
     output:
         record="results/{preset}/mlflow.json",
     log:
