@@ -8,7 +8,9 @@
 #                           sacct fails and Snakemake waits forever). none: no accounting; then Snakemake
 #                           needs `--slurm-status-command squeue` (keep MinJobAge >= 3 x init seconds).
 #   SLURM_FAKE_GPUS=N       advertise N fake GPUs (gres on mknod'ed char devices; default 2)
-#   SLURM_PARTITION=NAME    name of the one partition (default debug); it is the default partition
+#   SLURM_PARTITION=NAME    partition for the workflow (default debug). If it is not `debug`, a second
+#                           partition `debug` on the same node becomes the cluster's default, so a job
+#                           submitted without `-p NAME` is visibly in the wrong partition.
 #   SLURM_MIN_JOB_AGE=S     seconds slurmctld keeps finished jobs (default 300, the Slurm default)
 #   SLURM_NODE_CPUS=N       CPUs the node advertises (default: the real count)
 #   SLURM_NODE_MEM_MB=M     memory the node advertises (default: the real MemTotal - 512 MiB)
@@ -72,6 +74,13 @@ else
 JobAcctGatherType=jobacct_gather/none"
 fi
 
+if [ "$PARTITION" = debug ]; then
+  PARTITION_LINES="PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
+else
+  PARTITION_LINES="PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=$PARTITION Nodes=ALL Default=NO MaxTime=INFINITE State=UP"
+fi
+
 cat > /etc/slurm/slurm.conf <<EOF
 # written by tcm-pipeline scripts/slurm-up.sh
 ClusterName=ci
@@ -99,7 +108,7 @@ $ACCT_LINES
 $GRES_TYPES
 $OVERRIDES
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM $GRES_NODE State=UNKNOWN
-PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+$PARTITION_LINES
 EOF
 
 # A pid file counts only if its process runs and is not a zombie (some inits reap orphans slowly, so a

@@ -150,7 +150,8 @@ def copy_workflow(dst: Path) -> Path:
 
 def snakemake_cmd(*args: str, kill_after: int) -> list[str]:
     # Snakemake can wait forever on a job it never sees finish and ignores SIGTERM while jobs run.
-    return ["timeout", "-s", "KILL", str(kill_after), sys.executable, "-m", "snakemake", *args]
+    return [shutil.which("timeout") or "timeout", "-s", "KILL", str(kill_after), sys.executable, "-m", "snakemake",
+            *args]
 
 
 # ---------------------------------------------------------------------------------------------------

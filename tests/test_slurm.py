@@ -1,0 +1,350 @@
+"""profiles/slurm against a real one-node SLURM cluster on localhost (scripts/slurm-up.sh).
+
+Three workflow runs go through the very profile users get, concurrently on one cluster (so the whole
+module stays within a few minutes on 2 cores), each in its own copy of the checkout:
+  main     the ci preset's `all` target; every job must be a SLURM job, GPU rules with GPU flags, and the
+           outputs and the MLflow server's store complete;
+  preempt  stage 1 with more iterations; its running job is `scancel`ed after it saved a state, and the
+           profile's retry must resume from that state;
+  fail     a dataset that is not a zip: the first job fails (every attempt) and Snakemake must exit
+           non-zero naming the job's log files.
+The command line changes only the status-check timing (--slurm-init-seconds-before-status-checks 2:
+jobs take seconds here, not hours) and the partition (TCM_SLURM_PARTITION). The ci preset asks for no
+GPUs (it runs on CPUs anywhere), so a config file gives its train/eval rules one GPU each, as the GPU
+presets do; the cluster has fake GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from slurm_helpers import (
+    REPO,
+    MlflowServer,
+    SlurmCluster,
+    copy_workflow,
+    job_env,
+    planned_jobs,
+    profile_gpu_rules,
+    run_uuid,
+    skip_reason,
+    snakemake_cmd,
+    submissions,
+    submitted_jobids,
+    wait_sacct_final,
+)
+
+pytestmark = pytest.mark.slow
+
+PARTITION = "tcmci"
+STATUS_TIMING = ["--slurm-init-seconds-before-status-checks", "2"]
+KILL_AFTER = 420  # seconds; Snakemake is SIGKILLed after this (it can hang on a job it never sees end)
+TRACKED_RULES = {"pretrain_edm", "stage1", "stage1_continued", "stage2", "stage3", "fid", "dfid", "sample_grid"}
+TRAIN_RULES = {"pretrain_edm", "stage1", "stage1_continued", "stage2", "stage3"}
+
+
+def _ci_preset() -> dict:
+    return yaml.safe_load((REPO / "config.yaml").read_text())["presets"]["ci"]
+
+
+def _gpu_overrides() -> dict:
+    """One GPU per train/eval job unless the ci preset already asks for GPUs."""
+    res = _ci_preset()["resources"]
+    return {k: {"gpu": 1} for k in ("train", "eval") if not res[k]["gpu"]}
+
+
+def _write_config(folder: Path, ci: dict) -> Path:
+    path = folder / "test-config.yaml"
+    path.write_text(yaml.safe_dump({"presets": {"ci": ci}}))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# No cluster needed: profile resolution, rendering and the dry-run plan
+
+
+def test_profile_name_resolves_and_plans_gpu_requests(tmp_path):
+    """`snakemake --profile slurm -n all_ablations --config preset=cifar10` from the repo root: the
+    relative name finds ./slurm, site values come from the environment, and the plan shows each rule's
+    GPU and runtime request. Dry runs submit nothing: SLURM_CONF points nowhere, so any SLURM client
+    call would fail (and this test runs before the cluster fixture starts one)."""
+    work = copy_workflow(tmp_path / "wf")
+    assert (work / "slurm").resolve() == (work / "profiles" / "slurm").resolve()
+    env = job_env(TCM_SLURM_PARTITION="gpu", TCM_SLURM_ACCOUNT="proj42", TCM_SLURM_GPU_MODEL="a100",
+                  TCM_SLURM_TRAIN_RUNTIME="24h", SLURM_CONF="/nonexistent")
+    proc = subprocess.run(snakemake_cmd("--profile", "slurm", "-n", "all_ablations", "--config", "preset=cifar10",
+                                        kill_after=120), cwd=work, env=env, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert re.search(r"Using profiles? slurm\b", out), out[:2000]
+    assert "$TCM" not in out
+    cifar = yaml.safe_load((REPO / "config.yaml").read_text())["presets"]["cifar10"]["resources"]
+    resources = {}
+    for m in re.finditer(r"^rule (\w+):\n(?:.*\n)*?\s+resources: (.*)$", out, re.MULTILINE):
+        resources.setdefault(m.group(1), dict(kv.split("=", 1) for kv in m.group(2).split(", ")))
+    for rule in ("stage1", "stage1_continued", "stage2", "stage3"):
+        r = resources[rule]
+        assert r["gpu"] == str(cifar["train"]["gpu"]) and r["nodes"] == "1", (rule, r)
+        assert r["runtime"] == "1440" and r["gpu_model"] == "a100", (rule, r)  # 24h from the environment
+        assert r["slurm_partition"] == "gpu" and r["slurm_account"] == "proj42", (rule, r)
+    for rule in ("fid", "dfid", "sample_grid", "reference_stats"):
+        r = resources[rule]
+        assert r["gpu"] == "1" and r["runtime"] == str(cifar["eval"]["runtime"]), (rule, r)
+        assert r["slurm_partition"] == "gpu" and r["gpu_model"] == "a100", (rule, r)
+    assert resources["prepare_dataset"]["gpu"] == "0" and "gpu_model" not in resources["prepare_dataset"]
+    assert resources["prepare_dataset"]["slurm_partition"] == "gpu"
+
+    # Without the site variables nothing site-specific is requested (the cluster's defaults apply).
+    env = {k: v for k, v in env.items() if not k.startswith("TCM_SLURM_")}
+    proc = subprocess.run(snakemake_cmd("--profile", "slurm", "-n", "all", "--config", "preset=cifar10",
+                                        kill_after=120), cwd=work, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "slurm_partition" not in proc.stdout and "slurm_account" not in proc.stdout and "$" not in proc.stdout
+
+
+def test_workflow_profile_does_not_override_the_slurm_profile():
+    """Snakemake applies profiles/default on top of --profile slurm and it wins per top-level key, so a
+    key both set must agree (else e.g. keep-going or latency-wait silently change on the cluster)."""
+    slurm = set(yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())) - {"__use_yte__",
+                                                                                              "__definitions__"}
+    rendered = {k: v for k, v in __import__("yte").process_yaml(
+        open(REPO / "profiles" / "slurm" / "config.yaml"), require_use_yte=True).items()}
+    default_file = next(p for p in (REPO / "profiles" / "default").iterdir() if p.suffix == ".yaml")
+    default = yaml.safe_load(default_file.read_text())
+    clashes = {k: (default[k], rendered[k]) for k in slurm & set(default) if default[k] != rendered[k]}
+    assert not clashes, f"profiles/default overrides profiles/slurm (default, slurm): {clashes}"
+    assert "default-resources" not in default or "set-resources" not in default
+
+
+def test_profile_covers_every_remote_rule():
+    """Partition/account are set per rule, so every rule that runs as a SLURM job must be listed."""
+    proc = subprocess.run(snakemake_cmd("--list-rules", "--config", "preset=cifar10", kill_after=120), cwd=REPO,
+                          env=job_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rules = {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}
+    local = {"all", "all_ablations", "mlflow_init", "fetch_checkpoint", "fetch_dataset", "paper_tables"}
+    missing = rules - local - set(profile_gpu_rules())
+    assert not missing, f"rules missing from profiles/slurm set-resources: {missing}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    base = tmp_path_factory.mktemp("slurm")
+    server = MlflowServer(base / "mlflow")
+    slurm = SlurmCluster(base / "cluster", partition=PARTITION)
+    server.start()  # starts in the background while the cluster comes up
+    try:
+        slurm.up()
+        server.wait_healthy()
+        yield slurm, server, base
+    finally:
+        server.stop()
+        slurm.down()
+
+
+class Run:
+    """One Snakemake process through profiles/slurm in its own copy of the checkout."""
+
+    def __init__(self, name: str, base: Path, server: MlflowServer, target: str, ci: dict) -> None:
+        self.name = name
+        self.work = copy_workflow(base / name)
+        self.experiment = f"tcm-ci-{name}"
+        config = _write_config(self.work, ci)
+        self.args = ["--profile", "profiles/slurm", target, "--configfile", str(config), "--config", "preset=ci",
+                     f"tracking_uri={server.uri}", f"experiment={self.experiment}", f"study=ci-{name}",
+                     *STATUS_TIMING, "--verbose"]
+        self.log = self.work / "snakemake-run.log"
+        self.started = time.monotonic()
+        with open(self.log, "w") as f:
+            self.proc = subprocess.Popen(snakemake_cmd(*self.args, kill_after=KILL_AFTER), cwd=self.work,
+                                         env=job_env(TCM_SLURM_PARTITION=PARTITION), stdout=f,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.seconds = None
+
+    def wait(self) -> int:
+        rc = self.proc.wait(timeout=KILL_AFTER + 30)
+        self.seconds = self.seconds or time.monotonic() - self.started
+        return rc
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _cancel_stage1_after_first_state(run: Run, record: dict) -> None:
+    """Watch the preempt run: once its stage-1 SLURM job is running and has saved a training state,
+    scancel it (what a preemption without requeue, a node loss or a user does)."""
+    deadline = time.monotonic() + KILL_AFTER
+    state_root = run.work / "results" / "ci" / "_state" / "stage1"
+    while time.monotonic() < deadline and run.proc.poll() is None:
+        states = sorted(state_root.glob("*/state-*.pt"))
+        if states:
+            jobs = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i|%k|%Z"], capture_output=True,
+                                  text=True).stdout.split()
+            mine = [j.split("|")[0] for j in jobs
+                    if j.split("|")[1] == "rule_stage1" and Path(j.split("|")[2]) == run.work]
+            if mine:
+                record["iteration"] = int(states[-1].stem.split("-")[1])
+                subprocess.run(["scancel", mine[0]], check=True)
+                record["jobid"] = mine[0]
+                return
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def runs(cluster):
+    _, server, base = cluster
+    gpu = _gpu_overrides()
+    ci = _ci_preset()
+    bad_data = base / "not-a-dataset.zip"
+    bad_data.write_bytes(b"this is not a zip archive\n")
+    started = time.monotonic()
+    main = Run("main", base, server, "all", {"resources": gpu})
+    # Enough iterations that stage 1 runs for a while after its first saved state.
+    stage1_start = ci["pretrain"]["iterations"]
+    preempt = Run("preempt", base, server, "results/ci/stage1/network.safetensors",
+                  {"resources": gpu, "stage1": {"iterations": 60, "state_every": 4, "log_every": 2}})
+    fail = Run("fail", base, server, "results/ci/pretrain/network.safetensors",
+               {"resources": gpu, "dataset": {"name": None, "path": str(bad_data)}})
+    cancelled: dict = {}
+    watcher = threading.Thread(target=_cancel_stage1_after_first_state, args=(preempt, cancelled), daemon=True)
+    watcher.start()
+    codes = {r.name: r.wait() for r in (main, preempt, fail)}
+    watcher.join(timeout=5)
+    total = time.monotonic() - started
+    print(f"\nSLURM workflow runs: {({r.name: round(r.seconds) for r in (main, preempt, fail)})} s, together "
+          f"{total:.0f} s")
+    return {"main": main, "preempt": preempt, "fail": fail, "codes": codes, "cancelled": cancelled,
+            "stage1_start": stage1_start, "server": server}
+
+
+def _mlflow_children(server: MlflowServer, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(server.uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment}"
+    all_runs = client.search_runs([exp.experiment_id], max_results=5000)
+    parents = [r for r in all_runs if r.data.tags.get("tcm.role") == "parent"]
+    assert len(parents) == 1, [r.data.tags for r in all_runs]
+    children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return client, children
+
+
+def test_ci_all_runs_every_job_on_slurm(runs):
+    run: Run = runs["main"]
+    out = run.output
+    assert runs["codes"]["main"] == 0, out[-6000:]
+    remote, local = planned_jobs(out)
+    subs = submissions(out)
+    submitted: dict[str, int] = {}
+    for s in subs:
+        submitted[s.rule] = submitted.get(s.rule, 0) + 1
+    # every non-local job went through sbatch exactly once, into the partition from the environment
+    assert remote and submitted == remote, (submitted, remote)
+    assert set(local) <= {"all", "mlflow_init"}, local
+    elsewhere = [s.sbatch for s in subs if f"-p {PARTITION}" not in s.sbatch]
+    assert not elsewhere, elsewhere
+    # GPU rules carried GPU flags (and one node, for torchrun), CPU rules none
+    for s in subs:
+        gpu_rule = s.rule in TRACKED_RULES | {"reference_stats", "train_feature_net"}
+        assert ("--gpus=1" in s.sbatch) == gpu_rule, s.sbatch
+        if gpu_rule:
+            assert "--nodes=1" in s.sbatch and "--requeue" in s.sbatch, s.sbatch
+    # SLURM's own records: one completed allocation per submission, GPU TRES on the GPU jobs
+    ids = submitted_jobids(out)
+    assert len(ids) == len(subs)
+    recs = {r["JobIDRaw"]: r for r in wait_sacct_final(run_uuid(out), len(ids))}
+    assert set(ids) <= set(recs), (ids, recs)
+    for jobid, slurm_log in ids.items():
+        rec = recs[jobid]
+        rule = Path(slurm_log).parent.name.removeprefix("rule_")
+        assert rec["State"] == "COMPLETED" and rec["Partition"] == PARTITION, rec
+        assert ("gres/gpu=1" in rec["AllocTRES"]) == (rule not in {"prepare_dataset"}), (rule, rec)
+        assert Path(slurm_log).is_file(), slurm_log  # kept by slurm-keep-successful-logs
+    # outputs complete: a second (dry) run through the same profile has nothing to do
+    dry = subprocess.run(snakemake_cmd(*[a for a in run.args if a != "--verbose"], "-n", kill_after=120),
+                         cwd=run.work, env=job_env(TCM_SLURM_PARTITION=PARTITION), capture_output=True, text=True)
+    assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
+    # the MLflow server holds one finished child run per tracked job, with the job's metrics
+    _, children = _mlflow_children(runs["server"], run.experiment)
+    by_rule: dict[str, list] = {}
+    for child in children:
+        by_rule.setdefault(child.data.tags.get("tcm.rule"), []).append(child)
+    for rule, count in submitted.items():
+        if rule not in TRACKED_RULES:
+            continue
+        got = by_rule.get(rule, [])
+        assert len(got) == count, (rule, count, [c.data.tags.get("tcm.run_key") for c in got])
+        for child in got:
+            assert child.info.status == "FINISHED", child.data.tags
+            metrics = set(child.data.metrics)
+            if rule in TRAIN_RULES:
+                assert {"loss", "grad_norm"} <= metrics, (rule, metrics)
+            elif rule == "fid":
+                assert any(m.startswith("fid_") for m in metrics), metrics
+            elif rule == "dfid":
+                assert any(m.startswith("dfid_t") for m in metrics), metrics
+    # metrics.jsonl (source of truth) and the MLflow mirror agree for a training run
+    client, _ = _mlflow_children(runs["server"], run.experiment)
+    stage1 = by_rule["stage1"][0]
+    jsonl = [json.loads(line) for line in (run.work / "results/ci/stage1/metrics.jsonl").read_text().splitlines()]
+    history = client.get_metric_history(stage1.info.run_id, "loss")
+    assert sorted(m.step for m in history) == [r["step"] for r in jsonl if r.get("loss") is not None]
+
+
+def test_cancelled_training_job_resumes_from_its_state(runs):
+    run: Run = runs["preempt"]
+    out = run.output
+    cancelled = runs["cancelled"]
+    assert cancelled.get("jobid"), f"the stage-1 job was never seen running with a saved state\n{out[-4000:]}"
+    assert runs["codes"]["preempt"] == 0, out[-6000:]
+    stage1 = [s for s in submissions(out) if s.rule == "stage1"]
+    assert len(stage1) == 2, [s.sbatch for s in stage1]  # the cancelled attempt and the profile's retry
+    recs = wait_sacct_final(run_uuid(out), len(submitted_jobids(out)))
+    states = {r["JobIDRaw"]: r["State"] for r in recs}
+    assert states[cancelled["jobid"]].startswith("CANCELLED"), states
+    log = (run.work / "results/ci/logs/stage1.log").read_text()
+    m = re.search(r"finished at global iteration (\d+) \(started at (\d+).*resumed from (\d+)", log, re.DOTALL)
+    assert m, log[-2000:]
+    end, start, resumed = (int(g) for g in m.groups())
+    assert start == runs["stage1_start"] and end == start + 60
+    assert start < cancelled["iteration"] <= resumed < end, (cancelled, m.groups())
+    metrics = (run.work / "results/ci/stage1/metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in metrics]
+    assert steps == sorted(set(steps)) and steps[-1] == end, steps  # no step twice, none lost at the end
+    _, children = _mlflow_children(runs["server"], run.experiment)
+    child = next(c for c in children if c.data.tags.get("tcm.rule") == "stage1")
+    assert child.info.status == "FINISHED"
+    assert child.data.tags.get("tcm.attempts") == "2" and int(child.data.tags["tcm.resumed_from_step"]) == resumed
+
+
+def test_failing_job_fails_the_run_and_names_its_logs(runs):
+    run: Run = runs["fail"]
+    out = run.output
+    assert runs["codes"]["fail"] not in (0, -9, 137), out[-6000:]  # non-zero, and not killed by timeout
+    failed = [s for s in submissions(out) if s.rule == "pretrain_edm"]
+    assert len(failed) == 4, [s.sbatch for s in failed]  # retries: 3 in the profile -> four attempts
+    assert "Error in rule pretrain_edm" in out
+    rule_log = run.work / "results/ci/logs/pretrain_edm.log"
+    assert str(rule_log.relative_to(run.work)) in out and rule_log.is_file()
+    slurm_logs = re.findall(r"(\S*\.snakemake/slurm_logs/rule_pretrain_edm/\d+\.log)", out)
+    assert slurm_logs and all(Path(p if os.path.isabs(p) else run.work / p).is_file() for p in slurm_logs)
+    assert re.search(r"SLURM-job '\d+' failed, SLURM status is: 'FAILED'", out), out[-4000:]
+    recs = wait_sacct_final(run_uuid(out), 4)
+    assert [r["State"] for r in recs].count("FAILED") == 4, recs
