@@ -282,6 +282,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ema", action="store_true", help="leave the EMA update out of the step")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON to this file (atomically)")
+    # --train: time real iterations of the training loop (tcm_core.training), not the bare loss step
+    parser.add_argument("--train", action="store_true", help="time full iterations of tcm_core.training.train "
+                        "(data, loss, backward, grad norm, optimiser, EMA) for --modes on synthetic data")
+    parser.add_argument("--modes", default="stage1,stage2", help="--train: comma-separated training modes")
+    parser.add_argument("--rounds", type=int, default=2, help="--train: rounds of short runs, modes interleaved")
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -304,6 +309,8 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if getattr(args, "train", False):
+        return run_train_bench(args, device)
     result = run_step_benchmark(args.net, args.batch, device, args.repeats, warmup=args.warmup, ema=not args.no_ema)
     if args.out is not None:
         _write_json_atomic(args.out, result)
@@ -317,6 +324,26 @@ def run_bench(args: argparse.Namespace) -> int:
             f"peak memory S1 {result['stage1_peak_bytes'] / 2**20:.1f} MiB "
             f"S2 {result['stage2_peak_bytes'] / 2**20:.1f} MiB (x{result['stage2_over_stage1_mem']:.3f})"
         )
+    return 0
+
+
+def run_train_bench(args: argparse.Namespace, device: str) -> int:
+    """``--train``: seconds per real training iteration per mode (see ``training.benchmark_train_iterations``)."""
+    from tcm_core.training import benchmark_train_iterations
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    result = benchmark_train_iterations(args.net, args.batch, device, repeats=args.repeats, warmup=args.warmup,
+                                        rounds=args.rounds, modes=modes)
+    if args.out is not None:
+        _write_json_atomic(args.out, result)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        parts = [f"{m} {result[f'{m}_train_s_per_it']:.4f}s (CPU {result[f'{m}_train_cpu_s_per_it']:.4f}s)"
+                 for m in modes]
+        ratio = result.get("stage2_over_stage1_train_time")
+        print(f"{result['net']} batch {result['batch']} on {result['device_name']}, s/iteration: " + ", ".join(parts)
+              + (f"; stage2/stage1 x{ratio:.3f}" if ratio else ""))
     return 0
 
 
