@@ -6,7 +6,7 @@ if P["init"]["kind"] == "checkpoint":
 
     rule fetch_checkpoint:
         output:
-            ckpt=init_checkpoint(),
+            ckpt=verified(init_checkpoint(), P["init"].get("sha256")),
         log:
             f"logs/fetch_checkpoint/{init_file_name()}.log",
         retries: 3

@@ -244,6 +244,11 @@ def network_of(run):
     return f"{RESULTS}/{run}/network.safetensors"
 
 
+def verified(path, sha256=None):
+    """A download: Snakemake checks the sha256 when it is pinned (fetch verifies it too), else non-empty."""
+    return ensure(path, sha256=sha256) if sha256 else ensure(path, non_empty=True)
+
+
 def weights(path):
     return protected(path) if P.get("protect_weights") else path
 

@@ -5,7 +5,9 @@ if dataset_download_url():
 
     rule fetch_dataset:
         output:
-            archive=f"resources/datasets/{dataset_archive_name()}",
+            archive=verified(
+                f"resources/datasets/{dataset_archive_name()}", P["dataset"].get("sha256")
+            ),
         log:
             f"logs/fetch_dataset/{dataset_archive_name()}.log",
         retries: 3
