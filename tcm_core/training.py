@@ -257,23 +257,6 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_grid_png(images: torch.Tensor, path: Path) -> None:
-    """uint8 (N, C, H, W) -> square-ish grid PNG, written atomically."""
-    from PIL import Image
-
-    n, c, h, w = images.shape
-    cols = max(1, int(math.ceil(math.sqrt(n))))
-    rows = int(math.ceil(n / cols))
-    canvas = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
-    for i, img in enumerate(images.cpu().numpy()):
-        r, col = divmod(i, cols)
-        canvas[r * h:(r + 1) * h, col * w:(col + 1) * w] = img.transpose(1, 2, 0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def open_run_tracker(run_dir: Path, mode: str, resume_step: int | None, mlflow_uri: str | None,
                      mlflow_parent: str | None, run_key: str | None) -> Any:
     from tcm_core import tracking
@@ -592,6 +575,7 @@ def _check_resumable(state: dict[str, Any], cfg_dict: dict[str, Any], mode: str,
 
 
 def _write_grids(ema: nn.Module, cfg: TrainConfig, out_dir: Path, iteration: int, device: torch.device) -> None:
+    from tcm_core.evaluation import save_grid
     from tcm_core.sampling import sample_batches
 
     step_sets = {"1step": [cfg.t_max]}
@@ -600,7 +584,8 @@ def _write_grids(ema: nn.Module, cfg: TrainConfig, out_dir: Path, iteration: int
     for name, steps in step_sets.items():
         batches = list(sample_batches(ema, num=cfg.grid_num, seed=cfg.seed, steps=steps,
                                       batch_size=min(cfg.grid_num, 64), device=device))
-        save_grid_png(torch.cat(batches), out_dir / "grids" / f"grid-{iteration:09d}-{name}.png")
+        (out_dir / "grids").mkdir(parents=True, exist_ok=True)
+        save_grid(torch.cat(batches), out_dir / "grids" / f"grid-{iteration:09d}-{name}.png")
 
 
 def _progress_bar(total: int, initial: int, enabled: bool) -> Any:

@@ -298,3 +298,28 @@ def test_cli_rejects_invalid_config_before_compute(data, tmp_path):
     assert not (tmp_path / "run").exists()
     proc = run_cli(train_args("stage1", data, tmp_path / "run"), check=False)
     assert proc.returncode != 0 and "--init" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- periodic evaluation
+
+
+def test_periodic_fid_dfid_and_grids_start_at_the_stage_start(data, tmp_path):
+    from tcm_core.evaluation import compute_reference_stats, save_ref_stats
+    from tcm_core.features import load_extractor, train_feature_net
+
+    train_feature_net(data, tmp_path / "lenet.pt", epochs=1, batch=16, log=None)
+    extractor = load_extractor("lenet", feature_net=tmp_path / "lenet.pt")
+    save_ref_stats(tmp_path / "ref.npz", compute_reference_stats(data, extractor, progress=False))
+    stage1 = save_micro_checkpoint(tmp_path / "stage1.safetensors", iteration=10, seed=1)
+    cfg = build_config(micro_overrides(iterations=2, eval_every=2, grid_every=2, eval_num=8, grid_num=4,
+                                       eval_mid_t=1.0, eval_dfid_ts=[2.0]), "stage2")
+    run = tmp_path / "run"
+    train(cfg, mode="stage2", data=data, out=run, init=stage1, boundary_model=stage1, device="cpu",
+          eval_ref_stats=tmp_path / "ref.npz", eval_extractor="lenet", eval_feature_net=tmp_path / "lenet.pt",
+          progress=False)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in records if "fid_1step" in r}
+    assert sorted(evals) == [10, 12]  # the stage's first iteration gives the curve its starting point
+    assert all(r["fid_1step"] > 0 and r["fid_2step"] > 0 and r["dfid_t2"] > 0 for r in evals.values())
+    grids = sorted(p.name for p in (run / "grids").iterdir())
+    assert grids == [f"grid-0000000{i}-{k}step.png" for i in (10, 12) for k in (1, 2)]

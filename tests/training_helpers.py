@@ -19,12 +19,13 @@ MICRO_ARCH: dict[str, Any] = {"preset": "tiny", "model_channels": 16, "channel_m
 
 
 def make_small_mnist(path: Path, count: int = 64, resolution: int = 16) -> Path:
-    """The first ``count`` real mnist5k digits as an EDM-layout zip (what prepare-dataset makes, only smaller)."""
+    """``count`` real mnist5k digits (all classes) as an EDM-layout zip (what prepare-dataset makes, only smaller)."""
     from tcm_core.data import load_mnist5k, mnist_to_resolution, write_dataset_zip
 
     images, labels = load_mnist5k()
-    digits = [mnist_to_resolution(images[i], resolution) for i in range(count)]
-    write_dataset_zip(path, digits, [int(x) for x in labels[:count]])
+    picked = range(0, len(images), len(images) // count)[:count]  # spread out: the file is sorted by class
+    digits = [mnist_to_resolution(images[i], resolution) for i in picked]
+    write_dataset_zip(path, digits, [int(labels[i]) for i in picked])
     return path
 
 
