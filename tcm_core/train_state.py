@@ -57,6 +57,8 @@ def save_state(state_dir: str | Path, state: dict[str, Any], keep: int = 2) -> P
                                f"(iteration {state['iteration']})")
     folder = Path(state_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".state-*.tmp"):  # left by a process killed while writing
+        stale.unlink(missing_ok=True)
     path = state_path(folder, int(state["iteration"]))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -389,6 +389,15 @@ def train(cfg: TrainConfig, *, mode: str, data: str | Path, out: str | Path, ini
         consecutive_bad = int(state.get("consecutive_bad", 0))
         window = _LogWindow(dict(state.get("log_sums", {})), int(state.get("log_count", 0)))
         del state
+    if dist_info.world_size > 1:
+        import torch.distributed as dist
+
+        # every rank reads the state itself: they must all have found the same one (shared filesystem)
+        found: list[Any] = [None] * dist_info.world_size
+        dist.all_gather_object(found, resumed_from)
+        if len(set(found)) != 1:
+            raise RuntimeError(f"ranks resumed from different iterations {found}: --state-dir {state_folder} must "
+                               "be on a filesystem shared by all nodes")
     # one global stream of indices, advanced identically on every rank (see the module docstring)
     sampler = InfiniteSampler(len(dataset), seed=cfg.seed, rank=0, num_replicas=1, start=sampler_position)
     label_dim = int(getattr(net, "label_dim", 0))
