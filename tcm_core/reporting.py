@@ -45,6 +45,8 @@ PARAM_ALIASES = {
     "mu": ("mu", "t_mu", "tdist_mu", "student_mu"),
     "t_max": ("t_max", "sigma_max", "t_upper"),
 }
+# The metrics the report reads (their MLflow histories are fetched; dfid_t* as well).
+REPORTED_METRICS = ("fid_1step", "fid_2step", "grad_norm", "loss")
 EXPLODE_FACTOR = 2.0  # claim S3: "explodes" = final 1-step FID > EXPLODE_FACTOR x the baseline's, or non-finite
 GRAD_SPIKE = 100.0  # Fig. 7: gradient norms above this are circled, as in the paper
 
@@ -288,6 +290,24 @@ def _paper(rows: Sequence[PaperRow], key: str) -> PaperRow | None:
 # Loading: result files
 
 
+# Folders under results/<preset>/ that hold no results of their own: MLflow's artifact copies, logs.
+NOT_RESULTS = {"mlartifacts", "mlruns", "logs"}
+
+
+def _skipped(parts: Sequence[str]) -> bool:
+    """Mid-run state, hidden folders, an evaluation job's tracking folder, MLflow artifact copies."""
+    return any(p.startswith(("_", ".")) or p.endswith(".tracking") or p in NOT_RESULTS for p in parts)
+
+
+def _walk(results_dir: Path, wanted) -> list[Path]:
+    """Files under ``results_dir`` whose name satisfies ``wanted``, never descending into skipped folders."""
+    found = []
+    for folder, dirs, files in os.walk(results_dir):
+        dirs[:] = sorted(d for d in dirs if not _skipped([d]))
+        found += [Path(folder) / f for f in sorted(files) if wanted(f)]
+    return found
+
+
 def _infer_stage(config: dict[str, Any], parts: Sequence[str]) -> str | None:
     for key in ("mode", "stage"):
         if config.get(key) in TRAIN_STAGES:
@@ -315,6 +335,16 @@ def _n_params_from_meta(meta: dict[str, Any] | None) -> int | None:
     arch = meta.get("arch")
     if not isinstance(arch, dict):
         return None
+    key = json.dumps(arch, sort_keys=True, default=str)
+    if key not in _N_PARAMS:
+        _N_PARAMS[key] = _count_parameters(arch)
+    return _N_PARAMS[key]
+
+
+_N_PARAMS: dict[str, int | None] = {}
+
+
+def _count_parameters(arch: dict[str, Any]) -> int | None:
     try:  # counting needs the network code; building on the meta device allocates nothing
         import torch
 
@@ -333,11 +363,11 @@ def load_result_files(results_dir: Path) -> tuple[list[TrainingRun], list[Evalua
     runs: list[TrainingRun] = []
     by_dir: dict[Path, TrainingRun] = {}
     results_dir = Path(results_dir)
-    for metrics_path in sorted(results_dir.rglob("metrics.jsonl")):
+    for metrics_path in _walk(results_dir, lambda name: name == "metrics.jsonl"):
         run_dir = metrics_path.parent
         rel = run_dir.relative_to(results_dir)
-        if any(p.startswith("_") or p.startswith(".") or p.endswith(".tracking") for p in rel.parts):
-            continue  # mid-run state and an evaluation job's own tracking folder are not training runs
+        if _skipped(rel.parts):
+            continue
         config = _read_json(run_dir / "config.json")
         if not isinstance(config, dict):
             continue  # ``train`` always writes config.json; anything else is not a training run
@@ -364,10 +394,9 @@ def load_result_files(results_dir: Path) -> tuple[list[TrainingRun], list[Evalua
         by_dir[run.run_dir] = run
 
     evaluations: list[Evaluation] = []
-    for path in sorted(results_dir.rglob("*.json")):
+    for path in _walk(results_dir, lambda name: name.endswith(".json")):
         rel = path.relative_to(results_dir)
-        hidden = any(p.startswith("_") or p.startswith(".") or p.endswith(".tracking") for p in rel.parts[:-1])
-        if hidden or path.stat().st_size > 5_000_000:
+        if _skipped(rel.parts[:-1]) or path.stat().st_size > 5_000_000:
             continue
         data = _read_json(path)
         if not isinstance(data, dict) or data.get("metric") not in ("fid_1step", "fid_2step", "dfid"):
@@ -469,7 +498,11 @@ def load_mlflow(uri: str, preset: str) -> tuple[list[TrainingRun], list[Evaluati
         tags = {k[len("tags.") :]: v for k, v in present.items() if k.startswith("tags.")}
         params = {k[len("params.") :]: v for k, v in present.items() if k.startswith("params.")}
         metric_keys = [k[len("metrics.") :] for k in present if k.startswith("metrics.")]
+        metric_keys = [k for k in metric_keys if k in REPORTED_METRICS or _dfid_t(k) is not None]
         run_key = tags.get("tcm.run_key") or row["run_id"]
+        if tags.get("tcm.superseded") == "true":
+            superseded += 1  # an attempt replaced by a fresh start of the same job (tracking.MlflowTracker)
+            continue
         if run_key in seen:
             superseded += 1  # an older attempt of the same job: the newest run wins
             continue
@@ -1082,6 +1115,11 @@ def _value_at_common_step(a: list[tuple[int, float]], b: list[tuple[int, float]]
     return step, dict(a)[step], dict(b)[step]
 
 
+def _fmt_claim(value: float | None) -> str:
+    """Six significant digits: claims compare values that may differ only in the third decimal."""
+    return MISSING if value is None else f"{value:.6g}"
+
+
 def claim_s1(results: Results) -> Claim:
     statement = "Stage 2 (TCM) reaches a lower 1-step FID than Stage 1 continued for the same iterations"
     criterion = "final 1-step FID of Stage 2 < that of Stage 1 continued (same evaluation, same iteration count)"
@@ -1089,13 +1127,16 @@ def claim_s1(results: Results) -> Claim:
     f2, f1c = final_fid(results, s2), final_fid(results, s1c)
     measured, ok = MISSING, None
     if f2 and f1c and f2.setup == f1c.setup:
-        measured = f"Stage 2 {_fmt(f2.value)} vs Stage 1 continued {_fmt(f1c.value)} ({f2.label})"
+        measured = f"Stage 2 {_fmt_claim(f2.value)} vs Stage 1 continued {_fmt_claim(f1c.value)} ({f2.label})"
         ok = f2.value < f1c.value if _finite(f2.value) and _finite(f1c.value) else _finite(f2.value)
     elif s2 and s1c and s2.histories.get("fid_1step") and s1c.histories.get("fid_1step"):
         common = _value_at_common_step(s2.histories["fid_1step"], s1c.histories["fid_1step"])
         if common:
             step, v2, v1c = common
-            measured = f"at iteration {step}: Stage 2 {_fmt(v2)} vs Stage 1 continued {_fmt(v1c)} (fid_1step history)"
+            measured = (
+                f"at iteration {step}: Stage 2 {_fmt_claim(v2)} vs Stage 1 continued {_fmt_claim(v1c)} "
+                "(fid_1step history)"
+            )
             ok = v2 < v1c if _finite(v2) and _finite(v1c) else _finite(v2)
     return Claim("S1", statement, criterion, measured, _verdict(ok), "Fig. 1b, Table 4")
 
@@ -1152,7 +1193,7 @@ def claim_s3(results: Results) -> Claim:
     if fs and fc and _finite(fc.value) and fc.value > 0:
         ratio = fs.value / fc.value if _finite(fs.value) else math.inf
         measured = (
-            f"w_b = 0.01: {_fmt(fs.value)} vs w_b = {_fmt_g(baseline['w_b'])}: {_fmt(fc.value)} "
+            f"w_b = 0.01: {_fmt_claim(fs.value)} vs w_b = {_fmt_g(baseline['w_b'])}: {_fmt_claim(fc.value)} "
             f"(ratio {ratio:.2f}; {fs.label})"
         )
         ok = ratio > EXPLODE_FACTOR
@@ -1167,7 +1208,7 @@ def claim_s4(results: Results) -> Claim:
     fids = {t: m for t, m in fids.items() if m is not None}
     measured, ok = MISSING, None
     if fids:
-        measured = ", ".join(f"t' = {t:g}: {_fmt(m.value)}" for t, m in sorted(fids.items()))
+        measured = ", ".join(f"t' = {t:g}: {_fmt_claim(m.value)}" for t, m in sorted(fids.items()))
         one = next((m for t, m in fids.items() if _same(t, 1.0)), None)
         if one is not None and len(fids) >= 2:
             finite = {t: m.value for t, m in fids.items() if _finite(m.value)}
@@ -1291,6 +1332,7 @@ def figure_fig1b(results: Results, path: Path) -> bool:
             )
             drawn = True
     if drawn:
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.legend()
     else:
         _no_data(ax, _empty_message(runs, "1-step FID"))
@@ -1429,6 +1471,7 @@ def figure_fig4b(results: Results, path: Path) -> bool:
             )
             drawn = True
     if drawn:
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.legend()
     else:
         _no_data(ax, _empty_message(runs, "1-step FID"))

@@ -178,6 +178,12 @@ def mirror_to_mlflow(specs: list[RunSpec], tracking_uri: str, preset: str = "tin
     parent = client.create_run(exp_id, tags={"tcm.study": preset, "tcm.role": "parent"}).info.run_id
     ids = {}
     for spec in specs:
+        if spec.stage == "stage1":
+            # an earlier attempt that a fresh start superseded (tracking.MlflowTracker renames its key)
+            old = {"tcm.preset": preset, "tcm.stage": "stage1", "tcm.grid": "main", "tcm.superseded": "true",
+                   "tcm.run_key": f"{spec.run_key}#superseded@1", "mlflow.parentRunId": parent}  # fmt: skip
+            old_id = client.create_run(exp_id, tags=old).info.run_id
+            client.log_batch(old_id, metrics=[Metric("fid_1step", 999.0, 0, spec.end)])
         tags = {
             "mlflow.parentRunId": parent,
             "tcm.preset": preset,
@@ -197,6 +203,13 @@ def mirror_to_mlflow(specs: list[RunSpec], tracking_uri: str, preset: str = "tin
         # what tracking.open_tracker leaves in the run folder
         info = {"run_id": run_id, "run_key": spec.run_key, "tracking_uri": tracking_uri}
         (spec.folder / "mlflow_run.json").write_text(json.dumps(info))
+        # the artifact store beside the SQLite file keeps copies of the run's files: never results of their own
+        artifacts = spec.folder.parents[len(Path(spec.run_key.split(":", 2)[2]).parts) - 1] / "mlartifacts"
+        copy = artifacts / run_id / "artifacts"
+        copy.mkdir(parents=True)
+        for name in ("config.json", "metrics.jsonl"):
+            (copy / name).write_text((spec.folder / name).read_text())
+        (copy / "fid_1step.json").write_text((spec.folder / "eval" / "fid_1step.json").read_text())
         for data in spec.evals:
             run = spec.run_key.split(":", 2)[2]
             eval_key = f"{data['metric'].split('_')[0]}:{preset}:{run}:{data['metric']}"

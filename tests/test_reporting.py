@@ -330,3 +330,64 @@ def test_cli_prints_where_each_file_is(synthetic, tmp_path):
     for path in output_files(out)["tables"]:
         assert path in proc.stdout
     assert "timing:" in proc.stdout and "S1 holds" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ the real DAG
+
+# A lean ablation grid for CI: the grid centre, one other t', w_b = 0.01 and Stage 3 (every table, figure and
+# claim has data), at a batch where every rho keeps at least one boundary sample.
+SMALL_GRID = """presets:
+  ci:
+    ablation: {batch: 8, iterations: 2, t_prime: [0.8, 1.0], rho: [0.25], w_b: [0.01, 0.1],
+               sigma_nu: [[0.2, 0.01]], stages: [1, 2, 3]}
+"""
+
+
+@pytest.fixture
+def ci_workdir(request, tmp_path):
+    """A workflow copy for the ci preset: a shared one when the workflow tests provide it (its main runs are
+    then reused, not rerun), else a fresh one."""
+    try:
+        return Path(request.getfixturevalue("ci_shared_workdir"))
+    except pytest.FixtureLookupError:
+        from workflow_helpers import make_workdir
+
+        return make_workdir(tmp_path / "wd")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REPO / "Snakefile").exists(), reason="the workflow is not in this checkout")
+def test_ci_paper_tables_builds_every_file_and_the_report(ci_workdir):
+    import zipfile
+
+    from workflow_helpers import snakemake, write_overlay
+
+    write_overlay(ci_workdir / "small_grid.yaml", SMALL_GRID)
+    args = ["--cores", "2", "--configfile", "config.yaml", "small_grid.yaml", "--config", "preset=ci"]
+    proc = snakemake(ci_workdir, *args, "--", "paper_tables", check=True, timeout=1800)
+    log = proc.stdout + proc.stderr
+    out = ci_workdir / "results" / "ci"
+    for path in output_files(out)["tables"]:
+        assert Path(path).stat().st_size > 0, path
+    for path in output_files(out)["figures"]:
+        _check_png(Path(path), 5_000)
+    assert "tables: preset ci" in log and "timing:" in log  # the summary reaches the console
+
+    md1 = (out / "tables" / "table1_cifar10.md").read_text()
+    tcm = _row(md1, "TCM (Stage 2)", "1")
+    assert float(tcm[2]) > 0 and tcm[3] == "2.46" and tcm[7].startswith("FID (LeNet features, 32")
+    md3 = (out / "tables" / "table3_tprime.md").read_text()
+    assert float(_row(md3, "t' = 0.8")[1]) > 0 and float(_row(md3, "t' = 1")[1]) > 0
+    assert _row(md3, "t' = 0.17")[1] == MISSING  # in the paper, not in this grid
+    assert float(_row((out / "tables" / "table4_stages.md").read_text(), "Stage 3")[1]) > 0
+    claims = {r["claim"]: r["verdict"] for r in _csv(out / "tables" / "claims.csv")}
+    assert set(claims) == {"S1", "S2", "S3", "S4"}
+    assert all(v in ("holds", "does not hold") for v in claims.values()), claims  # every claim measured
+    crosscheck = _csv(out / "tables" / "crosscheck.csv")
+    assert crosscheck and all(r["agree"] == "True" for r in crosscheck)
+
+    snakemake(ci_workdir, *args, "--report", "report.zip", check=True, timeout=600)
+    with zipfile.ZipFile(ci_workdir / "report.zip") as report:
+        names = "\n".join(report.namelist())
+    for name in ("fig1b_fid_stages.png", "fig4a_time_density.png", "table1_cifar10.csv", "claims.md"):
+        assert name in names, name
