@@ -323,3 +323,16 @@ def test_periodic_fid_dfid_and_grids_start_at_the_stage_start(data, tmp_path):
     assert all(r["fid_1step"] > 0 and r["fid_2step"] > 0 and r["dfid_t2"] > 0 for r in evals.values())
     grids = sorted(p.name for p in (run / "grids").iterdir())
     assert grids == [f"grid-0000000{i}-{k}step.png" for i in (10, 12) for k in (1, 2)]
+
+
+def test_benchmark_times_real_training_iterations():
+    from tcm_core.training import benchmark_train_iterations
+
+    overrides = {k: v for k, v in MICRO_ARCH.items() if k != "preset"}
+    report = benchmark_train_iterations("tiny", batch=4, repeats=2, warmup=0, rounds=1, modes=("stage1", "stage2"),
+                                        arch_overrides=overrides)
+    assert len(report["stage1_train_times_s"]) == len(report["stage2_train_times_s"]) == 2
+    assert report["stage1_train_s_per_it"] == min(report["stage1_train_times_s"]) > 0
+    assert report["stage2_over_stage1_train_time"] == pytest.approx(
+        report["stage2_train_s_per_it"] / report["stage1_train_s_per_it"])
+    assert report["parameters"] < 1e6
