@@ -335,7 +335,8 @@ def train(cfg: TrainConfig, *, mode: str, data: str | Path, out: str | Path, ini
     dev = torch.device(f"cuda:{dist_info.local_rank}" if device_kind == "cuda" else "cpu")
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        # CUDA lacks deterministic kernels for some ops the losses use (index_copy_): warn there, not fail
+        torch.use_deterministic_algorithms(True, warn_only=device_kind == "cuda")
         torch.backends.cudnn.benchmark = False
     if device_kind == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
