@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -48,6 +49,7 @@ PARTITION = "tcmci"
 STATUS_TIMING = ["--slurm-init-seconds-before-status-checks", "2"]
 KILL_AFTER = 420  # seconds; Snakemake is SIGKILLed after this (it can hang on a job it never sees end)
 TRACKED_RULES = {"pretrain_edm", "stage1", "stage1_continued", "stage2", "stage3", "fid", "dfid", "sample_grid"}
+PREEMPT_ITERATIONS = 30  # stage 1 of the preempt run: long enough to be cancelled after a saved state
 TRAIN_RULES = {"pretrain_edm", "stage1", "stage1_continued", "stage2", "stage3"}
 
 
@@ -147,6 +149,8 @@ def cluster(tmp_path_factory):
     base = tmp_path_factory.mktemp("slurm")
     server = MlflowServer(base / "mlflow")
     slurm = SlurmCluster(base / "cluster", partition=PARTITION)
+    # A SIGTERM (CI timeout) must still stop the daemons: turn it into an exception so `finally` runs.
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     server.start()  # starts in the background while the cluster comes up
     try:
         slurm.up()
@@ -155,6 +159,11 @@ def cluster(tmp_path_factory):
     finally:
         server.stop()
         slurm.down()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 class Run:
@@ -173,8 +182,15 @@ class Run:
         with open(self.log, "w") as f:
             self.proc = subprocess.Popen(snakemake_cmd(*self.args, kill_after=KILL_AFTER), cwd=self.work,
                                          env=job_env(TCM_SLURM_PARTITION=PARTITION), stdout=f,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
         self.seconds = None
+
+    def kill(self) -> None:
+        """End this run's `timeout` + Snakemake (their own process group) if it is still going."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
 
     def wait(self) -> int:
         rc = self.proc.wait(timeout=KILL_AFTER + 30)
@@ -196,8 +212,10 @@ def _cancel_stage1_after_first_state(run: Run, record: dict) -> None:
         if states:
             jobs = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i|%k|%Z"], capture_output=True,
                                   text=True).stdout.split()
+            # the plugin's --comment: rule_<rule> or rule_<rule>_wildcards_<...>
             mine = [j.split("|")[0] for j in jobs
-                    if j.split("|")[1] == "rule_stage1" and Path(j.split("|")[2]) == run.work]
+                    if re.fullmatch(r"rule_stage1(_wildcards_.*)?", j.split("|")[1])
+                    and Path(j.split("|")[2]) == run.work]
             if mine:
                 record["iteration"] = int(states[-1].stem.split("-")[1])
                 subprocess.run(["scancel", mine[0]], check=True)
@@ -218,13 +236,17 @@ def runs(cluster):
     # Enough iterations that stage 1 runs for a while after its first saved state.
     stage1_start = ci["pretrain"]["iterations"]
     preempt = Run("preempt", base, server, "results/ci/stage1/network.safetensors",
-                  {"resources": gpu, "stage1": {"iterations": 60, "state_every": 4, "log_every": 2}})
+                  {"resources": gpu, "stage1": {"iterations": PREEMPT_ITERATIONS, "state_every": 3, "log_every": 1}})
     fail = Run("fail", base, server, "results/ci/pretrain/network.safetensors",
-               {"resources": gpu, "dataset": {"name": None, "path": str(bad_data)}})
+               {"resources": gpu, "dataset": {"path": str(bad_data)}})
     cancelled: dict = {}
     watcher = threading.Thread(target=_cancel_stage1_after_first_state, args=(preempt, cancelled), daemon=True)
     watcher.start()
-    codes = {r.name: r.wait() for r in (main, preempt, fail)}
+    try:
+        codes = {r.name: r.wait() for r in (main, preempt, fail)}
+    finally:
+        for r in (main, preempt, fail):
+            r.kill()
     watcher.join(timeout=5)
     total = time.monotonic() - started
     print(f"\nSLURM workflow runs: {({r.name: round(r.seconds) for r in (main, preempt, fail)})} s, together "
@@ -273,7 +295,7 @@ def test_ci_all_runs_every_job_on_slurm(runs):
     assert set(ids) <= set(recs), (ids, recs)
     for jobid, slurm_log in ids.items():
         rec = recs[jobid]
-        rule = Path(slurm_log).parent.name.removeprefix("rule_")
+        rule = re.search(r"slurm_logs/rule_(\w+?)/", slurm_log).group(1)  # rule_<rule>[/<wildcards>]/<id>.log
         assert rec["State"] == "COMPLETED" and rec["Partition"] == PARTITION, rec
         assert ("gres/gpu=1" in rec["AllocTRES"]) == (rule not in {"prepare_dataset"}), (rule, rec)
         assert Path(slurm_log).is_file(), slurm_log  # kept by slurm-keep-successful-logs
@@ -323,7 +345,7 @@ def test_cancelled_training_job_resumes_from_its_state(runs):
     m = re.search(r"finished at global iteration (\d+) \(started at (\d+).*resumed from (\d+)", log, re.DOTALL)
     assert m, log[-2000:]
     end, start, resumed = (int(g) for g in m.groups())
-    assert start == runs["stage1_start"] and end == start + 60
+    assert start == runs["stage1_start"] and end == start + PREEMPT_ITERATIONS
     assert start < cancelled["iteration"] <= resumed < end, (cancelled, m.groups())
     metrics = (run.work / "results/ci/stage1/metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in metrics]
@@ -343,7 +365,7 @@ def test_failing_job_fails_the_run_and_names_its_logs(runs):
     assert "Error in rule pretrain_edm" in out
     rule_log = run.work / "results/ci/logs/pretrain_edm.log"
     assert str(rule_log.relative_to(run.work)) in out and rule_log.is_file()
-    slurm_logs = re.findall(r"(\S*\.snakemake/slurm_logs/rule_pretrain_edm/\d+\.log)", out)
+    slurm_logs = re.findall(r"(\S*\.snakemake/slurm_logs/rule_pretrain_edm/(?:[^/\s]+/)*\d+\.log)", out)
     assert slurm_logs and all(Path(p if os.path.isabs(p) else run.work / p).is_file() for p in slurm_logs)
     assert re.search(r"SLURM-job '\d+' failed, SLURM status is: 'FAILED'", out), out[-4000:]
     recs = wait_sacct_final(run_uuid(out), 4)
