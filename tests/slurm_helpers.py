@@ -56,8 +56,8 @@ class SlurmCluster:
     directory: Path
     partition: str = "tcmci"
     fake_gpus: int = 4
-    # The node advertises more CPUs/memory than the CI machine has (like the fake GPUs), so the profile's
-    # real requests (8 CPUs, 64 GB per GPU) schedule unchanged; 32 CPUs -> at most 4 GPU jobs at once.
+    # The node advertises more CPUs/memory than the CI machine has (like the fake GPUs): jobs of the three
+    # concurrent test runs then wait on the fake GPUs (4 at once), not on 2 real cores' worth of slots.
     cpus: int = 32
     mem_mb: int = 262144
     log: str = field(default="", init=False)
