@@ -92,8 +92,9 @@ def ema_beta(cfg: TrainConfig, k: int) -> float:
 @torch.no_grad()
 def update_ema(ema: nn.Module, net: nn.Module, beta: float) -> None:
     """ema <- beta * ema + (1 - beta) * net for parameters; buffers are copied."""
-    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-        p_ema.lerp_(p_net.detach(), 1.0 - beta)
+    ema_params, net_params = list(ema.parameters()), [p.detach() for p in net.parameters()]
+    if ema_params:
+        torch._foreach_lerp_(ema_params, net_params, 1.0 - beta)  # one fused launch for all tensors
     for b_ema, b_net in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b_net)
 
