@@ -106,8 +106,8 @@ def test_profile_name_resolves_and_plans_gpu_requests(tmp_path):
 
     # Without the site variables nothing site-specific is requested (the cluster's defaults apply).
     env = {k: v for k, v in env.items() if not k.startswith("TCM_SLURM_")}
-    proc = subprocess.run(snakemake_cmd("--profile", "slurm", "-n", "all", "--config", "preset=cifar10",
-                                        kill_after=120), cwd=work, env=env, capture_output=True, text=True)
+    proc = subprocess.run(snakemake_cmd("--profile", "slurm", "-n", "all", "--config", "preset=ci", kill_after=120),
+                          cwd=work, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "slurm_partition" not in proc.stdout and "slurm_account" not in proc.stdout and "$" not in proc.stdout
 
