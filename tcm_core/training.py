@@ -2,7 +2,7 @@
 
 Every mode starts from a checkpoint (``--init``; pretrain may start from a fresh network built from
 ``arch``) and continues the GLOBAL iteration counter stored in it (``meta["iteration"]``, 0 for foreign
-checkpoints): the Δt curriculum, the LR decay and the power-EMA count all use the global iteration, as
+checkpoints; stage1 always starts at 0, since its init is a diffusion model): the Δt curriculum, the LR decay and the power-EMA count all use the global iteration, as
 the official code does with ``--resume_tick``. ``iterations`` more iterations are run.
 
 * pretrain: EDM denoising loss.  stage1 / stage1_continued: consistency training (Stage 1; the control
@@ -177,7 +177,11 @@ def build_initial_network(cfg: TrainConfig, mode: str, init: str | Path | None, 
         from tcm_core.checkpoints import load_network
 
         net, meta = load_network(Path(init), device, _arch_overrides(cfg))
-        return net, int(meta.get("iteration") or 0), meta.get("sha256")
+        # Stage 1 starts consistency training from a diffusion model: its counter (Δt curriculum, LR decay,
+        # power EMA) starts at 0 as the official code's does from an EDM pickle, even when the init is our
+        # own pretraining run (whose denoising iterations are no CT progress). Later stages continue it.
+        start = 0 if mode == "stage1" else int(meta.get("iteration") or 0)
+        return net, start, meta.get("sha256")
     if mode != "pretrain":
         raise ValueError(f"mode {mode} needs --init (a checkpoint to start from)")
     if not cfg.arch:

@@ -82,7 +82,8 @@ rule tables:
         mem_mb=2000,
         runtime=30,
     params:
-        results="results/{preset}",
+        # the preset's results folder, derived from an input so the path follows the workflow's layout
+        results=lambda wildcards, input: os.path.dirname(input.mlflow),
     shell:
         # tee: the summary (where every file is, what has no data yet, timing) shows in the console too
         "OMP_NUM_THREADS={threads} python -m tcm_core tables --preset {wildcards.preset}"
