@@ -162,6 +162,9 @@ def cluster(tmp_path_factory):
         signal.signal(signal.SIGTERM, previous)
 
 
+FAIL_RETRIES = 1
+
+
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -169,14 +172,15 @@ def _raise_keyboard_interrupt(signum, frame):
 class Run:
     """One Snakemake process through profiles/slurm in its own copy of the checkout."""
 
-    def __init__(self, name: str, base: Path, server: MlflowServer, target: str, ci: dict) -> None:
+    def __init__(self, name: str, base: Path, server: MlflowServer, target: str, ci: dict,
+                 extra: tuple[str, ...] = ()) -> None:
         self.name = name
         self.work = copy_workflow(base / name)
         self.experiment = f"tcm-ci-{name}"
         config = _write_config(self.work, ci)
         self.args = ["--profile", "profiles/slurm", target, "--configfile", str(config), "--config", "preset=ci",
                      f"tracking_uri={server.uri}", f"experiment={self.experiment}", f"study=ci-{name}",
-                     *STATUS_TIMING, "--verbose"]
+                     *STATUS_TIMING, *extra, "--verbose"]
         self.log = self.work / "snakemake-run.log"
         self.started = time.monotonic()
         with open(self.log, "w") as f:
@@ -237,8 +241,10 @@ def runs(cluster):
     stage1_start = ci["pretrain"]["iterations"]
     preempt = Run("preempt", base, server, "results/ci/stage1/network.safetensors",
                   {"resources": gpu, "stage1": {"iterations": PREEMPT_ITERATIONS, "state_every": 3, "log_every": 1}})
+    # One retry (not the profile's 3): each failed attempt costs a growing status-poll interval, and two
+    # attempts already show that retries happen and that the run fails with its logs named.
     fail = Run("fail", base, server, "results/ci/pretrain/network.safetensors",
-               {"resources": gpu, "dataset": {"path": str(bad_data)}})
+               {"resources": gpu, "dataset": {"path": str(bad_data)}}, extra=("--retries", str(FAIL_RETRIES)))
     cancelled: dict = {}
     watcher = threading.Thread(target=_cancel_stage1_after_first_state, args=(preempt, cancelled), daemon=True)
     watcher.start()
@@ -361,12 +367,12 @@ def test_failing_job_fails_the_run_and_names_its_logs(runs):
     out = run.output
     assert runs["codes"]["fail"] not in (0, -9, 137), out[-6000:]  # non-zero, and not killed by timeout
     failed = [s for s in submissions(out) if s.rule == "pretrain_edm"]
-    assert len(failed) == 4, [s.sbatch for s in failed]  # retries: 3 in the profile -> four attempts
+    assert len(failed) == FAIL_RETRIES + 1, [s.sbatch for s in failed]  # each retry is a new SLURM job
     assert "Error in rule pretrain_edm" in out
     rule_log = run.work / "results/ci/logs/pretrain_edm.log"
     assert str(rule_log.relative_to(run.work)) in out and rule_log.is_file()
     slurm_logs = re.findall(r"(\S*\.snakemake/slurm_logs/rule_pretrain_edm/(?:[^/\s]+/)*\d+\.log)", out)
     assert slurm_logs and all(Path(p if os.path.isabs(p) else run.work / p).is_file() for p in slurm_logs)
     assert re.search(r"SLURM-job '\d+' failed, SLURM status is: 'FAILED'", out), out[-4000:]
-    recs = wait_sacct_final(run_uuid(out), 4)
-    assert [r["State"] for r in recs].count("FAILED") == 4, recs
+    recs = wait_sacct_final(run_uuid(out), FAIL_RETRIES + 1)
+    assert [r["State"] for r in recs].count("FAILED") == FAIL_RETRIES + 1, recs
