@@ -6,4 +6,4 @@ bash scripts/setup.sh
 export MLFLOW_DISABLE_TELEMETRY=true
 export PATH="$PWD/.venv/bin:$PATH"
 ruff check .
-python -m pytest -q -ra "$@"
+python -m pytest -q -ra --durations=15 "$@"
