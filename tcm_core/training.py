@@ -2,8 +2,9 @@
 
 Every mode starts from a checkpoint (``--init``; pretrain may start from a fresh network built from
 ``arch``) and continues the GLOBAL iteration counter stored in it (``meta["iteration"]``, 0 for foreign
-checkpoints; stage1 always starts at 0, since its init is a diffusion model): the Δt curriculum, the LR decay and the power-EMA count all use the global iteration, as
-the official code does with ``--resume_tick``. ``iterations`` more iterations are run.
+checkpoints; stage1 always starts at 0, since its init is a diffusion model): the Δt curriculum, the LR
+decay and the power-EMA count all use the global iteration, as the official code does with ``--resume_tick``.
+``iterations`` more iterations are run.
 
 * pretrain: EDM denoising loss.  stage1 / stage1_continued: consistency training (Stage 1; the control
   continues Stage 1 from the Stage-1 EMA for as long as Stage 2 runs).  stage2 / stage3: truncated
