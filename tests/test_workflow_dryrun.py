@@ -65,7 +65,7 @@ def test_planned_jobs(workdir, preset, target):
         assert "torchrun --standalone --nproc_per_node 8 -m tcm_core train" in out
     if target == "all_ablations":
         # ablation points train at the ablation batch; the main run does not
-        batch = {"tiny": 16, "ci": 4}.get(preset, 128)
+        batch = {"tiny": 16, "ci": 10}.get(preset, 128)
         assert "stage2/ablation/t_prime~0.17/rho~0.25/w_b~0.1/sigma~0.2/nu~0.01" in out
         assert f" batch={batch} " in out
 
