@@ -28,8 +28,6 @@ import contextlib
 import copy
 import gc
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tcm_core.atomic import write_text_atomic
 from tcm_core.losses import ConsistencyLoss, TruncatedConsistencyLoss
 from tcm_core.schedules import TruncatedLogNormal, TruncatedLogStudentT
 
@@ -290,17 +289,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def run_bench(args: argparse.Namespace) -> int:

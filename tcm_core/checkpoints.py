@@ -28,6 +28,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from tcm_core.atomic import atomic_path, file_mode, write_text_atomic
+
 CHUNK_BYTES = 1 << 20
 NET_CHUNK_BYTES = 1 << 16  # smaller: a broken connection loses at most one partly read chunk
 SHA256_SUFFIX = ".sha256"
@@ -161,15 +163,7 @@ def _normalise_sha256(value: str, what: str = "sha256") -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, text)
 
 
 def _record_sha256(path: Path, digest: str) -> None:
@@ -406,6 +400,7 @@ def fetch(
                 f"the downloaded file was deleted"
             )
         try:
+            os.chmod(tmp, file_mode())  # mkstemp's 0600 -> what a plain open() would give
             os.replace(tmp, out)
         except OSError as exc:
             raise FetchError(f"disk error while moving the download to {out}: {exc.strerror or exc}") from None
@@ -646,16 +641,8 @@ def save_network(net: Any, path: str | Path, *, iteration: int, provenance: dict
     record = {"arch": arch, "iteration": int(iteration), "provenance": dict(provenance)}
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"  # fails early on non-JSON provenance
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "tcm-network", "arch": json.dumps(arch)})
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "tcm-network", "arch": json.dumps(arch)})
     _write_text_atomic(_json_path(path), text)
 
 

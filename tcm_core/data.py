@@ -20,7 +20,6 @@ import json
 import os
 import pickle
 import tarfile
-import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from tcm_core.atomic import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
 # Decode everything up front below this many bytes of pixels; above it, decode lazily per item.
@@ -221,10 +222,8 @@ def write_dataset_zip(out: str | Path, images: Iterable[np.ndarray], labels: Ite
     out.parent.mkdir(parents=True, exist_ok=True)
     label_list = None if labels is None else [int(v) for v in labels]
     entries: list[list] = []
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
     count = 0
-    try:
+    with atomic_path(out) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
             for count, image in enumerate(images, start=1):
                 name = edm_image_name(count - 1)
@@ -237,10 +236,6 @@ def write_dataset_zip(out: str | Path, images: Iterable[np.ndarray], labels: Ite
             z.writestr(zipfile.ZipInfo("dataset.json", date_time=_ZIP_DATE), json.dumps(meta))
         if count == 0:
             raise ValueError("no images to write")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return count
 
 

@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from tcm_core import metrics
+from tcm_core.atomic import atomic_path
 
 DFID_TS_OFFICIAL: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0)  # TCM's --dfid_ts default
 DFID_TS_WIDE: tuple[float, ...] = (0.2, 0.5, 0.8, 1.0, 1.5, 2.0, 4.0, 10.0, 40.0, 80.0)
@@ -54,16 +54,8 @@ def parse_floats(text: str | Sequence[float], what: str) -> list[float]:
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def write_json(path: Path, record: dict) -> None:

@@ -29,7 +29,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from tcm_core.atomic import atomic_path
 
 OFFICIAL_INCEPTION_URL = (
     "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -57,15 +58,8 @@ def _sha256_file(path: Path) -> str:
 
 
 def _atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -22,12 +22,13 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tcm_core.atomic import write_bytes_atomic
 
 MISSING = "—"
 PAPER_METRIC = "FID (Inception, 50k; paper)"
@@ -197,15 +198,7 @@ def _dfid_t(key: str) -> float | None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, data)
 
 
 def _read_json(path: Path) -> Any:
