@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tcm_core.atomic import atomic_path, file_mode, write_text_atomic
+from tcm_core.hashing import sha256_file
 
 CHUNK_BYTES = 1 << 20
 NET_CHUNK_BYTES = 1 << 16  # smaller: a broken connection loses at most one partly read chunk
@@ -129,15 +130,6 @@ REGISTRY: dict[str, dict[str, Any]] = {
 
 
 # --- hashing -------------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sha256_sidecar(path: str | Path) -> Path:

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from tcm_core.atomic import atomic_path
+from tcm_core.hashing import file_digest, sha256_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
 # Decode everything up front below this many bytes of pixels; above it, decode lazily per item.
@@ -37,14 +38,6 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MNIST_NATIVE_RESOLUTION = 28
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamp: the same images give a byte-identical zip
-
-
-def _sha256_of_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _decode_png(data: bytes) -> np.ndarray:
@@ -169,13 +162,13 @@ class ImageDataset:
         """sha256 of the zip file, or of the sorted (name, bytes) pairs of a folder dataset."""
         if self._sha256 is None:
             if self._is_zip:
-                self._sha256 = _sha256_of_file(self.path)
+                self._sha256 = sha256_file(self.path)
             else:
                 h = hashlib.sha256()
                 for name in [*self._files, "dataset.json"]:
                     p = self.path / name
                     if p.exists():
-                        h.update(name.encode() + b"\0" + _sha256_of_file(p).encode())
+                        h.update(name.encode() + b"\0" + sha256_file(p).encode())
                 self._sha256 = h.hexdigest()
         return self._sha256
 
@@ -289,19 +282,11 @@ def prepare_mnist5k(out: str | Path, resolution: int = 16) -> int:
 # ---------------------------------------------------------------------------------------------------
 # CIFAR-10 from the official python tarball
 # ---------------------------------------------------------------------------------------------------
-def _md5_of_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_cifar10_tarball(source: str | Path, verify_md5: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (50000, 3, 32, 32) training images and int64 labels from ``cifar-10-python.tar.gz``."""
     source = Path(source)
     if verify_md5:
-        md5 = _md5_of_file(source)
+        md5 = file_digest(source, "md5")
         if md5 != CIFAR10_MD5:
             raise ValueError(f"{source}: md5 {md5} is not the official CIFAR-10 tarball's {CIFAR10_MD5} "
                              "(pass --no-verify for a deliberately different file)")

@@ -25,7 +25,6 @@ clean-fid's ``get_folder_features(mode="clean")`` features for the same images.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from tcm_core.atomic import atomic_path
+from tcm_core.hashing import sha256_file
 
 OFFICIAL_INCEPTION_URL = (
     "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -47,14 +47,6 @@ OFFICIAL_INCEPTION_NAME = "inception-2015-12-05.pt"
 FID_HELPER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 INCEPTION_RESOLUTION = 299
 EXTRACTORS = ("lenet", "inception")
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
@@ -159,7 +151,7 @@ def _resolve_weights(source: str | Path, sha256: str | None) -> Path:
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"Inception weights not found: {path}")
-    if sha256 is not None and _sha256_file(path) != sha256:
+    if sha256 is not None and sha256_file(path) != sha256:
         raise ValueError(f"{path}: sha256 differs from the expected {sha256}")
     return path
 
@@ -206,7 +198,7 @@ class LeNetExtractor:
         self.net.to(self.device).eval()
         self.resolution = int(cfg["resolution"])
         self.dim = int(cfg["feature_dim"])
-        self.weights_sha256 = _sha256_file(path)
+        self.weights_sha256 = sha256_file(path)
         self.identity = f"lenet:{self.weights_sha256}"
         self.meta = cfg
 
@@ -323,7 +315,7 @@ def _train_lenet(ds, x_all: torch.Tensor, y_all: torch.Tensor, train_idx: torch.
     _atomic_write_bytes(out, lambda tmp: torch.save({"state_dict": state, "config": config}, tmp))
     meta = {"kind": "lenet", **config, "dataset": ds.name, "dataset_sha256": ds.sha256, "epochs": epochs,
             "batch": batch, "lr": lr, "seed": seed, "holdout": n_val, "accuracy": accuracy,
-            "sha256": _sha256_file(out)}
+            "sha256": sha256_file(out)}
     return meta
 
 
