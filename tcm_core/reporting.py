@@ -1324,6 +1324,11 @@ def figure_fig1b(results: Results, path: Path) -> bool:
                 [p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=f"{name} ({source})"
             )
             drawn = True
+    return _finish_fid_curves(fig, ax, path, drawn, runs)
+
+
+def _finish_fid_curves(fig, ax, path: Path, drawn: bool, runs) -> bool:
+    """Legend and plain y ticks for FID-vs-iteration curves, or the "no runs yet" note; then save."""
     if drawn:
         ax.ticklabel_format(axis="y", useOffset=False)
         ax.legend()
@@ -1463,13 +1468,7 @@ def figure_fig4b(results: Results, path: Path) -> bool:
                 label=f"sigma = {_fmt_g(run.param('sigma'))}, nu = {_fmt_g(run.param('nu'))} ({source})",
             )
             drawn = True
-    if drawn:
-        ax.ticklabel_format(axis="y", useOffset=False)
-        ax.legend()
-    else:
-        _no_data(ax, _empty_message(runs, "1-step FID"))
-    _save(fig, path)
-    return drawn
+    return _finish_fid_curves(fig, ax, path, drawn, runs)
 
 
 def figure_fig4c(results: Results, path: Path) -> bool:
