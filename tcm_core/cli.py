@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from tcm_core.errors import as_expected
+
 # command -> (module, function suffix, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("tcm_core.training", "train", "train a network: pretrain, stage1, stage1_continued, stage2, stage3"),
@@ -42,9 +44,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Expected failures (tcm_core.errors) print one line and return their exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except Exception as error:
+        expected = as_expected(error)
+        if expected is None:
+            raise  # a bug: keep the traceback
+        print(expected.line(), file=sys.stderr)
+        return expected.exit_code
 
 
 if __name__ == "__main__":
