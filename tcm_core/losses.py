@@ -1,19 +1,21 @@
 """Training losses: EDM denoising (pre-training), Stage-1 consistency training, Stage-2 truncated CT.
 
-All losses are called by the training loop as ``out = loss_fn(net, images, class_labels, iteration=it)`` with
-images in [-1, 1]; they draw times, noise and boundary indices from torch's global RNG and return a
-:class:`LossOutput` whose ``loss`` is the scalar to back-propagate.
+All losses are called by the training loop with images in [-1, 1]; they draw times, noise and (standalone)
+boundary indices from torch's global RNG and return a :class:`LossOutput` whose ``loss`` is the scalar to
+back-propagate. The consistency losses take the curriculum ratio of the iteration (``schedules``); the training
+loop owns that schedule, as it owns the learning rate and the EMA decay.
 
 Consistency training (ECT, paper eq. 4), one shared ε per sample:
-    x_t = y + t·ε,  x_r = y + r·ε,  r = max(t − Δt(t), 1e-6)
+    x_t = y + t·ε,  x_r = y + r·ε,  r = max(t − Δt(t), 1e-6),  Δt(t) = t·(1 − ratio)·(1 + 8·sigmoid(−t))
     loss = mean_b  w(t, t − r) · d(D_θ(x_t, t), stopgrad D_θ(x_r, r)),  d = pseudo-Huber over C·H·W
+t, r and Δt are float64 (as in the official code); they are cast to float32 only where they enter the network.
 The target pass replays the dropout masks of the graded pass (``networks.dropout``) and runs with EDM2's forced
 weight normalisation switched off, so it neither sees other masks nor rewrites weights.
 
 Truncated consistency training (TCM Stage 2, paper eqs. 5–11, Algorithm 1): the model below t' is a frozen
-Stage-1 network; N_B = ⌊B·ρ⌋ samples are placed at t = t' (boundary loss, eq. 8) and the others follow ψ̄_t on
-[t', T] (eq. 9). The target f(x_r, r) belongs to the frozen net when r < t' and to the student otherwise.
-Total = mean(regular) + w_b·mean(boundary) (eq. 11).
+Stage-1 network; N_B = ⌊B·ρ⌋ samples of the GLOBAL batch B are placed at t = t' (boundary loss, eq. 8) and the
+others follow ψ̄_t on [t', T] (eq. 9). The target f(x_r, r) belongs to the frozen net when r < t' and to the student
+otherwise. Total (eq. 11) = (1/(B − N_B))·Σ_regular ℓ + (w_b/N_B)·Σ_boundary ℓ.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 
 from tcm_core.networks import no_forced_weight_norm
 from tcm_core.networks.dropout import DropoutMaskRecord, record_dropout_masks, replay_dropout_masks
-from tcm_core.schedules import curriculum_ratio, r_from_t
+from tcm_core.schedules import r_from_t
 
 WEIGHTINGS = ("inv_delta_t", "inv_cout_sq", "uniform")
 
@@ -38,7 +40,28 @@ class LossOutput:
     loss: torch.Tensor
     regular: torch.Tensor
     boundary: torch.Tensor | None = None  # None outside Stage 2
-    ratio: float | None = None  # curriculum ratio used (consistency losses only)
+
+
+@dataclass(frozen=True)
+class BoundaryPlan:
+    """The boundary samples of one loss call, chosen by the training loop for the whole global batch.
+
+    ``is_boundary``: (b,) bool mask over this call's samples; ``fraction``: N_B / B of the GLOBAL batch.
+    """
+
+    is_boundary: torch.Tensor
+    fraction: float
+
+
+def num_boundary(batch: int, rho: float) -> int:
+    """N_B = ⌊B·ρ⌋ (paper eq. 11, Algorithm 1 line 4); ValueError if ρ > 0 but B·ρ < 1."""
+    n_b = int(math.floor(batch * rho))
+    if rho > 0 and n_b < 1:
+        raise ValueError(
+            f"batch size {batch} is too small for rho = {rho}: floor(B * rho) = 0 boundary samples; "
+            f"use a batch of at least {math.ceil(1 / rho)}"
+        )
+    return n_b
 
 
 def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
@@ -64,16 +87,27 @@ def loss_weight(kind: str, t: torch.Tensor, dt: torch.Tensor, sigma_data: float 
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {kind!r}")
 
 
-def _check_common(q: float, ratio_limit: float, double_iters: int, c: float, weighting: str) -> None:
-    curriculum_ratio(0, q, double_iters, ratio_limit)  # raises ValueError naming the bad argument
+def _check_common(c: float, weighting: str, sigma_data: float) -> None:
     if not c >= 0:
         raise ValueError(f"pseudo-Huber c must be >= 0, got {c}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if not sigma_data > 0:
+        raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0 <= ratio < 1:
+        raise ValueError(f"the curriculum ratio must be in [0, 1), got {ratio}")
 
 
 def _take(labels: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
     return None if labels is None else labels.index_select(0, index)
+
+
+def _noised(images: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """y + t·ε, computed in the times' precision and cast to the images' dtype where it enters the network."""
+    return (images + t.reshape(-1, 1, 1, 1) * noise).to(images.dtype)
 
 
 class EDMDenoisingLoss:
@@ -90,9 +124,7 @@ class EDMDenoisingLoss:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
         self.p_mean, self.p_std, self.sigma_data = float(p_mean), float(p_std), float(sigma_data)
 
-    def __call__(
-        self, net: nn.Module, images: torch.Tensor, class_labels: torch.Tensor | None = None, iteration: int = 0
-    ) -> LossOutput:
+    def __call__(self, net: nn.Module, images: torch.Tensor, class_labels: torch.Tensor | None = None) -> LossOutput:
         batch = images.shape[0]
         sigma = (torch.randn(batch, device=images.device) * self.p_std + self.p_mean).exp()
         weight = loss_weight("inv_cout_sq", sigma, sigma, self.sigma_data)
@@ -100,24 +132,7 @@ class EDMDenoisingLoss:
         denoised = net(noisy, sigma, class_labels)
         per_sample = weight * (denoised - images).square().flatten(1).mean(dim=1)
         loss = per_sample.mean()
-        return LossOutput(loss=loss, regular=loss.detach(), boundary=None, ratio=None)
-
-
-class _ConsistencyBase:
-    def __init__(self, time_dist, q, ratio_limit, double_iters, c, weighting, sigma_data) -> None:
-        _check_common(q, ratio_limit, double_iters, c, weighting)
-        if not sigma_data > 0:
-            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
-        self.time_dist = time_dist
-        self.q, self.ratio_limit, self.double_iters = float(q), float(ratio_limit), int(double_iters)
-        self.c, self.weighting, self.sigma_data = float(c), weighting, float(sigma_data)
-
-    def ratio(self, iteration: int) -> float:
-        return curriculum_ratio(iteration, self.q, self.double_iters, self.ratio_limit)
-
-    def _per_sample(self, d_t: torch.Tensor, d_r: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        weight = loss_weight(self.weighting, t, t - r, self.sigma_data)
-        return weight * pseudo_huber(d_t, d_r, self.c)
+        return LossOutput(loss=loss, regular=loss.detach(), boundary=None)
 
 
 def _target_pass(
@@ -131,51 +146,53 @@ def _target_pass(
 ) -> torch.Tensor:
     """stopgrad f(y + r·ε, r) on the rows ``index``, with the dropout masks those rows had in the graded pass."""
     r_sub = r.index_select(0, index)
-    x_r = images.index_select(0, index) + r_sub.reshape(-1, 1, 1, 1) * noise.index_select(0, index)
+    x_r = _noised(images.index_select(0, index), noise.index_select(0, index), r_sub)
     with torch.no_grad(), no_forced_weight_norm(), replay_dropout_masks(record, index):
         target = net(x_r, r_sub, _take(class_labels, index))
     # ln(r)/4 noise embedding and fp16 passes can produce non-finite values; never let them into the loss.
     return torch.nan_to_num(target)
 
 
-class ConsistencyLoss(_ConsistencyBase):
+class ConsistencyLoss:
     """Stage-1 consistency training (ECT-style CT, paper eq. 4); the target is the student itself, no grad."""
 
-    def __init__(
-        self,
-        time_dist,
-        q: float,
-        ratio_limit: float,
-        double_iters: int,
-        c: float,
-        weighting: str,
-        sigma_data: float = 0.5,
-    ) -> None:
-        super().__init__(time_dist, q, ratio_limit, double_iters, c, weighting, sigma_data)
+    def __init__(self, time_dist, c: float, weighting: str, sigma_data: float = 0.5) -> None:
+        _check_common(c, weighting, sigma_data)
+        self.time_dist = time_dist
+        self.c, self.weighting, self.sigma_data = float(c), weighting, float(sigma_data)
+
+    def per_sample(self, d_t: torch.Tensor, d_r: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """ω(t)/Δt-style weight times the pseudo-Huber distance, per sample (float64, like t and r)."""
+        return loss_weight(self.weighting, t, t - r, self.sigma_data) * pseudo_huber(d_t, d_r, self.c)
 
     def __call__(
-        self, net: nn.Module, images: torch.Tensor, class_labels: torch.Tensor | None = None, iteration: int = 0
+        self, net: nn.Module, images: torch.Tensor, class_labels: torch.Tensor | None = None, *, ratio: float
     ) -> LossOutput:
+        _check_ratio(ratio)
         batch = images.shape[0]
-        ratio = self.ratio(iteration)
         t = self.time_dist.sample(batch, device=images.device)
         r = r_from_t(t, ratio)
         noise = torch.randn_like(images)
         with record_dropout_masks() as record:
-            d_t = net(images + t.reshape(-1, 1, 1, 1) * noise, t, class_labels)
+            d_t = net(_noised(images, noise, t), t, class_labels)
         everyone = torch.arange(batch, device=images.device)
         d_r = _target_pass(net, record, everyone, images, noise, r, class_labels)
-        loss = self._per_sample(d_t, d_r, t, r).mean()
-        return LossOutput(loss=loss, regular=loss.detach(), boundary=None, ratio=ratio)
+        loss = self.per_sample(d_t, d_r, t, r).mean()
+        return LossOutput(loss=loss, regular=loss.detach(), boundary=None)
 
 
-class TruncatedConsistencyLoss(_ConsistencyBase):
+class TruncatedConsistencyLoss(ConsistencyLoss):
     """TCM Stage 2 (paper eqs. 5–11, Algorithm 1).
 
-    - ``rho``: fraction of the batch put at t = t' (N_B = ⌊B·ρ⌋, a random subset by ``torch.randperm``).
-      ρ = 0 means no boundary samples (then this is Stage-1 CT restricted to [t', T]); training requires (0, 1).
+    - ``rho``: the boundary fraction. The training loop puts N_B = ⌊B·ρ⌋ samples of the GLOBAL batch at t = t'
+      and hands each call its share as a :class:`BoundaryPlan`; called without a plan (standalone, tests), a
+      call draws ⌊b·ρ⌋ of its own b samples with ``torch.randperm``. ρ = 0 means no boundary samples (Stage-1 CT
+      restricted to [t', T]); training requires (0, 1).
+    - Reduction: with ρ_B = N_B/B the call returns (1/b)·[Σ_regular ℓ/(1 − ρ_B) + w_b·Σ_boundary ℓ/ρ_B], i.e. its
+      share of eq. 11 times the number of equal-sized calls, so the MEAN over the loop's calls is eq. 11 over the
+      global batch whatever the world size and ``batch_gpu``.
     - ``time_dist``: ψ̄_t, supported on [t', T] (its ``t_min`` must be >= t_prime).
-    - The graded student pass runs once on the full batch (all times are >= t', so the student owns them all)
+    - The graded student pass runs once on the full call batch (all times are >= t', so the student owns them all)
       while recording dropout masks. Each target f(x_r, r) is computed once, on its own sub-batch, by the owner
       of time r: the frozen Stage-1 net if r < t', else the student (no grad), replaying each sample's masks.
       The frozen net runs in the student's train/eval mode (as the official code's deep copy does), so dropout
@@ -189,14 +206,11 @@ class TruncatedConsistencyLoss(_ConsistencyBase):
         rho: float,
         w_b: float,
         time_dist,
-        q: float,
-        ratio_limit: float,
-        double_iters: int,
         c: float,
         weighting: str,
         sigma_data: float = 0.5,
     ) -> None:
-        super().__init__(time_dist, q, ratio_limit, double_iters, c, weighting, sigma_data)
+        super().__init__(time_dist, c, weighting, sigma_data)
         if not 0 <= rho < 1:
             raise ValueError(f"rho must be in [0, 1) (0: no boundary samples), got {rho}")
         if not (math.isfinite(w_b) and w_b >= 0):
@@ -213,43 +227,22 @@ class TruncatedConsistencyLoss(_ConsistencyBase):
         self.frozen = frozen
         self.t_prime, self.rho, self.w_b = float(t_prime), float(rho), float(w_b)
 
-    def num_boundary(self, batch: int) -> int:
-        """N_B = ⌊B·ρ⌋; ValueError if ρ > 0 but the batch is too small for one boundary sample."""
-        n_b = int(math.floor(batch * self.rho))
-        if self.rho > 0 and n_b < 1:
-            raise ValueError(
-                f"batch size {batch} is too small for rho = {self.rho}: floor(B * rho) = 0 boundary samples; "
-                f"use a batch of at least {math.ceil(1 / self.rho)}"
-            )
-        return n_b
-
-    def __call__(
-        self, net: nn.Module, images: torch.Tensor, class_labels: torch.Tensor | None = None, iteration: int = 0
-    ) -> LossOutput:
-        if net is self.frozen:
-            raise ValueError("the student net must not be the frozen boundary net (pass a frozen copy)")
-        batch, device = images.shape[0], images.device
-        n_boundary = self.num_boundary(batch)
-        ratio = self.ratio(iteration)
-        # Same RNG order as ConsistencyLoss (times, then noise), so ρ = 0 reproduces Stage 1 draw for draw.
-        t = self.time_dist.sample(batch, device=device)
+    def own_plan(self, batch: int, device: torch.device) -> BoundaryPlan:
+        """Standalone use: ⌊b·ρ⌋ boundary samples of this call's own batch, a random subset (global RNG)."""
+        n_boundary = num_boundary(batch, self.rho)
         is_boundary = torch.zeros(batch, dtype=torch.bool, device=device)
-        if n_boundary > 0:
+        if n_boundary > 0:  # ρ = 0 draws nothing, so it reproduces Stage 1 draw for draw
             is_boundary[torch.randperm(batch, device=device)[:n_boundary]] = True
-            t = torch.where(is_boundary, torch.full_like(t, self.t_prime), t)
-        r = r_from_t(t, ratio)
-        noise = torch.randn_like(images)
+        return BoundaryPlan(is_boundary, n_boundary / batch)
 
-        with record_dropout_masks() as record:
-            d_t = net(images + t.reshape(-1, 1, 1, 1) * noise, t, class_labels)
-
-        # Route each target to the network that owns time r; every target is computed exactly once.
+    def targets(self, net, record, images, noise, r, class_labels) -> torch.Tensor:
+        """Each target once, by the network that owns time r (frozen if r < t', else the student)."""
         from_frozen = r < self.t_prime
-        frozen_index = from_frozen.nonzero().flatten()
+        d_r = torch.empty_like(images)
         student_index = (~from_frozen).nonzero().flatten()
-        d_r = torch.empty_like(d_t, requires_grad=False)
         if student_index.numel() > 0:
             d_r.index_copy_(0, student_index, _target_pass(net, record, student_index, images, noise, r, class_labels))
+        frozen_index = from_frozen.nonzero().flatten()
         if frozen_index.numel() > 0:
             was_training = self.frozen.training
             self.frozen.train(net.training)
@@ -258,11 +251,34 @@ class TruncatedConsistencyLoss(_ConsistencyBase):
             finally:
                 self.frozen.train(was_training)
             d_r.index_copy_(0, frozen_index, target)
+        return d_r
 
-        per_sample = self._per_sample(d_t, d_r, t, r)
-        n_regular = batch - n_boundary
-        regular_mask = (~is_boundary).to(per_sample.dtype)
-        regular = (per_sample * regular_mask).sum() / max(n_regular, 1)
-        boundary = (per_sample * (1.0 - regular_mask)).sum() / max(n_boundary, 1)
-        loss = regular + self.w_b * boundary
-        return LossOutput(loss=loss, regular=regular.detach(), boundary=boundary.detach(), ratio=ratio)
+    def __call__(
+        self,
+        net: nn.Module,
+        images: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        *,
+        ratio: float,
+        boundary: BoundaryPlan | None = None,
+    ) -> LossOutput:
+        if net is self.frozen:
+            raise ValueError("the student net must not be the frozen boundary net (pass a frozen copy)")
+        _check_ratio(ratio)
+        batch, device = images.shape[0], images.device
+        # Same RNG order as ConsistencyLoss (times, then noise), so ρ = 0 reproduces Stage 1 draw for draw.
+        t = self.time_dist.sample(batch, device=device)
+        plan = boundary if boundary is not None else self.own_plan(batch, device)
+        is_boundary = plan.is_boundary.to(device)
+        t = torch.where(is_boundary, torch.full_like(t, self.t_prime), t)
+        r = r_from_t(t, ratio)
+        noise = torch.randn_like(images)
+        with record_dropout_masks() as record:
+            d_t = net(_noised(images, noise, t), t, class_labels)
+        per_sample = self.per_sample(d_t, self.targets(net, record, images, noise, r, class_labels), t, r)
+        in_boundary = is_boundary.to(per_sample.dtype)
+        regular = (per_sample * (1.0 - in_boundary)).sum() / (batch * (1.0 - plan.fraction))
+        boundary_loss = (per_sample * in_boundary).sum() / (batch * plan.fraction) if plan.fraction > 0 else (
+            per_sample.sum() * 0.0)
+        loss = regular + self.w_b * boundary_loss
+        return LossOutput(loss=loss, regular=regular.detach(), boundary=boundary_loss.detach())

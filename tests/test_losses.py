@@ -48,7 +48,8 @@ def images(seed: int = 1) -> torch.Tensor:
 
 
 STAGE2_DIST = dict(mu=0.0, sigma=0.2, nu=0.01, t_min=1.0, t_max=80.0)
-CT_KW = dict(q=2.0, ratio_limit=0.999, double_iters=1000, c=0.0, weighting="inv_delta_t")
+CT_KW = dict(c=0.0, weighting="inv_delta_t")
+AT_CAP = 0.999  # the CIFAR curriculum cap
 
 
 # ------------------------------------------------------------------------ distance and weights
@@ -93,7 +94,7 @@ def test_edm_loss_recomputed():
     weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
     expected = (weight * ((d - y) ** 2).mean(dim=(1, 2, 3))).mean()
     torch.testing.assert_close(out.loss.detach(), expected)
-    assert out.boundary is None and out.ratio is None and not out.regular.requires_grad
+    assert out.boundary is None and not out.regular.requires_grad
     out.loss.backward()
 
 
@@ -101,12 +102,12 @@ def test_edm_loss_recomputed():
 def test_consistency_loss_recomputed():
     net = small_net().eval()  # no dropout: the two passes are plain function calls
     dist = TruncatedLogNormal(-1.1, 2.0, 0.002, 80.0)
-    loss_fn = ConsistencyLoss(dist, q=2.0, ratio_limit=0.999, double_iters=100, c=0.03, weighting="inv_delta_t")
+    loss_fn = ConsistencyLoss(dist, c=0.03, weighting="inv_delta_t")
     y = images()
     torch.manual_seed(7)
-    out = loss_fn(net, y, None, iteration=250)
     ratio = curriculum_ratio(250, 2.0, 100, 0.999)
-    assert out.ratio == ratio == 0.875
+    assert ratio == 0.875
+    out = loss_fn(net, y, None, ratio=ratio)
     torch.manual_seed(7)
     t = dist.sample(B)
     r = r_from_t(t, ratio)
@@ -123,9 +124,9 @@ def test_consistency_loss_replays_dropout_masks():
     net = small_net(dropout=0.3)
     dist = TruncatedLogNormal(0.0, 1.0, 0.5, 5.0)
     # ratio ≈ 1 − 1e-7: Δt is tiny, so D(x_t, t) and D(x_r, r) agree iff they saw the same dropout masks.
-    loss_fn = ConsistencyLoss(dist, q=1e7, ratio_limit=1 - 1e-7, double_iters=1, c=0.0, weighting="uniform")
+    loss_fn = ConsistencyLoss(dist, c=0.0, weighting="uniform")
     y = images()
-    out = loss_fn(net, y, None, iteration=0)
+    out = loss_fn(net, y, None, ratio=1 - 1e-7)
     t = torch.full((B,), 1.0)
     with torch.no_grad():  # control: two independent dropout draws at the same input differ clearly
         x = y + torch.randn_like(y)
@@ -165,11 +166,11 @@ def test_stage2_with_rho_zero_equals_stage1(t_prime_at_t_min):
     y = images()
     kw = dict(CT_KW, c=0.01)
     torch.manual_seed(11)
-    s1 = ConsistencyLoss(dist, **kw)(student, y, None, iteration=5000)
+    ratio = curriculum_ratio(5000, 2.0, 1000, 0.999)
+    s1 = ConsistencyLoss(dist, **kw)(student, y, None, ratio=ratio)
     torch.manual_seed(11)
-    s2 = TruncatedConsistencyLoss(frozen, t_prime, 0.0, 0.1, dist, **kw)(student, y, None, iteration=5000)
+    s2 = TruncatedConsistencyLoss(frozen, t_prime, 0.0, 0.1, dist, **kw)(student, y, None, ratio=ratio)
     torch.testing.assert_close(s2.loss, s1.loss, rtol=1e-6, atol=0)
-    assert s2.ratio == s1.ratio
     assert s2.boundary.item() == 0.0
 
 
@@ -180,7 +181,7 @@ def test_stage2_matches_full_batch_blend_reference():
     loss_fn = stage2(frozen, t_prime=1.0, rho=0.25, w_b=0.1, dist=dist, c=0.02)
     y = images()
     torch.manual_seed(3)
-    out = loss_fn(student, y, None, iteration=10**6)
+    out = loss_fn(student, y, None, ratio=AT_CAP)
     torch.manual_seed(3)
     t = dist.sample(B)
     boundary = torch.randperm(B)[: B // 4]
@@ -195,9 +196,11 @@ def test_stage2_matches_full_batch_blend_reference():
     per = (torch.sqrt(((d_t - target) ** 2).sum(dim=(1, 2, 3)) + 0.02**2) - 0.02) / (t - r)
     is_b = torch.zeros(B, dtype=torch.bool)
     is_b[boundary] = True
-    torch.testing.assert_close(out.regular, per[~is_b].mean())
-    torch.testing.assert_close(out.boundary, per[is_b].mean())
-    torch.testing.assert_close(out.loss.detach(), per[~is_b].mean() + 0.1 * per[is_b].mean())
+    # float64 sums of float32 network outputs (graded vs no-grad kernels may differ in the last float32 bits)
+    close = dict(rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.regular, per[~is_b].mean(), **close)
+    torch.testing.assert_close(out.boundary, per[is_b].mean(), **close)
+    torch.testing.assert_close(out.loss.detach(), per[~is_b].mean() + 0.1 * per[is_b].mean(), **close)
 
 
 def test_stage2_targets_computed_once_by_their_owner():
@@ -205,7 +208,7 @@ def test_stage2_targets_computed_once_by_their_owner():
     log_s, log_f = ForwardLog(student), ForwardLog(frozen)
     loss_fn = stage2(frozen, t_prime=1.0, rho=0.25)
     torch.manual_seed(0)
-    out = loss_fn(student, images(), None, iteration=10**6)
+    out = loss_fn(student, images(), None, ratio=AT_CAP)
     assert math.isfinite(out.loss.item())
     boundary_r = r_from_t(torch.tensor([1.0]), 0.999).item()  # t' − Δt(t') ≈ 0.99685
     assert boundary_r == pytest.approx(1.0 - 0.00315, abs=1e-5)
@@ -228,11 +231,11 @@ def test_stage2_replays_masks_in_both_target_nets():
     # Regular times near t' so that both nets own some targets; tiny Δt so D_t ≈ D_r iff masks match.
     dist = TruncatedLogNormal(0.0, 0.01, 1.0, 1.05)
     loss_fn = stage2(
-        frozen, t_prime=1.0, rho=0.25, dist=dist, q=1e7, ratio_limit=1 - 1e-7, double_iters=1, weighting="uniform"
+        frozen, t_prime=1.0, rho=0.25, dist=dist, weighting="uniform"
     )
     log_s, log_f = ForwardLog(student), ForwardLog(frozen)
     torch.manual_seed(2)
-    out = loss_fn(student, images(), None, iteration=0)
+    out = loss_fn(student, images(), None, ratio=1 - 1e-7)
     assert len(log_f.calls) == 1 and len(log_s.calls) == 2  # both nets produced targets
     with torch.no_grad():
         x = images() + torch.randn(B, 1, 16, 16)
@@ -246,7 +249,7 @@ def test_stage2_replays_masks_in_both_target_nets():
 def test_stage2_gradients_reach_only_the_student():
     student, frozen = small_net(dropout=0.1, seed=0), small_net(dropout=0.1, seed=1)
     loss_fn = stage2(frozen, rho=0.5)
-    out = loss_fn(student, images(), None, iteration=10**6)
+    out = loss_fn(student, images(), None, ratio=AT_CAP)
     out.loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in frozen.parameters())
     grads = [p.grad for p in student.parameters()]
@@ -257,7 +260,7 @@ def test_stage2_gradients_reach_only_the_student():
 
 def test_stage2_with_class_labels():
     student, frozen = small_net(seed=0, label_dim=3), small_net(seed=1, label_dim=3)
-    out = stage2(frozen, rho=0.5)(student, images(), torch.arange(B) % 3, iteration=0)
+    out = stage2(frozen, rho=0.5)(student, images(), torch.arange(B) % 3, ratio=0.5)
     assert math.isfinite(out.loss.item())
 
 
@@ -272,9 +275,6 @@ def test_stage2_with_class_labels():
         (dict(t_prime=2.0), "t_min"),
         (dict(c=-0.1), "c must be"),
         (dict(weighting="cout"), "weighting"),
-        (dict(q=1.0), "q"),
-        (dict(ratio_limit=1.0), "ratio_limit"),
-        (dict(double_iters=0), "double_iters"),
     ],
 )
 def test_stage2_invalid_arguments(kwargs, argument):
@@ -285,7 +285,7 @@ def test_stage2_invalid_arguments(kwargs, argument):
 def test_stage2_batch_too_small_for_a_boundary_sample():
     loss_fn = stage2(small_net(seed=1), rho=0.25)
     with pytest.raises(ValueError, match="batch size 3"):
-        loss_fn(small_net(), images()[:3], None, iteration=0)
+        loss_fn(small_net(), images()[:3], None, ratio=0.5)
 
 
 def test_stage1_invalid_arguments():
@@ -299,4 +299,4 @@ def test_stage1_invalid_arguments():
 def test_stage2_refuses_the_frozen_net_as_student():
     frozen = small_net()
     with pytest.raises(ValueError, match="frozen"):
-        stage2(frozen)(frozen, images(), None, iteration=0)
+        stage2(frozen)(frozen, images(), None, ratio=0.5)
