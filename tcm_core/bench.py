@@ -41,8 +41,8 @@ from tcm_core.atomic import write_text_atomic
 from tcm_core.losses import ConsistencyLoss, TruncatedConsistencyLoss
 from tcm_core.schedules import TruncatedLogNormal, TruncatedLogStudentT
 
-CAP_ITERATION = 10**7  # far past the last curriculum stage: ratio = ratio_limit
-CT_SETTINGS = dict(q=2.0, ratio_limit=0.999, double_iters=25_000, c=1e-8, weighting="inv_delta_t")
+RATIO_AT_CAP = 0.999  # the curriculum ratio both stages run at (CIFAR's ratio_limit)
+CT_SETTINGS = dict(c=1e-8, weighting="inv_delta_t")
 STAGE2_SETTINGS = dict(t_prime=1.0, rho=0.25, w_b=0.1)
 EMA_BETA = 0.9999
 LR = 1e-4
@@ -87,10 +87,10 @@ def build_state(master: nn.Module, stage: int, device: torch.device, ema: bool =
     return TrainState(net, ema_net, optimizer, make_loss(stage, frozen), frozen)
 
 
-def train_step(state: TrainState, images: torch.Tensor, iteration: int = CAP_ITERATION) -> float:
+def train_step(state: TrainState, images: torch.Tensor, ratio: float = RATIO_AT_CAP) -> float:
     """One full training iteration; returns the loss value (a host sync, as a training loop's logging does)."""
     state.optimizer.zero_grad(set_to_none=True)
-    out = state.loss_fn(state.net, images, None, iteration=iteration)
+    out = state.loss_fn(state.net, images, None, ratio=ratio)
     out.loss.backward()
     state.optimizer.step()
     if state.ema is not None:

@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from tcm_core.errors import ConfigError, MissingFileError
+
 MODES = ("pretrain", "stage1", "stage1_continued", "stage2", "stage3")
 TRUNCATED_MODES = ("stage2", "stage3")
 CONSISTENCY_MODES = ("stage1", "stage1_continued", "stage2", "stage3")
@@ -33,6 +35,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "weighting": ("inv_delta_t", "inv_cout_sq", "uniform"),
     "precision": ("fp32", "bf16", "fp16"),
     "nonfinite": ("skip", "abort"),
+    "control": ("continued", "ema_restart"),
+    "curriculum": ("auto", "continue", "cap"),
 }
 
 # the preset's `eval` block -> TrainConfig keys
@@ -77,6 +81,13 @@ class TrainConfig:
     double_iters: int = 25000
     c: float = 1e-8
     weighting: str = "inv_delta_t"
+    # where the Δt curriculum starts: "continue" from the global iteration; "cap": at ratio_limit throughout;
+    # "auto": "cap" for a stage2/stage3/stage1_continued init that carries no iteration (a foreign checkpoint,
+    # App. E: "we start with the maximum r values"), else "continue"
+    curriculum: str = "auto"
+    # stage1_continued: "continued" resumes Stage 1's final training state (the paper's control, Fig. 1b);
+    # "ema_restart" restarts from the Stage-1 EMA with a fresh optimiser (when no Stage-1 state exists)
+    control: str = "continued"
     dropout: float | None = None  # None: keep the checkpoint's / arch's dropout
     # numerics
     precision: str = "fp32"
@@ -85,6 +96,7 @@ class TrainConfig:
     grad_clip: float | None = None  # None: no clipping (the norm is still measured)
     nonfinite: str = "abort"
     nonfinite_patience: int = 5  # abort after this many consecutive non-finite steps
+    nonfinite_max_share: float = 0.05  # ... or once >= patience steps were dropped and they exceed this share
     # observability
     log_every: int = 10
     state_every: int = 1000
@@ -117,22 +129,22 @@ def section_for_mode(mode: str) -> str:
 def load_yaml_sections(path: str | Path, mode: str, preset: str | None = None) -> dict[str, Any]:
     """The TrainConfig keys for ``mode`` from a presets YAML or a flat YAML (before overrides)."""
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+        raise ConfigError(f"unknown mode {mode!r}", "--mode", f"use one of {', '.join(MODES)}")
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"config {path}: expected a mapping at the top level")
+        raise ConfigError("the config is not a mapping at the top level", str(path), "fix the YAML")
     if "presets" not in raw:
         return dict(raw)
     name = preset or raw.get("preset")
     presets = raw["presets"] or {}
     if name is None or name not in presets:
-        raise ValueError(f"preset must be one of {', '.join(map(str, presets))}, got {name!r} (config {path})")
+        raise ConfigError(f"unknown preset {name!r}", f"{path} presets", f"use one of {', '.join(map(str, presets))}")
     block = presets[name] or {}
 
     def section(key: str) -> dict[str, Any]:
         value = block.get(key) or {}
         if not isinstance(value, dict):
-            raise ValueError(f"config {path}: presets.{name}.{key} must be a mapping")
+            raise ConfigError("a section is not a mapping", f"{path} presets.{name}.{key}", "make it a mapping")
         return dict(value)
 
     if mode == "stage1_continued":
@@ -151,13 +163,27 @@ def load_yaml_sections(path: str | Path, mode: str, preset: str | None = None) -
     return keys
 
 
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content; a missing file or a syntax error is one clear error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError("config file not found", str(path), "check the path")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path} line {mark.line + 1} column {mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"YAML syntax error ({problem})", where, "fix the file") from None
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["lr=2e-4", "eval_dfid_ts=[1,2]"]`` -> dict; values go through ``yaml.safe_load``."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r}: expected key=value")
+            raise ConfigError(f"override {item!r} is not key=value", "command line", "write key=value")
         parsed = yaml.safe_load(value) if value != "" else None
         # yaml 1.1 reads "1e-4" as a string; accept it as the float it means
         if isinstance(parsed, str):
@@ -194,16 +220,17 @@ def _coerce(key: str, value: Any) -> Any:
             raise TypeError
         return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"config key {key!r}: cannot use {value!r} ({type(value).__name__})") from None
+        raise ConfigError(f"cannot use {value!r} ({type(value).__name__})", f"config key {key!r}",
+                          "give a value of the key's type") from None
 
 
 def build_config(keys: dict[str, Any], mode: str) -> TrainConfig:
     """TrainConfig from resolved keys: unknown keys rejected, types coerced, mode defaults filled, validated."""
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise ConfigError(f"unknown mode {mode!r}", "--mode", f"use one of {', '.join(MODES)}")
     unknown = sorted(set(keys) - set(FIELD_NAMES))
     if unknown:
-        raise ValueError(f"unknown config key {unknown[0]!r}; allowed keys: {', '.join(FIELD_NAMES)}")
+        raise ConfigError("unknown key", f"config key {unknown[0]!r}", f"use one of {', '.join(FIELD_NAMES)}")
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in keys.items()})
     truncated = mode in TRUNCATED_MODES
     if cfg.time_dist is None:
@@ -220,7 +247,7 @@ def build_config(keys: dict[str, Any], mode: str) -> TrainConfig:
 
 def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
     if not ok:
-        raise ValueError(f"config key {key!r} must be {allowed}, got {value!r}")
+        raise ConfigError(f"invalid value {value!r}", f"config key {key!r}", f"it must be {allowed}")
 
 
 def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
@@ -256,6 +283,7 @@ def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
     _require(cfg.dropout is None or 0 <= cfg.dropout < 1, "dropout", "in [0, 1) or null", cfg.dropout)
     _require(cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", "> 0 or null", cfg.grad_clip)
     _require(cfg.nonfinite_patience >= 1, "nonfinite_patience", ">= 1", cfg.nonfinite_patience)
+    _require(0 <= cfg.nonfinite_max_share < 1, "nonfinite_max_share", "in [0, 1)", cfg.nonfinite_max_share)
     _require(cfg.log_every >= 1, "log_every", ">= 1", cfg.log_every)
     _require(cfg.state_every >= 1, "state_every", ">= 1", cfg.state_every)
     _require(cfg.eval_every >= 0, "eval_every", ">= 0 (0 = off)", cfg.eval_every)
@@ -269,6 +297,8 @@ def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
         _require(cfg.t_min < cfg.t_prime < cfg.t_max, "t_prime", f"in (t_min, t_max) = ({cfg.t_min}, {cfg.t_max})",
                  cfg.t_prime)
         _require(0 < cfg.rho < 1, "rho", "in (0, 1)", cfg.rho)
+        _require(math.floor(cfg.batch * cfg.rho) >= 1, "rho", f"such that floor(batch * rho) >= 1 boundary sample "
+                 f"per global batch (batch {cfg.batch}: rho >= {1 / cfg.batch:.6g})", cfg.rho)
         _require(cfg.w_b >= 0, "w_b", ">= 0", cfg.w_b)
     if mode == "pretrain" and cfg.arch is not None:
         _require(isinstance(cfg.arch, dict), "arch", "a mapping", cfg.arch)
@@ -283,9 +313,6 @@ def batch_split(cfg: TrainConfig, mode: str, world_size: int) -> tuple[int, int]
     chunk = per_rank if cfg.batch_gpu is None else cfg.batch_gpu
     _require(chunk >= 1 and per_rank % chunk == 0, "batch_gpu",
              f"a divisor of batch / world_size = {per_rank}", cfg.batch_gpu)
-    if mode in TRUNCATED_MODES:
-        _require(math.floor(chunk * cfg.rho) >= 1, "rho",
-                 f"such that floor(batch_gpu * rho) >= 1 with {chunk} samples per loss call", cfg.rho)
     return chunk, per_rank // chunk
 
 

@@ -5,6 +5,8 @@ network, its EMA, optimiser, GradScaler, CPU and CUDA RNG states, the global ite
 sampler position and the non-finite counters. It is written to a temporary file in the same folder and
 moved into place with ``os.replace``, so a kill leaves either the old or the new file, never half of
 one; a file torn by other means (disk full, copied partially) fails to load and the previous one is used.
+Stage 1 also writes its final state as a declared output (``train_state.pt``): the control
+(``stage1_continued``) continues exactly from it.
 
 The state folder is not a declared output of any workflow rule: Snakemake deletes a job's outputs before
 it starts, and the state must survive that to resume. The workflow passes ``--state-dir`` outside the
@@ -21,10 +23,17 @@ from typing import Any
 
 import torch
 
+from tcm_core.atomic import atomic_path
+from tcm_core.errors import NonFiniteTrainingError, RefusedFileError
+
 log = logging.getLogger(__name__)
 
 STATE_PATTERN = re.compile(r"^state-(\d{9})\.pt$")
 REQUIRED_KEYS = ("net", "ema", "optimizer", "iteration", "sampler_position")
+# keys that may change between an interrupted attempt and its resumption (observability, run length)
+RESUME_FREE_KEYS = frozenset({"iterations", "log_every", "state_every", "eval_every", "grid_every", "eval_num",
+                              "eval_mid_t", "eval_dfid_ts", "grid_num", "nonfinite", "nonfinite_patience",
+                              "nonfinite_max_share"})
 
 
 def state_path(state_dir: str | Path, iteration: int) -> Path:
@@ -49,30 +58,39 @@ def tensors_finite(state_dict: dict[str, Any]) -> bool:
                if isinstance(v, torch.Tensor) and v.is_floating_point())
 
 
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
 def save_state(state_dir: str | Path, state: dict[str, Any], keep: int = 2) -> Path:
     """Write ``state`` atomically and delete all but the newest ``keep`` state files."""
-    for key in ("net", "ema"):
-        if not tensors_finite(state[key]):
-            raise RuntimeError(f"refusing to write a training state with non-finite {key} weights "
-                               f"(iteration {state['iteration']})")
+    check_finite_state(state)
     folder = Path(state_dir)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".state-*.tmp"):  # left by a process killed while writing
         stale.unlink(missing_ok=True)
     path = state_path(folder, int(state["iteration"]))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    _write_state(path, state)
     for _, old in list_states(folder)[keep:]:
         old.unlink(missing_ok=True)
     return path
+
+
+def save_final_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Stage 1's final training state as one file (the control's input), written atomically."""
+    check_finite_state(state)
+    _write_state(Path(path), state)
+
+
+def check_finite_state(state: dict[str, Any]) -> None:
+    for key in ("net", "ema"):
+        if not tensors_finite(state[key]):
+            raise NonFiniteTrainingError(f"the {key} weights are non-finite at iteration {state['iteration']}",
+                                         "the training state", "lower lr or set grad_clip; nothing was written")
 
 
 def load_latest_state(state_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
@@ -90,3 +108,62 @@ def load_latest_state(state_dir: str | Path, map_location: str | torch.device = 
             continue
         return state
     return None
+
+
+def load_state_file(path: str | Path) -> dict[str, Any]:
+    """One state file (e.g. Stage 1's ``train_state.pt``); RefusedFileError if it is not a complete state."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in REQUIRED_KEYS if k not in state]
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a torn or foreign file
+        raise RefusedFileError(f"not a readable training state ({type(error).__name__})", str(path),
+                               "rerun the job that wrote it") from None
+    if missing:
+        raise RefusedFileError(f"the training state lacks {missing}", str(path), "rerun the job that wrote it")
+    return state
+
+
+def check_compatible(state: dict[str, Any], cfg_dict: dict[str, Any], mode: str, start_iteration: int | None,
+                     where: Path, extra_free: frozenset[str] | set[str] = frozenset()) -> None:
+    """The state was written by a run of ``mode`` with the same settings (except run length and logging)."""
+    old = state.get("config") or {}
+    free = RESUME_FREE_KEYS | set(extra_free)
+    changed = sorted(k for k in cfg_dict if k not in free and k in old and old[k] != cfg_dict[k])
+    if state.get("mode", mode) != mode:
+        changed.insert(0, f"mode ({state.get('mode')} != {mode})")
+    if start_iteration is not None and int(state.get("start_iteration", start_iteration)) != start_iteration:
+        changed.insert(0, "init (start iteration)")
+    if changed:
+        raise RefusedFileError(f"the training state belongs to a different run (differs in {', '.join(changed)})",
+                               str(where), "delete it or pass another --state-dir")
+
+
+def state_of(run: Any) -> dict[str, Any]:
+    """Everything needed to continue ``run`` (a :class:`tcm_core.train_setup.Run`) bit-identically."""
+    cuda = run.device.type == "cuda"
+    return {
+        "net": run.net.state_dict(), "ema": run.ema.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {}, "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state(run.device) if cuda else None, "iteration": run.iteration,
+        "sampler_position": run.sampler.position, "nonfinite_skipped": run.nonfinite_skipped,
+        "consecutive_bad": run.consecutive_bad, "log_sums": dict(run.log_sums), "log_count": run.log_count,
+        "config": run.cfg.to_dict(), "mode": run.mode, "start_iteration": run.start_iteration,
+    }
+
+
+def restore_state(run: Any, state: dict[str, Any]) -> int:
+    """Load ``state`` into ``run``; return the data sampler's position."""
+    run.net.load_state_dict(state["net"])
+    run.ema.load_state_dict(state["ema"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if run.device.type == "cuda" and state.get("rng_cuda") is not None and run.dist.world_size == 1:
+        torch.cuda.set_rng_state(state["rng_cuda"], run.device)
+    run.iteration = int(state["iteration"])
+    run.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+    run.consecutive_bad = int(state.get("consecutive_bad", 0))
+    if run.resumed_from is not None:  # a resumed job continues its half-filled log window; a new one starts empty
+        run.log_sums, run.log_count = dict(state.get("log_sums", {})), int(state.get("log_count", 0))
+    return int(state["sampler_position"])

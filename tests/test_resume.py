@@ -32,17 +32,19 @@ def _metrics(run: Path) -> list[dict]:
 @pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(tmp_path):
     data = make_small_mnist(tmp_path / "mnist16.zip", count=40)  # 40 is not a multiple of the batch: epochs wrap
-    # stage1_continued carries on the init's global counter (100), so the resume lands mid-stage at 100 + k.
+    # Stage 2 carries on the init's global counter (100), so the resume lands mid-stage at 100 + k; it exercises
+    # the frozen model, the global boundary draw and dropout replay.
     init = save_micro_checkpoint(tmp_path / "stage1-init.safetensors", iteration=100, seed=3)
     overrides = ["iterations=24", "batch=6", "batch_gpu=3", "state_every=3", "log_every=2", "lr=1e-3",
                  "ema=power", "deterministic=true", "seed=7"]
+    paths = dict(init=init, boundary=init)
 
     reference = tmp_path / "reference"
-    run_cli(train_args("stage1_continued", data, reference, *overrides, init=init))
+    run_cli(train_args("stage2", data, reference, *overrides, **paths))
 
     run = tmp_path / "interrupted"
     state_dir = tmp_path / "state"  # outside the run folder, as the workflow passes it
-    args = train_args("stage1_continued", data, run, *overrides, init=init, extra=["--state-dir", str(state_dir)])
+    args = train_args("stage2", data, run, *overrides, **paths, extra=["--state-dir", str(state_dir)])
     proc = subprocess.Popen(cli_command(args), cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240

@@ -12,9 +12,13 @@ import torch
 import yaml
 from training_helpers import MICRO_ARCH, load_weights, make_small_mnist, run_cli, save_micro_checkpoint, train_args
 
+from tcm_core.errors import NonFiniteTrainingError
+from tcm_core.global_batch import chunk_seed
+from tcm_core.optim import ema_beta, learning_rate, update_ema
 from tcm_core.train_config import TrainConfig, build_config, resolve_config, validate_config
+from tcm_core.train_outputs import PeriodicEval
 from tcm_core.train_state import list_states, load_latest_state, save_state
-from tcm_core.training import NonFiniteError, chunk_seed, ema_beta, learning_rate, train, update_ema
+from tcm_core.training import train
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +115,7 @@ def test_chunk_seed_depends_on_seed_iteration_and_chunk_only():
     ("stage1", {"precision": "fp8"}, "precision"),
     ("stage1", {"nonfinite": "ignore"}, "nonfinite"),
     ("stage1", {"batch": 12, "batch_gpu": 5}, "batch_gpu"),
-    ("stage2", {"batch": 8, "batch_gpu": 2, "rho": 0.25}, "rho"),  # floor(2 * 0.25) = 0 boundary samples
+    ("stage2", {"batch": 3, "rho": 0.25}, "rho"),  # floor(3 * 0.25) = 0 boundary samples in the global batch
     ("stage1", {"lr": float("inf")}, "lr"),
     ("stage1", {"iterations": 2.5}, "iterations"),
     ("stage1", {"eval_mid_t": 90.0}, "eval_mid_t"),
@@ -194,7 +198,7 @@ def test_state_keeps_last_two_and_skips_a_torn_file(tmp_path):
 
 
 def test_state_refuses_non_finite_weights(tmp_path):
-    with pytest.raises(RuntimeError, match="non-finite"):
+    with pytest.raises(NonFiniteTrainingError, match="non-finite"):
         save_state(tmp_path, _state(2, value=float("nan")))
     assert list_states(tmp_path) == []
 
@@ -216,7 +220,7 @@ def test_frozen_boundary_model_never_changes_and_gets_no_grads(data, tmp_path):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ctx.net.parameters())
         seen.append(ctx.iteration)
 
-    cfg = build_config(micro_overrides(), "stage2")
+    cfg = build_config(micro_overrides(double_iters=4), "stage2")  # Stage 1 ran 40 > 9·4 iterations: at the cap
     result = train(cfg, mode="stage2", data=data, out=tmp_path / "run", init=student, boundary_model=stage1,
                    device="cpu", after_backward=check, progress=False)
     assert seen == [40, 41, 42] and result.end_iteration == 43
@@ -224,7 +228,7 @@ def test_frozen_boundary_model_never_changes_and_gets_no_grads(data, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == [41, 42, 43]
-    assert all(r["loss_boundary"] > 0 and r["ratio"] == 0.5 for r in records if "loss" in r)
+    assert all(r["loss_boundary"] > 0 and r["ratio"] == 0.999 for r in records if "loss" in r)
 
 
 def _poison_gradients_at(iterations: set[int]):
@@ -248,7 +252,7 @@ def test_nonfinite_skip_drops_the_update_and_counts_it(data, tmp_path):
 def test_nonfinite_abort_after_patience_writes_no_weights(data, tmp_path):
     cfg = build_config(micro_overrides(arch=MICRO_ARCH, iterations=6, nonfinite_patience=2, state_every=1),
                        "pretrain")
-    with pytest.raises(NonFiniteError, match="2 consecutive iterations.*nonfinite=skip"):
+    with pytest.raises(NonFiniteTrainingError, match="2 consecutive iterations.*nonfinite=skip"):
         train(cfg, mode="pretrain", data=data, out=tmp_path / "run", device="cpu",
               after_backward=_poison_gradients_at({2, 3, 4}), progress=False)
     assert not (tmp_path / "run" / "network.safetensors").exists()
@@ -275,10 +279,11 @@ def test_cli_runs_every_mode_and_continues_the_global_iteration(data, tmp_path):
 
     arch = "arch=" + json.dumps(MICRO_ARCH)
     pre = run("pretrain", 2, extra=[arch])
-    s1 = run("stage1", 3, init=pre)
+    s1_state = tmp_path / "stage1" / "train_state.pt"
+    s1 = run("stage1", 3, init=pre, extra=["--final-state", str(s1_state)])
     s2 = run("stage2", 2, init=s1, boundary=s1)
     run("stage3", 2, init=s2, boundary=s2)
-    run("stage1_continued", 2, init=s1)
+    run("stage1_continued", 2, init=s1, extra=["--init-state", str(s1_state)])
     # Stage 1 restarts the counter (its init is a diffusion model); every later stage continues it.
     expected = {"pretrain": (0, 2), "stage1": (0, 3), "stage2": (3, 5), "stage3": (5, 7), "stage1_continued": (3, 5)}
     for mode, (start, end) in expected.items():
@@ -315,9 +320,9 @@ def test_periodic_fid_dfid_and_grids_start_at_the_stage_start(data, tmp_path):
     cfg = build_config(micro_overrides(iterations=2, eval_every=2, grid_every=2, eval_num=8, grid_num=4,
                                        eval_mid_t=1.0, eval_dfid_ts=[2.0]), "stage2")
     run = tmp_path / "run"
+    periodic = PeriodicEval(str(tmp_path / "ref.npz"), "lenet", str(tmp_path / "lenet.pt"))
     train(cfg, mode="stage2", data=data, out=run, init=stage1, boundary_model=stage1, device="cpu",
-          eval_ref_stats=tmp_path / "ref.npz", eval_extractor="lenet", eval_feature_net=tmp_path / "lenet.pt",
-          progress=False)
+          periodic=periodic, progress=False)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in records if "fid_1step" in r}
     assert sorted(evals) == [10, 12]  # the stage's first iteration gives the curve its starting point
@@ -337,3 +342,26 @@ def test_benchmark_times_real_training_iterations():
     assert report["stage2_over_stage1_train_time"] == pytest.approx(
         report["stage2_train_s_per_it"] / report["stage1_train_s_per_it"])
     assert report["parameters"] < 1e6
+
+
+# ---------------------------------------------------------------------------------------------- global batch
+
+
+@pytest.mark.parametrize("batch, rho", [(8, 0.25), (128, 0.1), (10, 0.3), (16, 0.5)])
+def test_boundary_samples_are_counted_in_the_global_batch(batch, rho):
+    from tcm_core.global_batch import boundary_positions, chunk_plan
+
+    mask = boundary_positions(7, 3, batch, rho)
+    assert int(mask.sum()) == int(np.floor(batch * rho))  # N_B = ⌊B·ρ⌋ (128, 0.1: 12, where per-GPU floors give 8)
+    assert torch.equal(mask, boundary_positions(7, 3, batch, rho))  # from the iteration's seed alone
+    assert not torch.equal(mask, boundary_positions(7, 4, batch, rho)) or batch * rho >= batch - 1
+    for size in (d for d in (1, 2, batch // 4, batch // 2, batch) if d and batch % d == 0):
+        plans = [chunk_plan(mask, g, size) for g in range(batch // size)]
+        assert torch.equal(torch.cat([p.is_boundary for p in plans]), mask)  # any chunking: the same samples
+        assert all(p.fraction == int(mask.sum()) / batch for p in plans)
+
+
+def test_a_rho_that_gives_no_boundary_sample_is_refused_before_compute():
+    with pytest.raises(ValueError, match="'rho'.*floor\\(batch \\* rho\\)"):
+        build_config({"batch": 16, "rho": 0.05}, "stage2")
+    assert build_config({"batch": 16, "rho": 0.0625, "batch_gpu": 2}, "stage2").rho == 0.0625

@@ -80,3 +80,32 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+class CallRecorder:
+    """Forward hooks recording every call of a network: inputs x, sigma (as passed, float64 times) and outputs."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.calls: list[dict[str, torch.Tensor]] = []
+        self.handle = net.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        sigma = torch.as_tensor(args[1]).detach().clone().reshape(-1)
+        self.calls.append({"x": args[0].detach().clone(), "sigma": sigma, "out": output.detach().clone(),
+                           "grad": torch.is_grad_enabled()})
+
+    def clear(self) -> None:
+        self.calls.clear()
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def save_foreign_state_dict(path: Path, seed: int = 0) -> Path:
+    """A plain state dict (``.pt``) with a sibling ``.json`` giving only its arch: a checkpoint with no iteration."""
+    import json
+
+    net = micro_network(seed)
+    torch.save(net.state_dict(), path)
+    path.with_suffix(".json").write_text(json.dumps({"arch": net.arch}))
+    return path

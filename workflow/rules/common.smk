@@ -237,6 +237,17 @@ def stage1_network(wildcards=None):
     return f"{RESULTS}/stage1/network.safetensors"
 
 
+def stage1_state(wildcards=None):
+    """Stage 1's final training state (the control's start); none for a foreign Stage-1 checkpoint."""
+    if P["init"].get("provides") == "stage1":
+        return []
+    return f"{RESULTS}/stage1/train_state.pt"
+
+
+def control_state_args(wildcards, input):
+    return f"--init-state {input.state}" if input.get("state") else ""
+
+
 def network_of(run):
     """Network file of a run folder name (stage1, stage1_continued, stage2/main, stage2/ablation/...)."""
     if run == "stage1":
@@ -400,6 +411,10 @@ def _fill(template, wildcards):
 
 def section_keys(section, wildcards):
     extra = stage2_extra(wildcards.run) if section == "stage2" else {}
+    if section == "stage1_continued" and P["init"].get("provides") == "stage1":
+        extra = {
+            "control": "ema_restart"
+        }  # no Stage-1 training state exists: the named, visible variant
     return train_keys(section, extra)
 
 

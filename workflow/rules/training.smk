@@ -1,6 +1,7 @@
-# Stage 1 (standard consistency training from the init), its continuation (the control, as long as
-# Stage 2), and Stage 2 (TCM) for the main run and every distinct ablation point. Mid-run state
-# lives under results/<preset>/_state/ (outside the declared outputs), so a killed job resumes.
+# Stage 1 (standard consistency training from the init), the control (Stage 1 continued from its
+# final training state for as long as Stage 2 runs, the paper's Fig. 1b), and Stage 2 (TCM) for the
+# main run and every distinct ablation point. Mid-run state lives under results/<preset>/_state/
+# (outside the declared outputs), so a killed job resumes.
 
 
 if P["init"].get("provides") != "stage1":
@@ -13,6 +14,7 @@ if P["init"].get("provides") != "stage1":
             periodic=periodic_eval_inputs,
         output:
             **train_outputs("results/{preset}/stage1"),
+            state=weights("results/{preset}/stage1/train_state.pt"),
         log:
             "results/{preset}/logs/stage1.log",
         conda:
@@ -35,7 +37,7 @@ if P["init"].get("provides") != "stage1":
             launch=launcher,
         shell:
             "{params.guard} && {params.env} OMP_NUM_THREADS={threads} {params.launch} tcm_core train"
-            " --mode stage1 --init {input.init} --data {input.data} --out {params.out}"
+            " --mode stage1 --init {input.init} --final-state {output.state} --data {input.data} --out {params.out}"
             " --state-dir {params.state} --device {params.device} --mlflow-uri"
             ' "$TCM_MLFLOW_URI" --mlflow-parent {input.mlflow} --run-key {params.run_key}'
             " {params.periodic} --no-progress {params.overrides} > {log} 2>&1"
@@ -44,6 +46,7 @@ if P["init"].get("provides") != "stage1":
 rule stage1_continued:
     input:
         init=stage1_network(),
+        state=stage1_state(),
         data=dataset_path,
         mlflow=ancient("results/{preset}/mlflow.json"),
         periodic=periodic_eval_inputs,
@@ -66,12 +69,13 @@ rule stage1_continued:
         state=train_state("stage1_continued", "stage1_continued"),
         guard=state_guard("stage1_continued", "stage1_continued", ["init"]),
         overrides=train_overrides("stage1_continued"),
+        init_state=control_state_args,
         periodic=periodic_eval_args,
         device=P["device"],
         launch=launcher,
     shell:
         "{params.guard} && {params.env} OMP_NUM_THREADS={threads} {params.launch} tcm_core train"
-        " --mode stage1_continued --init {input.init} --data {input.data} --out {params.out}"
+        " --mode stage1_continued --init {input.init} {params.init_state} --data {input.data} --out {params.out}"
         " --state-dir {params.state} --device {params.device} --mlflow-uri"
         ' "$TCM_MLFLOW_URI" --mlflow-parent {input.mlflow} --run-key {params.run_key}'
         " {params.periodic} --no-progress {params.overrides} > {log} 2>&1"
