@@ -1,0 +1,138 @@
+"""Mutation check: put in one-line wiring bugs, one at a time, and show the test suite fails on each.
+
+    python scripts/mutants.py [--only NAME ...] [--list]
+
+Each mutant replaces one exact line fragment of tcm_core (it must occur exactly once) in a scratch copy of the
+repository and runs the tests that guard that wiring. A mutant is KILLED when the tests fail, and SURVIVES when
+they pass (the suite would not notice the bug). Exit status 1 if any mutant survives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["tests/test_wiring.py", "tests/test_losses.py", "tests/test_schedules.py", "tests/test_training.py",
+        "tests/test_control.py", "-m", "not slow"]
+CONTROL = ["tests/test_control.py", "tests/test_wiring.py"]  # includes the slow N + M equivalence test
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...] = tuple(FAST)
+
+
+MUTANTS = [
+    Mutant("sigma-nu-swapped", "tcm_core/train_setup.py", "mu=cfg.mu, sigma=cfg.sigma, nu=cfg.nu",
+           "mu=cfg.mu, sigma=cfg.nu, nu=cfg.sigma"),
+    Mutant("mu-dropped", "tcm_core/train_setup.py", "mu=cfg.mu, sigma=cfg.sigma", "mu=0.0, sigma=cfg.sigma"),
+    Mutant("t-max-hard-coded", "tcm_core/train_setup.py", "nu=cfg.nu, t_min=lower, t_max=cfg.t_max",
+           "nu=cfg.nu, t_min=lower, t_max=80.0"),
+    Mutant("psi-lower-bound-off-t-prime", "tcm_core/train_setup.py",
+           "time_dist=build_time_distribution(cfg, cfg.t_prime)",
+           "time_dist=build_time_distribution(cfg, cfg.t_prime + 0.1)"),
+    Mutant("stage1-t-min-hard-coded", "tcm_core/train_setup.py", "time_dist=build_time_distribution(cfg, cfg.t_min)",
+           "time_dist=build_time_distribution(cfg, 0.002)"),
+    Mutant("p-mean-shifted", "tcm_core/train_setup.py", "mean=cfg.p_mean, std=cfg.p_std",
+           "mean=cfg.p_mean + 0.5, std=cfg.p_std"),
+    Mutant("c-ignored", "tcm_core/train_setup.py", "common = dict(c=cfg.c,", "common = dict(c=0.0,"),
+    Mutant("weighting-ignored", "tcm_core/train_setup.py", "weighting=cfg.weighting, sigma_data",
+           "weighting='inv_delta_t', sigma_data"),
+    Mutant("w-b-not-applied", "tcm_core/losses.py", "loss = regular + self.w_b * boundary_loss",
+           "loss = regular + boundary_loss"),
+    Mutant("rho-per-loss-call", "tcm_core/losses.py", "plan = boundary if boundary is not None else",
+           "plan = None if boundary is not None else"),
+    Mutant("boundary-not-at-t-prime", "tcm_core/losses.py", "torch.full_like(t, self.t_prime)",
+           "torch.full_like(t, self.t_prime * 1.01)"),
+    Mutant("frozen-never-asked", "tcm_core/losses.py", "from_frozen = r < self.t_prime", "from_frozen = r < 0"),
+    Mutant("q-hard-coded", "tcm_core/train_setup.py", "curriculum_ratio(iteration, cfg.q, cfg.double_iters",
+           "curriculum_ratio(iteration, 2.0, cfg.double_iters"),
+    Mutant("double-iters-doubled", "tcm_core/train_setup.py", "cfg.q, cfg.double_iters, cfg.ratio_limit)",
+           "cfg.q, 2 * cfg.double_iters, cfg.ratio_limit)"),
+    Mutant("ratio-cap-hard-coded", "tcm_core/train_setup.py", "            return cfg.ratio_limit\n",
+           "            return 0.999\n"),
+    Mutant("foreign-init-not-at-cap", "tcm_core/train_setup.py",
+           "return mode in CURRICULUM_AT_CAP_MODES and init_iteration is None and not continued", "return False"),
+    Mutant("stage2-counter-restarts", "tcm_core/train_setup.py",
+           'return 0 if mode == "stage1" else int(init_iteration or 0)', "return 0"),
+    Mutant("lr-not-applied", "tcm_core/train_step.py", "set_learning_rate(run.optimizer, lr)",
+           "set_learning_rate(run.optimizer, run.cfg.lr)"),
+    Mutant("lr-from-job-start", "tcm_core/train_step.py", "learning_rate(run.cfg, run.iteration)",
+           "learning_rate(run.cfg, run.iteration - run.start_iteration)"),
+    Mutant("power-ema-count-shifted", "tcm_core/train_step.py", "beta = ema_beta(run.cfg, run.iteration + 1)",
+           "beta = ema_beta(run.cfg, run.iteration + 2)"),
+    Mutant("ema-gamma-off-by-one", "tcm_core/optim.py", "** (cfg.ema_gamma + 1.0)", "** cfg.ema_gamma"),
+    Mutant("times-in-float32", "tcm_core/schedules.py", "        return self.icdf_table(u)\n",
+           "        return self.icdf_table(u).float()\n"),
+    Mutant("control-online-weights-from-ema", "tcm_core/train_state.py", 'run.net.load_state_dict(state["net"])',
+           'run.net.load_state_dict(state["ema"])', tuple(CONTROL)),
+    Mutant("control-data-order-restarts", "tcm_core/train_state.py", 'return int(state["sampler_position"])',
+           "return 0", tuple(CONTROL)),
+]
+
+
+def scratch_copy(target: Path) -> None:
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                            capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+
+
+def run_mutant(mutant: Mutant, copy: Path) -> tuple[bool, float, str]:
+    """(killed, seconds, the first failing test or the reason)."""
+    path = copy / mutant.path
+    original = path.read_text()
+    if original.count(mutant.old) != 1:
+        raise SystemExit(f"mutant {mutant.name}: the fragment occurs {original.count(mutant.old)} times in "
+                         f"{mutant.path} (expected exactly once); update scripts/mutants.py")
+    path.write_text(original.replace(mutant.old, mutant.new))
+    env = {**os.environ, "PYTHONPATH": str(copy), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests],
+                              cwd=copy, env=env, capture_output=True, text=True)
+    finally:
+        path.write_text(original)
+    failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    return proc.returncode != 0, time.perf_counter() - start, (failed[0] if failed else proc.stdout[-200:].strip())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="names of mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
+    if args.list:
+        print("\n".join(f"{m.name}: {m.path}: {m.old!r} -> {m.new!r}" for m in chosen))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="tcm-mutants-") as tmp:
+        copy = Path(tmp)
+        scratch_copy(copy)
+        survivors = 0
+        for mutant in chosen:
+            killed, seconds, detail = run_mutant(mutant, copy)
+            survivors += not killed
+            print(f"{'KILLED  ' if killed else 'SURVIVED'} {mutant.name:34s} {seconds:6.1f} s  {detail[:110]}",
+                  flush=True)
+    print(f"{len(chosen) - survivors} of {len(chosen)} mutants killed")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
