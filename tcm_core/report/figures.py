@@ -89,37 +89,30 @@ def _t_prime(results: Results) -> float | None:
 
 
 def figure_fig1b(results: Results, path: Path) -> bool:
-    fig, ax = _new_axes(
-        f"Fig. 1b analogue: 1-step FID (fid_1step) vs iteration — preset {results.preset}",
-        ITERATION_AXIS,
-        "1-step FID (lower is better)",
-    )
+    runs = [(results.main_run(stage), name) for stage, name in MAIN_STAGES]
+    title = f"Fig. 1b analogue: 1-step FID (fid_1step) vs iteration — preset {results.preset}"
+    return _fid_curves_figure(results, path, runs, title, "1-step FID (lower is better)")
+
+
+def figure_fig4b(results: Results, path: Path) -> bool:
+    slice_ = sorted(ablation_slice(results, ["sigma", "nu"]), key=lambda r: (r.param("sigma"), r.param("nu")))
+    runs = [(run, f"sigma = {fmt_g(run.param('sigma'))}, nu = {fmt_g(run.param('nu'))}") for run in slice_]
+    title = f"Fig. 4b analogue: 1-step FID vs iteration for (sigma, nu) — preset {results.preset}"
+    return _fid_curves_figure(results, path, runs, title, "1-step FID (fid_1step, lower is better)", fontsize=10)
+
+
+def _fid_curves_figure(
+    results: Results, path: Path, runs: list[tuple[TrainingRun | None, str]], title: str, ylabel: str, **title_style
+) -> bool:
+    """The 1-step FID vs iteration of each (run, name), in one panel."""
+    fig, ax = _new_axes(title, ITERATION_AXIS, ylabel, **title_style)
     drawn = False
-    runs = [results.main_run(stage) for stage, _ in MAIN_STAGES]
-    for run, (_, name) in zip(runs, MAIN_STAGES):
+    for run, name in runs:
         points, source = curve(results, run, "fid_1step")
         if points:
             _plot_points(ax, points, label=f"{name} ({source})")
             drawn = True
-    return _finish_fid_curves(fig, ax, path, drawn, runs)
-
-
-def figure_fig4b(results: Results, path: Path) -> bool:
-    fig, ax = _new_axes(
-        f"Fig. 4b analogue: 1-step FID vs iteration for (sigma, nu) — preset {results.preset}",
-        ITERATION_AXIS,
-        "1-step FID (fid_1step, lower is better)",
-        fontsize=10,
-    )
-    drawn = False
-    runs = sorted(ablation_slice(results, ["sigma", "nu"]), key=lambda r: (r.param("sigma"), r.param("nu")))
-    for run in runs:
-        points, source = curve(results, run, "fid_1step")
-        if points:
-            label = f"sigma = {fmt_g(run.param('sigma'))}, nu = {fmt_g(run.param('nu'))} ({source})"
-            _plot_points(ax, points, label=label)
-            drawn = True
-    return _finish_fid_curves(fig, ax, path, drawn, runs)
+    return _finish_fid_curves(fig, ax, path, drawn, [run for run, _ in runs])
 
 
 def _finish_fid_curves(fig, ax, path: Path, drawn: bool, runs) -> bool:

@@ -179,6 +179,29 @@ def _main_rows(
     return rows, measured
 
 
+def _main_table(
+    results: Results,
+    name: str,
+    title: str,
+    dataset: str,
+    rows: list[list[str]],
+    measured: list[Measured | None],
+    quoted: list[list[str]],
+    notes: list[str],
+) -> Table:
+    """Table 1 or 2: the main runs' rows, then the paper's other baselines, quoted."""
+    return Table(
+        name,
+        f"{title} — preset {results.preset}",
+        MAIN_HEADER,
+        rows,
+        intro=_metric_intro(results.preset, measured, _dataset_note(results.preset, dataset)),
+        quoted_header=QUOTED_HEADER,
+        quoted=quoted,
+        notes=notes,
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The tables
 
@@ -187,16 +210,8 @@ def table1(results: Results, paper: Sequence[PaperRow]) -> Table:
     fills = not results.preset.startswith("imagenet64")
     rows, measured = _main_rows(results, paper, TABLE1_ROWS, fills)
     notes = [] if fills else [f"preset {results.preset} is an ImageNet preset: its numbers are in Table 2"]
-    return Table(
-        "table1_cifar10",
-        f"Table 1 (CIFAR-10): NFE, FID and # params — preset {results.preset}",
-        MAIN_HEADER,
-        rows,
-        intro=_metric_intro(results.preset, measured, _dataset_note(results.preset, "cifar10")),
-        quoted_header=QUOTED_HEADER,
-        quoted=_quoted(paper, "Table 1"),
-        notes=notes,
-    )
+    title = "Table 1 (CIFAR-10): NFE, FID and # params"
+    return _main_table(results, "table1_cifar10", title, "cifar10", rows, measured, _quoted(paper, "Table 1"), notes)
 
 
 def _table2_rows(network: str, suffix: str) -> list[RowSpec]:
@@ -217,16 +232,9 @@ def table2(results: Results, paper: Sequence[PaperRow]) -> Table:
         network_rows, network_measured = _main_rows(results, paper, _table2_rows(network, suffix), fills)
         rows += network_rows
         measured += network_measured
-    return Table(
-        "table2_imagenet64",
-        f"Table 2 (ImageNet 64x64): NFE, FID and # params — preset {results.preset}",
-        MAIN_HEADER,
-        rows,
-        intro=_metric_intro(results.preset, measured, _dataset_note(results.preset, "imagenet64")),
-        quoted_header=QUOTED_HEADER,
-        quoted=_quoted(paper, "Table 2") + _quoted(paper, "Appendix E"),
-        notes=notes,
-    )
+    title = "Table 2 (ImageNet 64x64): NFE, FID and # params"
+    quoted = _quoted(paper, "Table 2") + _quoted(paper, "Appendix E")
+    return _main_table(results, "table2_imagenet64", title, "imagenet64", rows, measured, quoted, notes)
 
 
 def table3(results: Results, paper: Sequence[PaperRow]) -> Table:
