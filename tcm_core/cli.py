@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "reference-stats": ("tcm_core.evaluation", "reference_stats", "compute FID reference statistics"),
     "evaluate": ("tcm_core.evaluation", "evaluate", "FID, dFID sweeps and sample grids"),
     "mlflow-init": ("tcm_core.tracking", "mlflow_init", "create the MLflow experiment and study parent run"),
-    "tables": ("tcm_core.reporting", "tables", "build the paper tables, figures and claims check"),
+    "tables": ("tcm_core.report.cli", "tables", "build the paper tables, figures and claims check"),
 }
 
 

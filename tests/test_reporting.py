@@ -1,4 +1,4 @@
-"""Paper tables, figures and claims (tcm_core.reporting) on a synthetic results folder and a real MLflow store."""
+"""Paper tables, figures and claims (tcm_core.report) on a synthetic results folder and a real MLflow store."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ import pytest
 from PIL import Image
 from reporting_helpers import LABEL, Scenario, build_synthetic, mirror_to_mlflow
 
-from tcm_core import reporting
-from tcm_core.reporting import MISSING, build_report, format_summary, load_paper_values, output_files
+from tcm_core.report import figures, measurements
+from tcm_core.report.cli import build_report, format_summary, output_files
+from tcm_core.report.paper import load_paper_values
+from tcm_core.report.values import MISSING
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_TEXT = REPO.parent / "shared" / "paper" / "tcm-paper.txt"
@@ -200,22 +202,22 @@ def _check_png(path: Path, min_bytes: int) -> None:
     with Image.open(path) as image:
         assert image.format == "PNG"
         assert image.size == (
-            int(reporting.FIG_SIZE_IN[0] * reporting.FIG_DPI),
-            int(reporting.FIG_SIZE_IN[1] * reporting.FIG_DPI),
+            int(figures.FIG_SIZE_IN[0] * figures.FIG_DPI),
+            int(figures.FIG_SIZE_IN[1] * figures.FIG_DPI),
         )
 
 
 def test_figures_are_sane_pngs(full):
     assert full.report.empty_figures == []
-    for name in reporting.FIGURES:
+    for name in figures.FIGURES:
         _check_png(full.out / "figures" / f"{name}.png", 20_000)
 
 
 def test_figures_without_data_say_so_and_are_still_pngs(tmp_path):
     report = build_report("tiny", tmp_path / "nothing", tmp_path / "out", tracking_uri=None)
     # Fig. 4a is analytic (the paper's three (sigma, nu) cases); every other figure has no run to show
-    assert sorted(report.empty_figures) == sorted(set(reporting.FIGURES) - {"fig4a_time_density"})
-    for name in reporting.FIGURES:
+    assert sorted(report.empty_figures) == sorted(set(figures.FIGURES) - {"fig4a_time_density"})
+    for name in figures.FIGURES:
         _check_png(tmp_path / "out" / "figures" / f"{name}.png", 5_000)
     summary = format_summary(report, 0.0)
     assert "figures with no data yet: " in summary and "fig7_grad_norm" in summary
@@ -262,7 +264,7 @@ def test_without_periodic_evaluation_curves_come_from_the_checkpoint_evaluations
     assert s2.verdict == "holds"
     assert "dFID_t0.2 +1.5" in s2.measured and "dFID_t2 -0.8" in s2.measured and "fid_1step -20" in s2.measured
     stage2 = report.results.main_run("stage2")
-    assert reporting.curve(report.results, stage2, "fid_1step") == (
+    assert measurements.curve(report.results, stage2, "fid_1step") == (
         [(400, 40.0), (800, Scenario().stage2_final)],
         "evaluation JSONs of checkpoints",
     )

@@ -1,4 +1,4 @@
-# The paper's tables, figures and claims check for the chosen preset (tcm_core.reporting; no science
+# The paper's tables, figures and claims check for the chosen preset (tcm_core.report; no science
 # here). `paper_tables` builds whatever is missing first: every main and ablation run with its
 # evaluations. The tables rule reads the declared result files (its inputs, so it reruns when any of
 # them changes) and the MLflow store (filled in where files are absent, and cross-checked).
@@ -21,7 +21,7 @@ PAPER_TABLE_INPUTS = sorted(
         + [f"{RESULTS}/{run}/config.json" for run in PAPER_TABLE_RUNS]
     )
 )
-# Tables (Markdown + CSV) and figures: tcm_core.reporting.output_files() lists the same names.
+# Tables (Markdown + CSV) and figures: tcm_core.report.cli.output_files() lists the same names.
 PAPER_TABLES = {
     "table1_cifar10": ("table1.rst", "Table 1 (CIFAR-10)"),
     "table2_imagenet64": ("table2.rst", "Table 2 (ImageNet 64x64)"),

@@ -1,0 +1,90 @@
+"""The result model the tables, figures and claims read: training runs, evaluations and measured values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tcm_core.report.values import as_float
+
+TRAIN_STAGES = ("pretrain", "stage1", "stage1_continued", "stage2", "stage3")
+SWEPT_PARAMS = ("t_prime", "rho", "w_b", "sigma", "nu")  # the Stage-2 hyperparameters the ablation grid varies
+DFID_PREFIX = "dfid_t"  # dFID at noise level t is logged as the metric dfid_t<t>, e.g. dfid_t0.2
+
+
+@dataclass
+class TrainingRun:
+    key: str  # tcm.run_key when known, else the run folder relative to the results folder
+    stage: str
+    grid: str
+    params: dict[str, Any] = field(default_factory=dict)
+    histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    run_dir: Path | None = None
+    mlflow_run_id: str | None = None
+    n_params: int | None = None
+    aliases: set[str] = field(default_factory=set)
+    sources: set[str] = field(default_factory=set)
+
+    def param(self, name: str) -> float | None:
+        return as_float(self.params.get(name))
+
+    def names(self) -> set[str]:
+        return {self.key, *self.aliases}
+
+
+@dataclass
+class Evaluation:
+    metric: str  # fid_1step | fid_2step | dfid
+    label: str
+    value: float | None = None  # FID: the min over seeds
+    values: dict[float, float] = field(default_factory=dict)  # dFID by t
+    iteration: int | None = None
+    seeds: int | None = None
+    target: str | None = None  # the key of the training run evaluated
+    path: Path | None = None
+    source: str = "files"
+    setup: tuple = ()  # (extractor, num, seeds): two FIDs compare only when their setups agree
+
+
+@dataclass
+class Measured:
+    value: float
+    label: str
+    run: str
+    iteration: int | None
+    source: str
+    setup: tuple = ()
+
+
+@dataclass
+class Results:
+    preset: str
+    runs: list[TrainingRun]
+    evaluations: list[Evaluation]
+    crosscheck: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def runs_of(self, stage: str, grid: str | None = None) -> list[TrainingRun]:
+        return [r for r in self.runs if r.stage == stage and (grid is None or r.grid == grid)]
+
+    def main_run(self, stage: str) -> TrainingRun | None:
+        """The main-grid run of a stage (falling back to any grid when the main grid has none)."""
+        runs = self.runs_of(stage, "main") or self.runs_of(stage)
+        return runs[0] if runs else None
+
+    def evaluations_of(self, run: TrainingRun, metric: str) -> list[Evaluation]:
+        names = run.names()
+        return [e for e in self.evaluations if e.metric == metric and e.target in names]
+
+
+def dfid_t(key: str) -> float | None:
+    """The noise level t of a ``dfid_t<t>`` metric key; None for any other key."""
+    return as_float(key[len(DFID_PREFIX) :]) if key.startswith(DFID_PREFIX) else None
+
+
+def full_label(label: str, seeds: int | None) -> str:
+    """The evaluation's label, with "min of N" added when the value is the minimum over N seeds."""
+    if seeds and seeds > 1 and "min" not in label:
+        return label[:-1] + f", min of {seeds})" if label.endswith(")") else f"{label}, min of {seeds}"
+    return label

@@ -1,0 +1,280 @@
+"""Tables 1-4 of the paper with our measured values beside the paper's, as Markdown and CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from tcm_core.report.measurements import ablation_baseline, ablation_slice, final_fid
+from tcm_core.report.paper import PAPER_METRIC, PaperRow, paper_row
+from tcm_core.report.results import Measured, Results, TrainingRun
+from tcm_core.report.values import MISSING, fmt, fmt_diff, fmt_g, same_value
+
+# Every table ``tables`` writes (the claims table is built in claims.py), by file name.
+TABLES = {
+    "table1_cifar10": "Table 1: CIFAR-10, FID / NFE / # params",
+    "table2_imagenet64": "Table 2: ImageNet 64x64, FID / NFE / # params",
+    "table3_tprime": "Table 3: FID vs the dividing time t'",
+    "table4_stages": "Table 4: FID for training stages 1, 2, 3",
+    "claims": "Claims check",
+}
+MAIN_HEADER = [
+    "Method",
+    "NFE",
+    "FID (ours)",
+    "FID (paper)",
+    "Δ (ours − paper)",
+    "# param. (M, ours)",
+    "# param. (M, paper)",
+    "our metric",
+    "paper source",
+    "run",
+]
+QUOTED_HEADER = ["Method", "NFE", "FID (paper)", "# param. (M, paper)", "category", "paper source"]
+ABLATION_HEADER = ["setting", "FID (ours)", "FID (paper)", "Δ (ours − paper)", "our metric", "paper source", "run"]
+RowSpec = tuple[str, str, str, str, str]  # method, stage, NFE, metric, key of the paper_values.csv row to compare
+TABLE1_ROWS: list[RowSpec] = [
+    ("Stage 1 (standard consistency training)", "stage1", "1", "fid_1step", "t1_stage1_1"),
+    ("Stage 1 (standard consistency training)", "stage1", "2", "fid_2step", ""),
+    ("Stage 1 continued (control)", "stage1_continued", "1", "fid_1step", ""),
+    ("Stage 1 continued (control)", "stage1_continued", "2", "fid_2step", ""),
+    ("TCM (Stage 2)", "stage2", "1", "fid_1step", "t1_tcm_1"),
+    ("TCM (Stage 2)", "stage2", "2", "fid_2step", "t1_tcm_2"),
+]
+TABLE2_NETWORKS = (("EDM2-S", "imagenet64_s", "s"), ("EDM2-XL", "imagenet64_xl", "xl"))  # network, preset, key
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    intro: list[str] = field(default_factory=list)
+    quoted_header: list[str] = field(default_factory=list)
+    quoted: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = [f"# {self.title}", ""]
+        lines += [*self.intro, ""] if self.intro else []
+        lines += _md_table(self.header, self.rows)
+        if self.quoted:
+            lines += ["", "## Baselines quoted from the paper (not rerun here)", ""]
+            lines += _md_table(self.quoted_header, self.quoted)
+        if self.notes:
+            lines += ["", "Notes:", ""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def csv_text(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["kind", *self.header])
+        for row in self.rows:
+            writer.writerow(["measured", *row])
+        for row in self.quoted:
+            # quoted rows fill the same columns: method, NFE, paper FID, paper params, source
+            record = dict(zip(self.quoted_header, row))
+            writer.writerow(["quoted from paper", *[record.get(h, "") for h in self.header]])
+        return buffer.getvalue()
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cells and paragraphs shared by the tables
+
+
+def _params_m(n: int | None) -> str:
+    return MISSING if n is None else (f"{n / 1e6:.2f}" if n < 1e7 else f"{n / 1e6:.1f}")
+
+
+def _run_cell(measured: Measured | None) -> str:
+    if measured is None:
+        return MISSING
+    return f"{measured.run} @ it {measured.iteration}" if measured.iteration is not None else measured.run
+
+
+def _measured_row(
+    name: str, nfe: str, measured: Measured | None, paper: PaperRow | None, run: TrainingRun | None
+) -> list[str]:
+    ours = measured.value if measured else None
+    return [
+        name,
+        nfe,
+        fmt(ours),
+        fmt(paper.fid if paper else None),
+        fmt_diff(ours, paper.fid if paper else None),
+        _params_m(run.n_params if run else None),
+        fmt(paper.params_m, 1) if paper and paper.params_m is not None else MISSING,
+        measured.label if measured else MISSING,
+        paper.source if paper else MISSING,
+        _run_cell(measured),
+    ]
+
+
+def _ablation_row(setting: str, m: Measured | None, p: PaperRow | None) -> list[str]:
+    ours = m.value if m else None
+    return [
+        setting,
+        fmt(ours),
+        fmt(p.fid if p else None),
+        fmt_diff(ours, p.fid if p else None),
+        m.label if m else MISSING,
+        p.source if p else MISSING,
+        m.run if m else MISSING,
+    ]
+
+
+def _metric_intro(preset: str, measured: Iterable[Measured | None], dataset_note: str) -> list[str]:
+    labels = sorted({m.label for m in measured if m is not None})
+    ours = "; ".join(labels) if labels else f"{MISSING} (no evaluation yet)"
+    return [
+        f"Preset: `{preset}`. {dataset_note}",
+        "",
+        f"Our metric: **{ours}**. Paper metric: **{PAPER_METRIC}**.",
+        "Δ = ours − paper; it compares like with like only when both metrics are the same.",
+        f"A cell with no run is shown as {MISSING}.",
+    ]
+
+
+def _quoted(rows: Sequence[PaperRow], source: str) -> list[list[str]]:
+    return [
+        [f"{r.method} [quoted]", r.nfe, fmt(r.fid), fmt(r.params_m, 1), r.category, r.source]
+        for r in rows
+        if r.source == source and not r.key
+    ]
+
+
+def _dataset_note(preset: str, table_dataset: str) -> str:
+    if preset == "cifar10" and table_dataset == "cifar10":
+        return "Dataset: CIFAR-10, as in the paper."
+    if preset.startswith("imagenet64") and table_dataset == "imagenet64":
+        return "Dataset: ImageNet 64x64, as in the paper."
+    return (
+        f"This preset is a scaled-down stand-in for the paper's {table_dataset} setting "
+        "(different data, network and metric): compare trends, not absolute values."
+    )
+
+
+def _main_rows(
+    results: Results, paper: Sequence[PaperRow], spec: Sequence[RowSpec], fills: bool
+) -> tuple[list[list[str]], list[Measured | None]]:
+    """The rows of the main runs' final FIDs (no measured value unless ``fills``) and the values they show."""
+    rows, measured = [], []
+    for name, stage, nfe, metric, key in spec:
+        run = results.main_run(stage) if fills else None
+        m = final_fid(results, run, metric)
+        measured.append(m)
+        rows.append(_measured_row(name, nfe, m, paper_row(paper, key) if key else None, run))
+    return rows, measured
+
+
+def _main_table(
+    results: Results,
+    name: str,
+    title: str,
+    dataset: str,
+    rows: list[list[str]],
+    measured: list[Measured | None],
+    quoted: list[list[str]],
+    notes: list[str],
+) -> Table:
+    """Table 1 or 2: the main runs' rows, then the paper's other baselines, quoted."""
+    return Table(
+        name,
+        f"{title} — preset {results.preset}",
+        MAIN_HEADER,
+        rows,
+        intro=_metric_intro(results.preset, measured, _dataset_note(results.preset, dataset)),
+        quoted_header=QUOTED_HEADER,
+        quoted=quoted,
+        notes=notes,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tables
+
+
+def table1(results: Results, paper: Sequence[PaperRow]) -> Table:
+    fills = not results.preset.startswith("imagenet64")
+    rows, measured = _main_rows(results, paper, TABLE1_ROWS, fills)
+    notes = [] if fills else [f"preset {results.preset} is an ImageNet preset: its numbers are in Table 2"]
+    title = "Table 1 (CIFAR-10): NFE, FID and # params"
+    return _main_table(results, "table1_cifar10", title, "cifar10", rows, measured, _quoted(paper, "Table 1"), notes)
+
+
+def _table2_rows(network: str, suffix: str) -> list[RowSpec]:
+    return [
+        (f"Stage 1 ({network})", "stage1", "1", "fid_1step", ""),
+        (f"Stage 1 ({network})", "stage1", "2", "fid_2step", ""),
+        (f"TCM ({network})", "stage2", "1", "fid_1step", f"t2_tcm_{suffix}_1"),
+        (f"TCM ({network})", "stage2", "2", "fid_2step", f"t2_tcm_{suffix}_2"),
+    ]
+
+
+def table2(results: Results, paper: Sequence[PaperRow]) -> Table:
+    rows, measured, notes = [], [], []
+    for network, preset, suffix in TABLE2_NETWORKS:
+        fills = results.preset == preset
+        if not fills:
+            notes.append(f"{network} rows are measured by preset {preset} (this report is preset {results.preset})")
+        network_rows, network_measured = _main_rows(results, paper, _table2_rows(network, suffix), fills)
+        rows += network_rows
+        measured += network_measured
+    title = "Table 2 (ImageNet 64x64): NFE, FID and # params"
+    quoted = _quoted(paper, "Table 2") + _quoted(paper, "Appendix E")
+    return _main_table(results, "table2_imagenet64", title, "imagenet64", rows, measured, quoted, notes)
+
+
+def table3(results: Results, paper: Sequence[PaperRow]) -> Table:
+    paper_rows = {r.setting.split("=")[1]: r for r in paper if r.source == "Table 3"}
+    runs = ablation_slice(results, ["t_prime"])
+    ours = {round(v, 9): r for r in runs if (v := r.param("t_prime")) is not None}
+    values = sorted({round(float(k), 9) for k in paper_rows} | set(ours))
+    rows, measured = [], []
+    for t in values:
+        p = next((r for k, r in paper_rows.items() if same_value(float(k), t)), None)
+        m = final_fid(results, ours.get(t), "fid_1step")
+        measured.append(m)
+        rows.append(_ablation_row(f"t' = {t:g}", m, p))
+    baseline = ablation_baseline(results)
+    fixed = ", ".join(f"{k} = {fmt_g(v)}" for k, v in baseline.items() if k != "t_prime" and v is not None)
+    intro = _metric_intro(results.preset, measured, _dataset_note(results.preset, "cifar10"))
+    intro.append(f"Ablation grid (Stage 2), other hyperparameters at the grid centre: {fixed or MISSING}.")
+    return Table(
+        "table3_tprime",
+        f"Table 3: FID vs the dividing time t' — preset {results.preset}",
+        ABLATION_HEADER,
+        rows,
+        intro=intro,
+        notes=["The paper uses batch 128 for this table (1024 in its default setting)."],
+    )
+
+
+def table4(results: Results, paper: Sequence[PaperRow]) -> Table:
+    rows, measured = [], []
+    for stage_number, stage in ((1, "stage1"), (2, "stage2"), (3, "stage3")):
+        # the main runs: Stage 3 continues from the main Stage 2, which starts from the main Stage 1
+        m = final_fid(results, results.main_run(stage), "fid_1step")
+        measured.append(m)
+        rows.append(_ablation_row(f"Stage {stage_number}", m, paper_row(paper, f"t4_stage_{stage_number}")))
+    intro = _metric_intro(results.preset, measured, _dataset_note(results.preset, "cifar10"))
+    intro.append("Stage 3 continues from Stage 2 with t' = 4 (paper Sec. 4.4).")
+    return Table(
+        "table4_stages",
+        f"Table 4: FID for training stages 1, 2, 3 — preset {results.preset}",
+        ABLATION_HEADER,
+        rows,
+        intro=intro,
+    )
