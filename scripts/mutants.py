@@ -35,11 +35,11 @@ class Mutant:
 
 
 MUTANTS = [
-    Mutant("sigma-nu-swapped", "tcm_core/train_setup.py", "mu=cfg.mu, sigma=cfg.sigma, nu=cfg.nu",
-           "mu=cfg.mu, sigma=cfg.nu, nu=cfg.sigma"),
-    Mutant("mu-dropped", "tcm_core/train_setup.py", "mu=cfg.mu, sigma=cfg.sigma", "mu=0.0, sigma=cfg.sigma"),
-    Mutant("t-max-hard-coded", "tcm_core/train_setup.py", "nu=cfg.nu, t_min=lower, t_max=cfg.t_max",
-           "nu=cfg.nu, t_min=lower, t_max=80.0"),
+    Mutant("sigma-nu-swapped", "tcm_core/train_setup.py", "sigma=cfg.student_sigma, nu=cfg.student_nu",
+           "sigma=cfg.student_nu, nu=cfg.student_sigma"),
+    Mutant("mu-dropped", "tcm_core/train_setup.py", "mu=cfg.student_mu,", "mu=0.0,"),
+    Mutant("t-max-hard-coded", "tcm_core/train_setup.py", "                                    t_max=cfg.t_max)",
+           "                                    t_max=80.0)"),
     Mutant("psi-lower-bound-off-t-prime", "tcm_core/train_setup.py",
            "time_dist=build_time_distribution(cfg, cfg.t_prime)",
            "time_dist=build_time_distribution(cfg, cfg.t_prime + 0.1)"),

@@ -73,9 +73,10 @@ class TrainConfig:
     t_prime: float | None = None  # None: 1 for stage2, 4 for stage3
     rho: float = 0.25
     w_b: float = 0.1
-    mu: float = 0.0
-    nu: float = 0.01
-    sigma: float = 0.2
+    # ψ̄_t of Stage 2: ln t = student_mu + student_sigma·T_ν with ν = student_nu (the paper's μ, σ, ν; App. D)
+    student_mu: float = 0.0
+    student_nu: float = 0.01
+    student_sigma: float = 0.2
     q: float = 2.0
     ratio_limit: float = 0.999
     double_iters: int = 25000
@@ -258,7 +259,7 @@ def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
             _require(value in allowed, key, f"one of {', '.join(allowed)}", value)
     for key in FIELD_NAMES:
         value = getattr(cfg, key)
-        if isinstance(value, float) and key not in ("p_mean", "mu"):
+        if isinstance(value, float) and key not in ("p_mean", "student_mu"):
             _require(math.isfinite(value), key, "finite", value)
     _require(cfg.iterations >= 0, "iterations", ">= 0", cfg.iterations)
     _require(cfg.batch >= 1, "batch", ">= 1", cfg.batch)
@@ -274,8 +275,8 @@ def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
     _require(cfg.p_std > 0, "p_std", "> 0", cfg.p_std)
     _require(cfg.t_min > 0, "t_min", "> 0", cfg.t_min)
     _require(cfg.t_max > cfg.t_min, "t_max", f"> t_min ({cfg.t_min})", cfg.t_max)
-    _require(cfg.nu > 0, "nu", "> 0", cfg.nu)
-    _require(cfg.sigma > 0, "sigma", "> 0", cfg.sigma)
+    _require(cfg.student_nu > 0, "student_nu", "> 0", cfg.student_nu)
+    _require(cfg.student_sigma > 0, "student_sigma", "> 0", cfg.student_sigma)
     _require(cfg.q > 1, "q", "> 1", cfg.q)
     _require(0 < cfg.ratio_limit < 1, "ratio_limit", "in (0, 1)", cfg.ratio_limit)
     _require(cfg.double_iters >= 1, "double_iters", ">= 1", cfg.double_iters)

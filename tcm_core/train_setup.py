@@ -203,7 +203,8 @@ def build_time_distribution(cfg: TrainConfig, lower: float) -> Any:
     from tcm_core.schedules import TruncatedLogNormal, TruncatedLogStudentT
 
     if cfg.time_dist == "student_t":
-        return TruncatedLogStudentT(mu=cfg.mu, sigma=cfg.sigma, nu=cfg.nu, t_min=lower, t_max=cfg.t_max)
+        return TruncatedLogStudentT(mu=cfg.student_mu, sigma=cfg.student_sigma, nu=cfg.student_nu, t_min=lower,
+                                    t_max=cfg.t_max)
     return TruncatedLogNormal(mean=cfg.p_mean, std=cfg.p_std, t_min=lower, t_max=cfg.t_max)
 
 

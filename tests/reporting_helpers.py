@@ -17,7 +17,7 @@ from tcm_core.networks import arch_preset
 
 LABEL = "FID (LeNet features, 5k, min of 3)"  # as evaluation.fid_label writes it
 DFID_TS = (0.2, 0.5, 2.0, 4.0, 80.0)
-BASELINE = {"t_prime": 1.0, "rho": 0.25, "w_b": 0.1, "sigma": 0.2, "nu": 0.01}
+BASELINE = {"t_prime": 1.0, "rho": 0.25, "w_b": 0.1, "student_sigma": 0.2, "student_nu": 0.01}
 
 
 @dataclass
@@ -101,7 +101,7 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
         grid: list[tuple[dict, float]] = [({**BASELINE, "t_prime": t}, f) for t, f in scenario.tprime_fids.items()]
         grid += [({**BASELINE, "rho": rho}, 26.0 + rho) for rho in (0.1, 0.5)]
         grid += [({**BASELINE, "w_b": 0.01}, scenario.wb001_final), ({**BASELINE, "w_b": 1.0}, 26.5)]
-        grid += [({**BASELINE, "sigma": s, "nu": n}, 29.0 + s) for s, n in ((2.0, 10000.0), (0.2, 2.0))]
+        grid += [({**BASELINE, "student_sigma": s, "student_nu": n}, 29.0 + s) for s, n in ((2.0, 10000.0), (0.2, 2.0))]
         seen = set()
         for point, fid in grid:
             name = "/".join(f"{k}~{point[k]}" for k in BASELINE)  # a Paramspace instance pattern
@@ -116,7 +116,7 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
             "iterations": spec.end - spec.start,
             "start_iteration": spec.start,
             "end_iteration": spec.end,
-            **{"rho": 0.25, "w_b": 0.1, "sigma": 0.2, "nu": 0.01, "mu": 0.0, "t_max": 80.0},
+            **{"rho": 0.25, "w_b": 0.1, "student_sigma": 0.2, "student_nu": 0.01, "student_mu": 0.0, "t_max": 80.0},
             **spec.params,
         }
         (spec.folder / "config.json").write_text(json.dumps(spec.config))

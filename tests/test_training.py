@@ -105,8 +105,8 @@ def test_chunk_seed_depends_on_seed_iteration_and_chunk_only():
     ("stage2", {"rho": 0.0}, "rho"),
     ("stage2", {"t_prime": 80.0}, "t_prime"),
     ("stage3", {"t_prime": 100.0}, "t_prime"),
-    ("stage2", {"nu": 0.0}, "nu"),
-    ("stage2", {"sigma": -1.0}, "sigma"),
+    ("stage2", {"student_nu": 0.0}, "student_nu"),
+    ("stage2", {"student_sigma": -1.0}, "student_sigma"),
     ("stage1", {"ratio_limit": 1.0}, "ratio_limit"),
     ("stage1", {"c": -0.1}, "c"),
     ("stage1", {"optimizer": "sgd"}, "optimizer"),
@@ -147,7 +147,7 @@ def test_preset_yaml_resolution(tmp_path):
                 "arch": {"preset": "tiny", "dropout": 0.1},
                 "pretrain": {"iterations": 11, "lr": 1e-3},
                 "stage1": {"iterations": 22, "p_mean": -1.0, "q": 4},
-                "stage2": {"iterations": 33, "t_prime": 1.0, "nu": 2, "lr": 5e-5},
+                "stage2": {"iterations": 33, "t_prime": 1.0, "student_nu": 2, "lr": 5e-5},
                 "stage3": {"t_prime": 4},
                 "eval": {"every": 7, "mid_t": 1.0, "dfid_ts": [1, 2]},
             },
@@ -161,7 +161,7 @@ def test_preset_yaml_resolution(tmp_path):
     cont = resolve_config(path, "stage1_continued")
     assert (cont.iterations, cont.p_mean, cont.q) == (33, -1.0, 4.0)  # stage1 keys, stage2's length
     s3 = resolve_config(path, "stage3", overrides=["lr=2e-5", "eval_dfid_ts=[0.5, 4]"])
-    assert (s3.iterations, s3.t_prime, s3.nu, s3.lr, s3.eval_dfid_ts) == (33, 4.0, 2.0, 2e-5, [0.5, 4.0])
+    assert (s3.iterations, s3.t_prime, s3.student_nu, s3.lr, s3.eval_dfid_ts) == (33, 4.0, 2.0, 2e-5, [0.5, 4.0])
     assert (s3.eval_every, s3.eval_mid_t) == (7, 1.0)
     assert resolve_config(path, "stage1", preset="other").iterations == 99
     with pytest.raises(ValueError, match="preset"):

@@ -27,8 +27,9 @@ STAGE1 = {"iterations": 4, "batch": 8, "optimizer": "radam", "lr": 3e-4, "p_mean
           "t_min": 0.005, "t_max": 60.0, "q": 5.0, "ratio_limit": 0.995, "double_iters": 7, "c": 0.02,
           "weighting": "inv_cout_sq", "ema": "power", "ema_gamma": 5.0, "lr_decay_iters": 11, "log_every": 1,
           "state_every": 1000, "seed": 3}
-STAGE2 = {**STAGE1, "batch": 10, "q": 3.0, "lr": 2e-4, "t_prime": 1.3, "rho": 0.3, "w_b": 0.7, "mu": 0.2, "sigma": 0.35,
-          "nu": 1.5, "c": 0.05, "weighting": "inv_delta_t", "ema": "constant", "ema_beta": 0.93,
+STAGE2 = {**STAGE1, "batch": 10, "q": 3.0, "lr": 2e-4, "t_prime": 1.3, "rho": 0.3, "w_b": 0.7, "student_mu": 0.2,
+          "student_sigma": 0.35, "student_nu": 1.5, "c": 0.05, "weighting": "inv_delta_t", "ema": "constant",
+          "ema_beta": 0.93,
           "lr_decay_iters": 5, "lr_rampup_iters": 0}
 PRESETS = {"preset": "micro", "presets": {"micro": {
     "arch": MICRO_ARCH, "stage1": STAGE1, "stage2": STAGE2, "stage3": {"t_prime": 2.5}, "eval": {"every": 0}}}}

@@ -95,8 +95,9 @@ def figure_fig1b(results: Results, path: Path) -> bool:
 
 
 def figure_fig4b(results: Results, path: Path) -> bool:
-    slice_ = sorted(ablation_slice(results, ["sigma", "nu"]), key=lambda r: (r.param("sigma"), r.param("nu")))
-    runs = [(run, f"sigma = {fmt_g(run.param('sigma'))}, nu = {fmt_g(run.param('nu'))}") for run in slice_]
+    axes = ["student_sigma", "student_nu"]
+    slice_ = sorted(ablation_slice(results, axes), key=lambda r: tuple(r.param(a) for a in axes))
+    runs = [(run, f"sigma = {fmt_g(run.param(axes[0]))}, nu = {fmt_g(run.param(axes[1]))}") for run in slice_]
     title = f"Fig. 4b analogue: 1-step FID vs iteration for (sigma, nu) — preset {results.preset}"
     return _fid_curves_figure(results, path, runs, title, "1-step FID (fid_1step, lower is better)", fontsize=10)
 
@@ -291,7 +292,7 @@ def _plot_dfid_by_step(ax, by_step: dict[int, list[tuple[float, float]]], t_prim
 
 
 def _sigma_nu_pairs(results: Results) -> list[tuple[float, float]]:
-    pairs = {(r.param("sigma"), r.param("nu")) for r in ablation_runs(results)}
+    pairs = {(r.param("student_sigma"), r.param("student_nu")) for r in ablation_runs(results)}
     return sorted({(s, n) for s, n in pairs if s is not None and n is not None})
 
 
@@ -300,7 +301,7 @@ def figure_fig4a(results: Results, path: Path) -> bool:
     baseline = ablation_baseline(results)
     t_prime = baseline["t_prime"] if baseline["t_prime"] is not None else PAPER_DEFAULTS["t_prime"]
     t_max = next((v for r in runs if (v := r.param("t_max")) is not None), DEFAULT_T_MAX)
-    mu = next((v for r in runs if (v := r.param("mu")) is not None), 0.0)
+    mu = next((v for r in runs if (v := r.param("student_mu")) is not None), 0.0)
     pairs = _sigma_nu_pairs(results) or list(PAPER_FIG4A_SIGMA_NU)
     source = "grid of this preset" if _sigma_nu_pairs(results) else "paper's three cases (no grid runs yet)"
     fig, ax = _new_axes(

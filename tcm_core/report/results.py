@@ -9,7 +9,8 @@ from typing import Any
 from tcm_core.report.values import as_float
 
 TRAIN_STAGES = ("pretrain", "stage1", "stage1_continued", "stage2", "stage3")
-SWEPT_PARAMS = ("t_prime", "rho", "w_b", "sigma", "nu")  # the Stage-2 hyperparameters the ablation grid varies
+# the Stage-2 hyperparameters the ablation grid varies
+SWEPT_PARAMS = ("t_prime", "rho", "w_b", "student_sigma", "student_nu")
 DFID_PREFIX = "dfid_t"  # dFID at noise level t is logged as the metric dfid_t<t>, e.g. dfid_t0.2
 
 

@@ -173,7 +173,7 @@ def mlflow_env(run_key, stage, grid="main", target=None, artifacts=()):
 # Ablation grid: one Paramspace of the DISTINCT Stage-2 configurations of every grid (the baseline,
 # shared by all grids, appears once). All points start from the one Stage-1 checkpoint.
 
-ABLATION_COLUMNS = ["t_prime", "rho", "w_b", "sigma", "nu"]
+ABLATION_COLUMNS = ["t_prime", "rho", "w_b", "student_sigma", "student_nu"]
 
 
 def ablation_frame(p):
@@ -187,7 +187,10 @@ def ablation_frame(p):
         for r in ab.get("rho", [])
         for w in ab.get("w_b", [])
     ]
-    rows += [{**base, "sigma": float(s), "nu": float(n)} for s, n in ab.get("sigma_nu", [])]
+    rows += [
+        {**base, "student_sigma": float(s), "student_nu": float(n)}
+        for s, n in ab.get("sigma_nu", [])
+    ]
     if not (ab.get("t_prime") or ab.get("rho") or ab.get("w_b") or ab.get("sigma_nu")):
         rows = []
     frame = pd.DataFrame(rows, columns=ABLATION_COLUMNS, dtype=float)
