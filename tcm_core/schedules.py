@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from scipy import stats
 
+T_MAX = 80.0  # T: EDM's sigma_max, where 1-step generation starts and every time range ends
+T_MIN = 0.002  # EDM's sigma_min: the lower end of Stage 1's time range
 TABLE_POINTS = 4096  # knots per grid (probability grid and ln-t grid); 2·TABLE_POINTS knots in the table
 R_MIN = 1e-6  # lower clamp of r = t − Δt, as in the official TCM code
 

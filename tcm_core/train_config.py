@@ -1,15 +1,8 @@
-"""Training configuration: the :class:`TrainConfig` keys, their resolution from YAML and their validation.
+"""Training configuration: the :class:`TrainConfig` keys, their types and their validation.
 
-Resolution order (see docs/ARCHITECTURE.md "config.yaml layout"):
-
-1. ``presets[P][section(mode)]`` of the YAML (``P`` = ``--preset`` or the YAML's top-level ``preset``);
-   ``stage1_continued`` takes the ``stage1`` keys with the ``iterations`` of ``stage2`` (the control runs
-   as long as Stage 2), ``stage3`` merges ``stage3`` over ``stage2``; ``pretrain`` also takes the preset's
-   ``arch`` and every mode takes the preset's ``eval`` block (``every, num, mid_t, dfid_ts`` ->
-   ``eval_every, eval_num, eval_mid_t, eval_dfid_ts``) unless the section sets those keys itself.
-   A flat YAML (no ``presets``) is taken as the TrainConfig keys directly.
-2. ``key=value`` overrides from the command line, values parsed with ``yaml.safe_load``.
-3. Mode-dependent defaults (``None`` below) are filled in, then everything is validated before any compute.
+Where the keys come from (a preset's sections of config.yaml) is ``tcm_core.presets``. Here: ``key=value``
+command-line overrides (values parsed with ``yaml.safe_load``), type coercion, mode-dependent defaults (``None``
+below), and validation before any compute; every failure is a ``ConfigError`` naming the key.
 """
 
 from __future__ import annotations
@@ -17,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tcm_core.errors import ConfigError, MissingFileError
+from tcm_core.errors import ConfigError
 
 MODES = ("pretrain", "stage1", "stage1_continued", "stage2", "stage3")
 TRUNCATED_MODES = ("stage2", "stage3")
@@ -39,8 +31,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "curriculum": ("auto", "continue", "cap"),
 }
 
-# the preset's `eval` block -> TrainConfig keys
-EVAL_BLOCK_KEYS = {"every": "eval_every", "num": "eval_num", "mid_t": "eval_mid_t", "dfid_ts": "eval_dfid_ts"}
 
 
 @dataclass
@@ -121,61 +111,6 @@ _BOOL_KEYS = {"tf32", "deterministic"}
 _STR_KEYS = set(CHOICES)
 _DICT_KEYS = {"arch"}
 _LIST_KEYS = {"eval_dfid_ts"}
-
-
-def section_for_mode(mode: str) -> str:
-    return {"stage1_continued": "stage1"}.get(mode, mode)
-
-
-def load_yaml_sections(path: str | Path, mode: str, preset: str | None = None) -> dict[str, Any]:
-    """The TrainConfig keys for ``mode`` from a presets YAML or a flat YAML (before overrides)."""
-    if mode not in MODES:
-        raise ConfigError(f"unknown mode {mode!r}", "--mode", f"use one of {', '.join(MODES)}")
-    raw = read_yaml(path) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError("the config is not a mapping at the top level", str(path), "fix the YAML")
-    if "presets" not in raw:
-        return dict(raw)
-    name = preset or raw.get("preset")
-    presets = raw["presets"] or {}
-    if name is None or name not in presets:
-        raise ConfigError(f"unknown preset {name!r}", f"{path} presets", f"use one of {', '.join(map(str, presets))}")
-    block = presets[name] or {}
-
-    def section(key: str) -> dict[str, Any]:
-        value = block.get(key) or {}
-        if not isinstance(value, dict):
-            raise ConfigError("a section is not a mapping", f"{path} presets.{name}.{key}", "make it a mapping")
-        return dict(value)
-
-    if mode == "stage1_continued":
-        keys = section("stage1")
-        if "iterations" in section("stage2"):
-            keys["iterations"] = section("stage2")["iterations"]
-    elif mode == "stage3":
-        keys = {**section("stage2"), **section("stage3")}
-    else:
-        keys = section(mode)
-    if mode == "pretrain" and "arch" not in keys and block.get("arch") is not None:
-        keys["arch"] = dict(block["arch"])
-    for eval_key, cfg_key in EVAL_BLOCK_KEYS.items():
-        if cfg_key not in keys and eval_key in section("eval"):
-            keys[cfg_key] = section("eval")[eval_key]
-    return keys
-
-
-def read_yaml(path: str | Path) -> Any:
-    """A YAML file's content; a missing file or a syntax error is one clear error naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError("config file not found", str(path), "check the path")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path} line {mark.line + 1} column {mark.column + 1}" if mark is not None else str(path)
-        problem = getattr(error, "problem", None) or "invalid YAML"
-        raise ConfigError(f"YAML syntax error ({problem})", where, "fix the file") from None
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -315,13 +250,3 @@ def batch_split(cfg: TrainConfig, mode: str, world_size: int) -> tuple[int, int]
     _require(chunk >= 1 and per_rank % chunk == 0, "batch_gpu",
              f"a divisor of batch / world_size = {per_rank}", cfg.batch_gpu)
     return chunk, per_rank // chunk
-
-
-def resolve_config(config_path: str | Path | None, mode: str, preset: str | None = None,
-                   overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
-    keys = load_yaml_sections(config_path, mode, preset) if config_path else {}
-    if isinstance(overrides, dict):
-        keys.update(overrides)
-    elif overrides:
-        keys.update(parse_overrides(overrides))
-    return build_config(keys, mode)

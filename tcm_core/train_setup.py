@@ -19,6 +19,7 @@ App. E, "for the second stage, we start with the maximum r values ... and do not
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,15 @@ from tcm_core.errors import ConfigError, MissingFileError, RefusedFileError
 from tcm_core.optim import build_optimizer
 from tcm_core.schedules import curriculum_ratio
 from tcm_core.train_config import TRUNCATED_MODES, TrainConfig, batch_split, validate_config
-from tcm_core.train_state import check_compatible, load_latest_state, load_state_file, restore_state
+from tcm_core.train_state import (
+    check_compatible,
+    discard_states,
+    load_latest_state,
+    load_state_file,
+    restore_state,
+)
+
+log = logging.getLogger(__name__)
 
 CURRICULUM_AT_CAP_MODES = ("stage1_continued", "stage2", "stage3")
 
@@ -288,9 +297,25 @@ def setup(cfg: TrainConfig, mode: str, paths: RunPaths, device: str = "auto") ->
     return run
 
 
+def input_hashes(run: Run) -> dict[str, str | None]:
+    """sha256 of the files a run starts from: a saved state is only resumed on top of the same ones."""
+    from tcm_core.hashing import sha256_file
+
+    init_state = run.paths.init_state
+    return {"init": run.info["init_sha256"], "boundary_model": run.info["boundary_sha256"],
+            "init_state": sha256_file(init_state) if init_state else None}
+
+
 def restore(run: Run) -> int:
     """Resume the run's own newest state, else (the control) Stage 1's final state; return the sampler position."""
+    run.info["inputs"] = input_hashes(run)
     state = load_latest_state(run.paths.state_folder)
+    if state is not None and state.get("inputs", run.info["inputs"]) != run.info["inputs"]:
+        # an upstream job reran (e.g. Stage 1): never resume Stage 2 on top of an outdated Stage 1
+        log.warning("discarding the training states in %s: they were trained from other input files",
+                    run.paths.state_folder)
+        discard_states(run.paths.state_folder)
+        state = None
     if state is not None:
         check_compatible(state, run.cfg.to_dict(), run.mode, run.start_iteration, run.paths.state_folder)
         run.resumed_from = int(state["iteration"])
@@ -310,8 +335,6 @@ def restore(run: Run) -> int:
 
 def continuation_state(run: Run) -> dict[str, Any]:
     """Stage 1's final training state, checked to be the run the control continues."""
-    from tcm_core.hashing import sha256_file
-
     state = load_state_file(run.paths.init_state)
     free = {"control", "curriculum"}
     check_compatible(state, run.cfg.to_dict(), "stage1", None, run.paths.init_state, extra_free=free)
@@ -319,7 +342,7 @@ def continuation_state(run: Run) -> dict[str, Any]:
         raise RefusedFileError(f"the training state is at iteration {state['iteration']} but the Stage-1 network "
                                f"at {run.info['init_iteration']}", f"--init-state {run.paths.init_state}",
                                "pass the state and the network of the same Stage-1 run")
-    run.info["init_state_sha256"] = sha256_file(run.paths.init_state)
+    run.info["init_state_sha256"] = run.info["inputs"]["init_state"]
     return state
 
 

@@ -93,6 +93,12 @@ def check_finite_state(state: dict[str, Any]) -> None:
                                          "the training state", "lower lr or set grad_clip; nothing was written")
 
 
+def discard_states(state_dir: str | Path) -> None:
+    """Delete every state file in the folder (a run that must start afresh)."""
+    for _, path in list_states(state_dir):
+        path.unlink(missing_ok=True)
+
+
 def load_latest_state(state_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
     """The newest state file that loads and is complete; corrupt or torn files are skipped with a warning."""
     for iteration, path in list_states(state_dir):
@@ -148,6 +154,7 @@ def state_of(run: Any) -> dict[str, Any]:
         "sampler_position": run.sampler.position, "nonfinite_skipped": run.nonfinite_skipped,
         "consecutive_bad": run.consecutive_bad, "log_sums": dict(run.log_sums), "log_count": run.log_count,
         "config": run.cfg.to_dict(), "mode": run.mode, "start_iteration": run.start_iteration,
+        "inputs": dict(run.info.get("inputs") or {}),
     }
 
 

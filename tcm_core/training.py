@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from tcm_core.distributed import finish_distributed, pick_device
-from tcm_core.train_config import MODES, TRUNCATED_MODES, TrainConfig, build_config, resolve_config
+from tcm_core.presets import resolve_config
+from tcm_core.train_config import MODES, TRUNCATED_MODES, TrainConfig, build_config
 from tcm_core.train_outputs import PeriodicEval, RunOutputs, Tracking
 from tcm_core.train_setup import Run, RunPaths, setup
 from tcm_core.train_step import train_step

@@ -16,7 +16,7 @@ import yaml
 from training_helpers import MICRO_ARCH, load_weights, make_small_mnist, run_cli, save_foreign_state_dict
 
 from tcm_core.errors import ConfigError, RefusedFileError
-from tcm_core.train_config import resolve_config
+from tcm_core.presets import resolve_config
 from tcm_core.train_setup import RunPaths, setup
 from tcm_core.train_state import load_state_file
 

@@ -15,7 +15,8 @@ from training_helpers import MICRO_ARCH, load_weights, make_small_mnist, run_cli
 from tcm_core.errors import NonFiniteTrainingError
 from tcm_core.global_batch import chunk_seed
 from tcm_core.optim import ema_beta, learning_rate, update_ema
-from tcm_core.train_config import TrainConfig, build_config, resolve_config, validate_config
+from tcm_core.presets import resolve_config
+from tcm_core.train_config import TrainConfig, build_config, validate_config
 from tcm_core.train_outputs import PeriodicEval
 from tcm_core.train_state import list_states, load_latest_state, save_state
 from tcm_core.training import train
@@ -365,3 +366,21 @@ def test_a_rho_that_gives_no_boundary_sample_is_refused_before_compute():
     with pytest.raises(ValueError, match="'rho'.*floor\\(batch \\* rho\\)"):
         build_config({"batch": 16, "rho": 0.05}, "stage2")
     assert build_config({"batch": 16, "rho": 0.0625, "batch_gpu": 2}, "stage2").rho == 0.0625
+
+
+def test_a_state_trained_from_other_input_files_is_discarded_not_resumed(data, tmp_path):
+    """An upstream job reran (another Stage-1 file): Stage 2 starts afresh instead of resuming on top of it."""
+    first = save_micro_checkpoint(tmp_path / "a.safetensors", iteration=30, seed=1)
+    second = save_micro_checkpoint(tmp_path / "b.safetensors", iteration=30, seed=2)
+    state = tmp_path / "state"
+
+    def run(init, iterations):
+        cfg = build_config(micro_overrides(iterations=iterations, state_every=1), "stage2")
+        return train(cfg, mode="stage2", data=data, out=tmp_path / "run", init=init, boundary_model=init,
+                     state_dir=state, device="cpu", progress=False)
+
+    run(first, 2)
+    assert run(first, 3).resumed_from == 32  # the same inputs: resumed
+    fresh = run(second, 3)
+    assert fresh.resumed_from is None and fresh.end_iteration == 33
+    assert [it for it, _ in list_states(state)] == [33, 32]  # the old states (up to 33 from `first`) are gone

@@ -20,7 +20,7 @@ from scipy import stats
 from training_helpers import MICRO_ARCH, CallRecorder, make_small_mnist, save_micro_checkpoint
 
 from tcm_core.global_batch import boundary_positions, chunk_plan
-from tcm_core.train_config import resolve_config
+from tcm_core.presets import resolve_config
 from tcm_core.train_setup import RunPaths, setup
 
 STAGE1 = {"iterations": 4, "batch": 8, "optimizer": "radam", "lr": 3e-4, "p_mean": -0.2, "p_std": 1.3,

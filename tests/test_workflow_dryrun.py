@@ -66,7 +66,7 @@ def test_planned_jobs(workdir, preset, target):
     if target == "all_ablations":
         # ablation points train at the ablation batch; the main run does not
         batch = {"tiny": 16, "ci": 10}.get(preset, 128)
-        assert "stage2/ablation/t_prime~0.17/rho~0.25/w_b~0.1/sigma~0.2/nu~0.01" in out
+        assert "stage2/ablation/t_prime~0.17/rho~0.25/w_b~0.1/student_sigma~0.2/student_nu~0.01" in out
         assert f" batch={batch} " in out
 
 
@@ -81,9 +81,18 @@ BAD_CONFIGS = [
     ("presets:\n  ci:\n    stage2: {weighting: foo}\n", "presets.ci.stage2.weighting", "inv_delta_t"),
     ("presets:\n  ci:\n    stage2: {rho: 1.5}\n", "presets.ci.stage2.rho", "maximum of 1"),
     ("presets:\n  ci:\n    ablation: {batch: 0}\n", "presets.ci.ablation.batch", "minimum of 1"),
-    ("presets:\n  ci:\n    stage2: {t_prime: 100.0}\n", "presets.ci.stage2.t_prime", "(t_min, t_max)"),
+    ("presets:\n  ci:\n    stage2: {t_prime: 100.0}\n", "presets.ci.stage2: config key 't_prime'", "(t_min, t_max)"),
     ("presets:\n  ci:\n    eval: {extractor: vgg}\n", "presets.ci.eval.extractor", "'lenet', 'inception'"),
     ("tracking_uri: ./mlruns\n", "tracking_uri", "sqlite:///"),
+    # everything a job would refuse is refused before any job runs (tcm_core.presets.check_preset)
+    ("presets:\n  ci:\n    stage2: {rho: 0.05}\n", "presets.ci.stage2: config key 'rho'", "floor(batch * rho)"),
+    ("presets:\n  ci:\n    ablation: {batch: 4}\n", "presets.ci.ablation (point", "floor(batch * rho)"),
+    ("presets:\n  ci:\n    stage1: {batch: 8, batch_gpu: 3}\n", "presets.ci.stage1: config key 'batch_gpu'",
+     "a divisor of"),
+    ("presets:\n  ci:\n    stage2: {precision: bf16}\n", "presets.ci.stage2.precision", "needs CUDA"),
+    ("presets:\n  ci:\n    stage1: {lr: .inf}\n", "presets.ci.stage1: config key 'lr'", "finite"),
+    ("presets:\n  ci:\n    arch: {preset: tiny, model_channels: 1000000}\n", "presets.ci.arch", "parameters"),
+    ("presets:\n  ci:\n    eval: {dfid_ts: [0.001, 1.0]}\n", "presets.ci.eval.dfid_ts", "[t_min, t_max]"),
 ]
 
 
@@ -94,14 +103,20 @@ def test_bad_config_fails_before_any_job(tmp_path, overlay, key, allowed):
     proc = snakemake(wd, "--cores", "1", "--configfile", "config.yaml", "bad.yaml", "--config", "preset=ci")
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
-    assert f"invalid config: {key}" in text and allowed in text, text[-2000:]
+    assert "tcm: error: " in text and key in text and allowed in text, text[-2000:]
     assert not (wd / "results").exists()  # nothing ran, not even mlflow_init
+
+
+def test_nested_config_values_on_the_command_line_are_numbers(tmp_path):
+    wd = make_workdir(tmp_path / "wf")
+    proc = snakemake(wd, "-n", "-p", "--config", "preset=ci", "presets={ci: {stage2: {rho: 0.5}}}", check=True)
+    assert " rho=0.5 " in proc.stdout  # the main Stage-2 run got the number (a string would fail the schema)
 
 
 @pytest.mark.parametrize(
     ("config", "key", "allowed"),
     [
-        ("preset=nope", "preset", "'tiny'"),
+        ("preset=nope", "unknown preset 'nope'", "use one of tiny, ci"),
         ("preset=imagenet64_xl", "presets.imagenet64_xl.init.path", "ECM-XL"),
     ],
 )
@@ -109,10 +124,10 @@ def test_bad_preset_choice_fails_early(workdir, config, key, allowed):
     proc = snakemake(workdir, "-n", "--config", config)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
-    assert f"invalid config: {key}" in text and allowed in text, text[-2000:]
+    assert "tcm: error: " in text and key in text and allowed in text, text[-2000:]
 
 
-OWN_RULE_FILES = ("common", "data", "checkpoints", "training", "evaluation", "ablations")
+OWN_RULE_FILES = ("common", "jobs", "data", "checkpoints", "training", "evaluation")
 
 
 @pytest.mark.parametrize("preset", ["ci", "cifar10"])

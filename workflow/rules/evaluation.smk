@@ -26,15 +26,13 @@ rule fid:
         seeds=eval_seeds,
         features=feature_args,
         device=P["device"],
-        run_key=eval_run_key("fid"),
-        target=eval_target,
+        tracking=eval_tracking("fid"),
         env=eval_env("fid"),
     shell:
         "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate fid --ckpt {input.ckpt}"
         " --steps {params.steps} --num {params.num} --seeds {params.seeds} {params.features}"
         " --ref-stats {input.ref} --out {output.json} --device {params.device} --no-progress"
-        ' --mlflow-uri "$TCM_MLFLOW_URI" --mlflow-parent {input.mlflow} --run-key {params.run_key}'
-        " --target-run-key {params.target} > {log} 2>&1"
+        " {params.tracking} > {log} 2>&1"
 
 
 rule dfid:
@@ -61,15 +59,13 @@ rule dfid:
         num=EVAL["dfid_num"],
         features=feature_args,
         device=P["device"],
-        run_key=eval_run_key("dfid"),
-        target=eval_target,
+        tracking=eval_tracking("dfid"),
         env=eval_env("dfid"),
     shell:
         "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate dfid --ckpt {input.ckpt}"
         " --data {input.data} --ts {params.ts} --num {params.num} {params.features}"
         " --ref-stats {input.ref} --out {output.json} --device {params.device} --no-progress"
-        ' --mlflow-uri "$TCM_MLFLOW_URI" --mlflow-parent {input.mlflow} --run-key {params.run_key}'
-        " --target-run-key {params.target} > {log} 2>&1"
+        " {params.tracking} > {log} 2>&1"
 
 
 rule sample_grid:
@@ -98,12 +94,9 @@ rule sample_grid:
         steps=eval_steps,
         num=EVAL["grid_num"],
         device=P["device"],
-        run_key=eval_run_key("sample_grid"),
-        target=eval_target,
+        tracking=eval_tracking("sample_grid"),
         env=eval_env("sample_grid"),
     shell:
         "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate grid --ckpt {input.ckpt}"
         " --steps {params.steps} --num {params.num} --seed 0 --out {output.png}"
-        ' --device {params.device} --no-progress --mlflow-uri "$TCM_MLFLOW_URI"'
-        " --mlflow-parent {input.mlflow} --run-key {params.run_key}"
-        " --target-run-key {params.target} > {log} 2>&1"
+        " --device {params.device} --no-progress {params.tracking} > {log} 2>&1"

@@ -1,0 +1,239 @@
+# How each job is called: the command lines passed to `python -m tcm_core`. One builder renders every
+# training rule's command (train_params / TRAIN_SHELL); the keys of each job come from tcm_core.presets.
+
+import hashlib
+import json
+import shlex
+
+from tcm_core.schedules import T_MAX
+
+
+def yaml_value(value):
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text[: -len("...")].strip() if text.endswith("...") else text
+
+
+def format_overrides(keys):
+    """`key=value` arguments for `python -m tcm_core train` (values in YAML, shell-quoted)."""
+    return " ".join(shlex.quote(f"{k}={yaml_value(v)}") for k, v in sorted(keys.items()))
+
+
+def fill(template, wildcards):
+    return template.format(**dict(wildcards.items()))
+
+
+def mlflow_env(run_key, stage, grid="main", target=None, artifacts=()):
+    """Environment prefix that tags the job's MLflow child run (read by tcm_core.tracking.open_tracker)."""
+    tags = {
+        "tcm.run_key": run_key,
+        "tcm.rule": run_key.split(":", 1)[0],
+        "tcm.preset": PRESET,
+        "tcm.stage": stage,
+        "tcm.grid": grid,
+        "tcm.study": STUDY,
+    }
+    if target:
+        tags["tcm.target_run_key"] = target
+    env = f"TCM_MLFLOW_TAGS={shlex.quote(json.dumps(tags, sort_keys=True))}"
+    if artifacts:
+        env += f" TCM_MLFLOW_ARTIFACTS={shlex.quote(json.dumps(list(artifacts)))}"
+    return env
+
+
+def tracking_args(run_key, mlflow_record):
+    return (
+        f'--mlflow-uri "$TCM_MLFLOW_URI" --mlflow-parent {shlex.quote(str(mlflow_record))}'
+        f" --run-key {shlex.quote(run_key)}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training jobs
+
+
+def train_keys(mode, run):
+    """The TrainConfig keys of one training job, as tcm_core.presets resolves them."""
+    if mode == "stage2" and is_ablation(run):
+        point = ABLATION.instance({"cfg": run[len("stage2/ablation/") :]})
+        return presets.ablation_keys(P, point)
+    keys = presets.section_keys(P, mode)
+    if mode == "stage1_continued" and FOREIGN_STAGE1:
+        keys["control"] = (
+            "ema_restart"  # no Stage-1 training state exists: the named, visible variant
+        )
+    return keys
+
+
+def state_dir(run, keys):
+    """Mid-run state folder outside the declared outputs, keyed by the settings: a killed job resumes,
+    a job whose settings changed starts afresh (train discards a state whose input files changed).
+    """
+    digest = hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{RESULTS}/_state/{run}/{digest}"
+
+
+def launcher(wildcards, resources):
+    """`torchrun` inside the job when it holds several GPUs, else plain python."""
+    if resources.gpu > 1:
+        return f"torchrun --standalone --nproc_per_node {resources.gpu} -m"
+    return "python -m"
+
+
+def periodic_eval_inputs(wildcards=None):
+    if not EVAL.get("every"):
+        return []
+    return [ref_stats_path()] + ([feature_net_path()] if EVAL["extractor"] == "lenet" else [])
+
+
+def periodic_eval_args():
+    if not EVAL.get("every"):
+        return ""
+    args = f"--eval-ref-stats {ref_stats_path()} --eval-extractor {EVAL['extractor']}"
+    if EVAL["extractor"] == "lenet":
+        args += f" --eval-feature-net {feature_net_path()}"
+    return args
+
+
+def train_run_key(run):
+    """Deterministic run key (rule + wildcards) of the training job that produced `run`."""
+    if run == "stage1" and FOREIGN_STAGE1:
+        return f"init:{PRESET}"
+    rule_name = {"pretrain": "pretrain_edm"}.get(run, run.split("/", 1)[0])
+    return f"{rule_name}:{PRESET}:{run}"
+
+
+def train_args(mode, run_template):
+    """The `tcm_core train` argument list of a training rule (a params function)."""
+
+    def args(wildcards, input, output):
+        run = fill(run_template, wildcards)
+        keys = train_keys(mode, run)
+        parts = [f"--mode {mode}", f"--data {input.data}", f"--out {RESULTS}/{run}"]
+        for flag, value in (
+            ("--init", input.get("init")),
+            ("--boundary-model", input.get("boundary")),
+            ("--init-state", input.get("state")),
+            ("--final-state", output.get("state")),
+        ):
+            if value:
+                parts.append(f"{flag} {shlex.quote(str(value))}")
+        parts += [f"--state-dir {state_dir(run, keys)}", f"--device {P['device']}"]
+        parts += [tracking_args(train_run_key(run), input.mlflow), periodic_eval_args()]
+        return " ".join(p for p in parts + [format_overrides(keys)] if p)
+
+    return args
+
+
+def train_params(mode, run_template):
+    """params of every training rule: the MLflow tags, the launcher and the argument list."""
+
+    def env(wildcards):
+        run = fill(run_template, wildcards)
+        return mlflow_env(train_run_key(run), mode, grid_of(run))
+
+    return {"env": env, "launch": launcher, "args": train_args(mode, run_template)}
+
+
+TRAIN_SHELL = "{params.env} OMP_NUM_THREADS={threads} {params.launch} tcm_core train {params.args} > {log} 2>&1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation jobs
+
+
+def feature_args(wildcards=None):
+    args = f"--extractor {EVAL['extractor']}"
+    if EVAL["extractor"] == "lenet":
+        args += f" --feature-net {feature_net_path()}"
+    return args
+
+
+def eval_steps(wildcards):
+    return f"{T_MAX:g}" if wildcards.steps == "1step" else f"{T_MAX:g},{EVAL['mid_t']}"
+
+
+def eval_num(wildcards):
+    return ABL.get("eval_num", EVAL["num"]) if is_ablation(wildcards.run) else EVAL["num"]
+
+
+def eval_seeds(wildcards):
+    return ABL.get("eval_seeds", EVAL["seeds"]) if is_ablation(wildcards.run) else EVAL["seeds"]
+
+
+def eval_ckpt(wildcards):
+    return network_of(wildcards.run)
+
+
+def eval_run_key(rule_name, wildcards):
+    suffix = wildcards.get("steps") or wildcards.get("sweep")
+    return f"{rule_name}:{PRESET}:{wildcards.run}:{suffix}"
+
+
+def eval_tracking(rule_name):
+    def args(wildcards, input):
+        target = shlex.quote(train_run_key(wildcards.run))
+        key = eval_run_key(rule_name, wildcards)
+        return f"{tracking_args(key, input.mlflow)} --target-run-key {target}"
+
+    return args
+
+
+def eval_env(rule_name):
+    def env(wildcards, output):
+        return mlflow_env(
+            eval_run_key(rule_name, wildcards),
+            "eval",
+            grid_of(wildcards.run),
+            target=train_run_key(wildcards.run),
+            artifacts=[str(Path(f).resolve()) for f in output],
+        )
+
+    return env
+
+
+def dfid_ts(wildcards):
+    ts = EVAL["dfid_ts"] if wildcards.sweep == "dfid" else EVAL["dfid_ts_wide"]
+    return ",".join(f"{float(t):g}" for t in ts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and checkpoint sources
+
+
+def dataset_download_url():
+    source = P["dataset"].get("source") or ""
+    return source if source.startswith(("http://", "https://")) else None
+
+
+def dataset_archive_name():
+    return Path(dataset_download_url()).name
+
+
+def dataset_fetch_args():
+    args = f"--url {shlex.quote(dataset_download_url())}"
+    if P["dataset"].get("sha256"):
+        args += f" --sha256 {P['dataset']['sha256']}"
+    return args
+
+
+def dataset_source_input():
+    if P["dataset"].get("name") != "cifar10":
+        return []
+    if dataset_download_url():
+        return f"resources/datasets/{dataset_archive_name()}"
+    return P["dataset"]["source"]
+
+
+def prepare_dataset_args(wildcards, input):
+    data = P["dataset"]
+    if data["name"] == "mnist5k":
+        return f"--name mnist5k --resolution {data.get('resolution', 16)}"
+    return f"--name cifar10 --source {shlex.quote(str(input.source))}"
+
+
+def fetch_source_args():
+    init = P["init"]
+    args = f"--name {init['name']}" if init.get("name") else f"--url {shlex.quote(init['url'])}"
+    if init.get("sha256"):
+        args += f" --sha256 {init['sha256']}"
+    return args
