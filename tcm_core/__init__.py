@@ -2,7 +2,8 @@
 
 One concept per module: ``precond`` (EDM preconditioning), ``networks`` (DDPM++ SongUNet, EDM2 UNet),
 ``schedules`` (time distributions and the Δt curriculum), ``losses`` (EDM, CT and TCM objectives),
-``sampling``, ``checkpoints``, ``data``, ``training``, ``features`` and ``metrics`` (FID, dFID),
+``sampling``, ``downloads`` (registry, fetch), ``foreign_checkpoints`` (EDM/EDM2 import),
+``network_files`` (our format, load_network), ``data``, ``training``, ``features`` and ``metrics`` (FID, dFID),
 ``evaluation`` (evaluation commands), ``tracking`` (metrics.jsonl and MLflow) and ``reporting``
 (paper tables and figures). ``python -m tcm_core --help`` lists the commands the workflow calls.
 """

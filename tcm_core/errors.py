@@ -35,7 +35,12 @@ class TcmError(Exception):
 
     def line(self) -> str:
         """The single line the CLI prints (newlines folded, so a message is always one line)."""
-        return PREFIX + " ".join(str(self).split())
+        return PREFIX + one_line(self)
+
+
+def one_line(text: object) -> str:
+    """``str(text)`` with every run of whitespace (newlines included) folded into one space."""
+    return " ".join(str(text).split())
 
 
 class ConfigError(TcmError, ValueError):

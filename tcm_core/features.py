@@ -9,7 +9,7 @@ One-channel images are repeated to three channels for Inception.
   minus the logits head) is used, located with ``importlib`` (the package itself is never imported, it needs
   cv2). Preprocessing is clean-fid's ``mode="clean"``: per-channel PIL bicubic resize on float images to
   299x299 (``cleanfid.resize.build_resizer("clean")``), then ``(x - 128) / 128``. Given clean-fid's official
-  ``inception-2015-12-05.pt`` (a path, or a URL fetched with sha256 through ``checkpoints.fetch``),
+  ``inception-2015-12-05.pt`` (a path, or a URL fetched with sha256 through ``downloads.fetch``),
   ``cleanfid.inception_torchscript.InceptionV3W(resize_inside=False)`` runs it with the same preprocessing.
 * ``lenet``: a LeNet-style classifier trained on the dataset itself (``train-feature-net``); the features
   are its 128-d penultimate pre-activations, at the dataset's native resolution (no 299 resize).
@@ -144,7 +144,7 @@ def _resize_pool() -> ThreadPoolExecutor:
 def _resolve_weights(source: str | Path, sha256: str | None) -> Path:
     text = str(source)
     if text.startswith(("http://", "https://")):
-        from tcm_core.checkpoints import fetch
+        from tcm_core.downloads import fetch
 
         cache = Path(os.environ.get("TCM_CACHE_DIR", Path.home() / ".cache" / "tcm_pipeline")) / "inception"
         return Path(fetch(text, cache / OFFICIAL_INCEPTION_NAME, sha256=sha256))

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from checkpoint_helpers import FileServer, closed_port
 
-from tcm_core.checkpoints import REGISTRY, FetchError, fetch, recorded_sha256, sha256_file, sha256_sidecar, verify_file
+from tcm_core.downloads import REGISTRY, FetchError, fetch, recorded_sha256, sha256_sidecar, verify_file
+from tcm_core.hashing import sha256_file
 
 
 @pytest.fixture(autouse=True)
@@ -130,7 +131,7 @@ def test_first_download_records_hash_then_enforces_it(tmp_path, payload, capsys)
 
 _DISK_FULL_SCRIPT = """
 import resource, signal, sys
-from tcm_core.checkpoints import FetchError, fetch
+from tcm_core.downloads import FetchError, fetch
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG (an OSError)
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 try:
