@@ -1,35 +1,53 @@
 """Downloads: the checkpoint registry, ``fetch`` with resume and sha256 pins, and the ``fetch`` CLI.
 
-``fetch`` downloads (http/https, ``file://`` or a local path) into a temporary file beside the target,
-resumes broken transfers with HTTP Range requests, retries with exponential backoff, verifies sha256 and
-only then moves the file into place with ``os.replace``. A file whose sha256 is not pinned gets it recorded
-in ``FILE.sha256`` (the sidecar) on first download; later fetches and loads enforce it.
+``fetch(source, out)`` places a verified file at ``out``; ``source`` is a REGISTRY name, an http(s) or
+``file://`` URL, or a local path.
+
+* The bytes arrive in ``OUT.part`` beside the target and are moved into place (``os.replace``) only when
+  complete and verified. ``OUT.lock`` is held (``flock``) while a fetch of ``out`` runs: a second fetch of the
+  same output waits, then finds the file in place. A killed fetch leaves ``OUT.part`` and ``OUT.lock``, which
+  records the URL and the server's validator (ETag or Last-Modified); the next fetch resumes from the
+  partial's length with an HTTP Range request (``If-Range``: a file changed upstream restarts from byte 0; a
+  server without Range support sends it whole). Broken transfers are retried with exponential backoff.
+* The expected sha256 is ``sha256``, else the registry's, else the one recorded in ``OUT.sha256`` (the
+  sidecar) by an earlier fetch. Without one, the download's hash is recorded and a hint on pinning it is
+  printed. A file already at ``out`` is used only when it matches the expected hash, or when it is itself the
+  source (``--path OUT``): an unverified file is never adopted, so a truncated leftover cannot get pinned.
+* Failures are :mod:`tcm_core.errors` classes: ``ConfigError`` (bad arguments), ``MissingFileError`` (no such
+  local file, HTTP 404/410), ``RefusedFileError`` (checksum mismatch), ``OfflineError`` (unreachable host,
+  redirect loop, retries used up, Google Drive), ``StorageError`` (disk full, no permission).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
+import json
 import os
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tcm_core.atomic import file_mode, write_text_atomic
-from tcm_core.errors import one_line
+from tcm_core.errors import (
+    ConfigError,
+    MissingFileError,
+    OfflineError,
+    RefusedFileError,
+    one_line,
+    storage_error,
+)
 from tcm_core.hashing import CHUNK_BYTES, sha256_file
 
 NET_CHUNK_BYTES = 1 << 16  # smaller: a broken connection loses at most one partly read chunk
 SHA256_SUFFIX = ".sha256"
-
-
-class FetchError(RuntimeError):
-    """A download, copy or verification failed; the message is one line meant for the user."""
+_HEX = set("0123456789abcdef")
 
 
 # --- registry (reference §4.1) ------------------------------------------------------------------------------
@@ -117,6 +135,8 @@ REGISTRY: dict[str, dict[str, Any]] = {
 }
 
 
+
+
 # --- sha256 pins: the FILE.sha256 sidecar --------------------------------------------------------------------
 
 
@@ -126,20 +146,22 @@ def sha256_sidecar(path: str | Path) -> Path:
     return path.with_name(path.name + SHA256_SUFFIX)
 
 
+def _is_sha256(value: str) -> bool:
+    return len(value) == 64 and set(value) <= _HEX
+
+
 def recorded_sha256(path: str | Path) -> str | None:
     """The hash recorded beside ``path`` (``sha256sum`` format), or None."""
     sidecar = sha256_sidecar(path)
     if not sidecar.is_file():
         return None
-    words = sidecar.read_text().split()
-    return _normalise_sha256(words[0], f"recorded hash in {sidecar}") if words else None
-
-
-def _normalise_sha256(value: str, what: str = "sha256") -> str:
-    value = value.strip().lower()
-    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-        raise ValueError(f"{what} must be 64 hexadecimal digits, got {value!r}")
-    return value
+    words = sidecar.read_text(errors="replace").split()
+    if not words:
+        return None
+    if not _is_sha256(words[0].lower()):
+        raise RefusedFileError("malformed sha256 record (not 64 hexadecimal digits)", str(sidecar),
+                               "delete it and fetch the file again")
+    return words[0].lower()
 
 
 def _record_sha256(path: Path, digest: str) -> None:
@@ -149,14 +171,22 @@ def _record_sha256(path: Path, digest: str) -> None:
 def verify_file(path: str | Path, sha256: str | None = None) -> str:
     """Check ``path`` against ``sha256`` or, without one, against ``FILE.sha256``; return its hash.
 
-    Raises ``FetchError`` on a mismatch. A file with neither is accepted and its hash returned.
+    Raises ``RefusedFileError`` on a mismatch. A file with neither is accepted and its hash returned.
     """
     path = Path(path)
-    expected = _normalise_sha256(sha256) if sha256 else recorded_sha256(path)
+    expected = _user_sha256(sha256) if sha256 else recorded_sha256(path)
     actual = sha256_file(path)
     if expected is not None and actual != expected:
-        raise FetchError(f"checksum mismatch for {path}: expected sha256 {expected}, actual {actual}")
+        raise RefusedFileError(f"checksum mismatch: expected sha256 {expected}, actual {actual}", str(path),
+                               "fetch the file again")
     return actual
+
+
+def _user_sha256(value: str) -> str:
+    value = value.strip().lower()
+    if not _is_sha256(value):
+        raise ConfigError(f"sha256 must be 64 hexadecimal digits, got {value!r}", "--sha256")
+    return value
 
 
 # --- messages ------------------------------------------------------------------------------------------------
@@ -170,21 +200,14 @@ def _pin_hint(name: str | None, digest: str, out: Path) -> str:
     )
 
 
-def _manual_error(name: str, entry: dict[str, Any], out: Path | None) -> FetchError:
-    target = out or Path(entry.get("filename") or f"{name}.pkl")
-    return FetchError(
-        f"checkpoint '{name}' cannot be downloaded automatically (Google Drive): open {entry['url']} in a "
-        f"browser, download it by hand, then give the path: `python -m tcm_core fetch --path FILE --out {target}` "
-        f"or `init: {{kind: checkpoint, path: FILE}}` in config.yaml"
-    )
+def _by_hand(out: Path) -> str:
+    return (f"download it elsewhere, place it by hand and pass its path: `python -m tcm_core fetch --path FILE "
+            f"--out {out}` (or `init: {{kind: checkpoint, path: FILE}}` in config.yaml)")
 
 
-def _offline_hint(url: str, out: Path) -> str:
-    return (
-        f"cannot reach {url}; if this machine is offline, download the file elsewhere, place it by hand "
-        f"and pass its path: `python -m tcm_core fetch --path FILE --out {out}` "
-        f"(or `init: {{kind: checkpoint, path: FILE}}` in config.yaml)"
-    )
+def _manual_error(name: str, entry: dict[str, Any], out: Path) -> OfflineError:
+    return OfflineError(f"checkpoint '{name}' cannot be downloaded automatically (Google Drive): open "
+                        f"{entry['url']} in a browser", str(out), _by_hand(out))
 
 
 def _progress(total: int | None, initial: int, label: str):
@@ -194,6 +217,76 @@ def _progress(total: int | None, initial: int, label: str):
     return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=label, disable=None)
 
 
+# --- OUT.part and OUT.lock -------------------------------------------------------------------------------------
+
+
+class _Partial:
+    """``OUT.part`` (the bytes received so far) and ``OUT.lock`` (held while a fetch of OUT runs; it records
+    the URL and validator of the bytes in OUT.part, so that a fetch killed mid-way can be resumed)."""
+
+    def __init__(self, out: Path, fd: int) -> None:
+        self.out, self.fd = out, fd
+        self.part = out.with_name(out.name + ".part")
+        self.keep = False  # keep OUT.part (and OUT.lock) for a later resume
+
+    def record(self) -> dict[str, Any]:
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads(os.pread(self.fd, 1 << 16, 0) or b"{}")
+            if isinstance(record, dict):
+                return record
+        return {}
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(record, sort_keys=True).encode(), 0)
+
+    def size(self) -> int:
+        return self.part.stat().st_size if self.part.is_file() else 0
+
+
+def _lock_path(out: Path) -> Path:
+    return out.with_name(out.name + ".lock")
+
+
+def _holds(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is still the file at ``path`` (a fetch that finished removes its lock file)."""
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[_Partial]:
+    """Hold ``OUT.lock`` (waiting for another fetch of ``out``); on exit remove ``OUT.part`` unless it is kept
+    for a resume, and ``OUT.lock`` with it."""
+    lock = _lock_path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, file_mode())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another fetch of {out}", file=sys.stderr)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if _holds(fd, lock):
+                break
+            os.close(fd)
+    except OSError as exc:
+        raise storage_error(exc, lock) or exc from None
+    partial = _Partial(out, fd)
+    try:
+        yield partial
+    finally:
+        if not (partial.keep and partial.size()):
+            with contextlib.suppress(FileNotFoundError):
+                partial.part.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()  # while still held: a waiter notices (_holds) and locks a fresh file
+        os.close(fd)
+
+
 # --- http(s) transfer ----------------------------------------------------------------------------------------
 
 
@@ -201,42 +294,87 @@ class _Retryable(Exception):
     """A transient failure of one attempt (connection dropped, 5xx, short body)."""
 
 
+def _validator(resp: Any) -> str | None:
+    """The response's strong ETag, else its Last-Modified: what ``If-Range`` may name."""
+    etag = resp.headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return resp.headers.get("Last-Modified")
+
+
 class _Received:
-    """The bytes of one download written so far into ``file``, and their running sha256."""
+    """The bytes of one download in ``OUT.part``, their running sha256, and the validator they came with.
 
-    def __init__(self, file: Any) -> None:
-        self.file, self.digest, self.count = file, hashlib.sha256(), 0
+    A partial left by an earlier (killed) fetch of the same URL is resumed when its validator is known, or
+    when the expected hash will check the result; otherwise it starts over."""
 
-    def restart(self) -> None:
+    def __init__(self, partial: _Partial, url: str, expected: str | None) -> None:
+        self.partial, self.url = partial, url
+        record = partial.record()
+        size = partial.size()
+        resume = size > 0 and record.get("url") == url and bool(record.get("validator") or expected)
+        self.file = open(partial.part, "r+b" if resume else "w+b")
+        self.digest, self.count = hashlib.sha256(), 0
+        self.validator = record.get("validator") if resume else None
+        if resume:
+            for chunk in iter(lambda: self.file.read(CHUNK_BYTES), b""):
+                self.digest.update(chunk)
+                self.count += len(chunk)
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Accept-Encoding": "identity"}
+        if self.count:
+            headers["Range"] = f"bytes={self.count}-"
+            if self.validator:
+                headers["If-Range"] = self.validator
+        return headers
+
+    def restart(self, validator: str | None) -> None:
         self.file.seek(0)
         self.file.truncate()
-        self.digest, self.count = hashlib.sha256(), 0
+        self.digest, self.count, self.validator = hashlib.sha256(), 0, validator
+        self.partial.write_record({"url": self.url, "validator": validator})
 
     def add(self, chunk: bytes) -> None:
         self.file.write(chunk)
         self.digest.update(chunk)
         self.count += len(chunk)
 
+    def close(self) -> None:
+        self.file.close()
 
-def _check_status(resp: Any, received: _Received, url: str) -> None:
-    """Accept a full (200) or resumed (206) response, restarting ``received`` when needed; else raise."""
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """``(start, total)`` of a Content-Range header (``bytes START-END/TOTAL`` or ``bytes */TOTAL``)."""
+    if not value or not value.startswith("bytes "):
+        return None, None
+    span, _, total = value[6:].partition("/")
+    start = span.split("-", 1)[0]
+    return (int(start) if start.isdigit() else None), (int(total) if total.isdigit() else None)
+
+
+def _accept(resp: Any, received: _Received, url: str, out: Path) -> bool:
+    """Whether the response carries (the rest of) the body; restarts ``received`` on a full (200) response.
+    Raises ``_Retryable`` for transient failures and a TcmError for permanent ones."""
     status = resp.status_code
-    if status == 206 and received.count:
-        start = _content_range_start(resp.headers.get("Content-Range"))
+    if status == 206:
+        start, _ = _content_range(resp.headers.get("Content-Range"))
         if start != received.count:
             raise _Retryable(f"server resumed at byte {start}, expected {received.count}")
-    elif status == 200:
-        if received.count:  # the server ignored the Range header: start over
-            received.restart()
-    elif status == 416 and received.count:
-        received.restart()
+        return True
+    if status == 200:  # a fresh body: the server ignored the Range, or the file changed (If-Range)
+        received.restart(_validator(resp))
+        return True
+    if status == 416 and received.count:
+        if _content_range(resp.headers.get("Content-Range"))[1] == received.count:
+            return False  # OUT.part already holds the whole file
+        received.restart(None)
         raise _Retryable("server refused the resume range")
-    elif status == 404:
-        raise FetchError(f"HTTP 404 Not Found: {url} (check the URL or registry name)")
-    elif 500 <= status < 600 or status == 429:
+    if status in (404, 410):
+        raise MissingFileError(f"HTTP {status} {resp.reason}: {url}", str(out), "check the URL or registry name")
+    if 500 <= status < 600 or status == 429:
         raise _Retryable(f"HTTP {status} {resp.reason}")
-    else:
-        raise FetchError(f"HTTP {status} {resp.reason} from {url}")
+    raise OfflineError(f"HTTP {status} {resp.reason} from {url}", str(out), _by_hand(out))
 
 
 def _receive_body(resp: Any, received: _Received, label: str) -> None:
@@ -253,61 +391,67 @@ def _receive_body(resp: Any, received: _Received, label: str) -> None:
         raise _Retryable(f"connection closed after {received.count} of {total} bytes")
 
 
-def _download_http(url: str, tmp: Path, retries: int, backoff: float, timeout: float, out: Path) -> str:
-    """Download ``url`` into ``tmp`` (resuming with Range); return the sha256 of the whole file."""
+def _attempts(session: Any, url: str, received: _Received, out: Path, http: dict[str, Any]) -> str:
+    """Up to ``retries`` requests (backoff between them) until the whole body is in; return its sha256."""
     import requests
 
-    last_error: BaseException | None = None
-    ever_connected = False
-    attempts = max(1, int(retries))
-    with requests.Session() as session, open(tmp, "wb") as f:
-        received = _Received(f)
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(min(backoff * 2 ** (attempt - 1), 60.0))
-            headers = {"Accept-Encoding": "identity"}
-            if received.count:
-                headers["Range"] = f"bytes={received.count}-"
-            try:
-                with session.get(url, stream=True, timeout=timeout, headers=headers, allow_redirects=True) as resp:
-                    ever_connected = True
-                    _check_status(resp, received, url)
+    errors: list[BaseException] = []
+    for attempt in range(http["retries"]):
+        if attempt:
+            time.sleep(min(http["backoff"] * 2 ** (attempt - 1), 60.0))
+        try:
+            with session.get(url, stream=True, timeout=http["timeout"], headers=received.headers()) as resp:
+                if _accept(resp, received, url, out):
                     _receive_body(resp, received, out.name)
-                    return received.digest.hexdigest()
-            except (_Retryable, requests.exceptions.RequestException) as exc:
-                if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema)):
-                    raise FetchError(f"invalid URL {url}: {exc}") from None
-                last_error = exc
-                # Keep what arrived: write the buffered bytes so the next Range starts at `received.count`.
-                f.flush()
-    if not ever_connected:
-        raise FetchError(_offline_hint(url, out))
-    raise FetchError(f"download of {url} failed after {attempts} attempts: {_one_line(last_error)}")
+                return received.digest.hexdigest()
+        except requests.exceptions.TooManyRedirects:
+            raise OfflineError(f"{url} redirects in a loop (more than {session.max_redirects} redirects)", str(out),
+                               "check the URL; the server is misconfigured or needs a browser: " + _by_hand(out)
+                               ) from None
+        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                requests.exceptions.InvalidSchema) as exc:
+            raise ConfigError(f"invalid URL {url} ({one_line(exc)})", "--url") from None
+        except (_Retryable, requests.exceptions.RequestException) as exc:
+            errors.append(exc)
+            received.file.flush()  # keep what arrived: the next Range starts at received.count
+    raise _incomplete(url, out, errors, received)
 
 
-def _content_range_start(value: str | None) -> int | None:
-    # "bytes START-END/TOTAL"
-    if not value or not value.startswith("bytes "):
-        return None
-    try:
-        return int(value[6:].split("-", 1)[0])
-    except ValueError:
-        return None
+def _incomplete(url: str, out: Path, errors: list[BaseException], received: _Received) -> OfflineError:
+    import requests
+
+    connected = any(not isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.ConnectTimeout))
+                    for e in errors) or received.count > 0
+    if not connected:
+        return OfflineError(f"cannot reach {url} ({one_line(errors[-1])[:200]})", str(out),
+                            "if this machine is offline, " + _by_hand(out))
+    received.partial.keep = received.count > 0
+    kept = f"{received.count} bytes are kept in {received.partial.part.name}: rerun to resume" if received.count \
+        else "check the connection and rerun"
+    return OfflineError(f"download of {url} did not complete after {len(errors)} attempts "
+                        f"({one_line(errors[-1])[:200]})", str(out), kept)
 
 
-def _one_line(exc: BaseException | None) -> str:
-    return one_line(exc) if exc is not None else "unknown error"
+def _download_http(url: str, partial: _Partial, expected: str | None, http: dict[str, Any]) -> str:
+    """Download ``url`` into ``OUT.part`` (resuming it when possible); return the sha256 of the whole file."""
+    import requests
+
+    with requests.Session() as session, contextlib.closing(_Received(partial, url, expected)) as received:
+        try:
+            return _attempts(session, url, received, partial.out, http)
+        except KeyboardInterrupt:
+            partial.keep = True
+            raise
 
 
 # --- local sources -------------------------------------------------------------------------------------------
 
 
-def _copy_local(src: Path, tmp: Path, out: Path) -> str:
+def _copy_local(src: Path, part: Path, out: Path) -> str:
     if not src.is_file():
-        raise FetchError(f"no such file: {src} (place the checkpoint there by hand or fix the path)")
+        raise MissingFileError("no such file", str(src), "place the checkpoint there by hand or fix the path")
     digest = hashlib.sha256()
-    total = src.stat().st_size
-    with open(src, "rb") as fin, open(tmp, "wb") as fout, _progress(total, 0, out.name) as bar:
+    with open(src, "rb") as fin, open(part, "wb") as fout, _progress(src.stat().st_size, 0, out.name) as bar:
         for chunk in iter(lambda: fin.read(CHUNK_BYTES), b""):
             fout.write(chunk)
             digest.update(chunk)
@@ -322,10 +466,11 @@ def _local_path_of(source: str) -> Path | None:
         return None
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise FetchError(f"file:// URL with a remote host is not supported: {source}")
+            raise ConfigError(f"file:// URL with a remote host is not supported: {source}", "--url")
         return Path(urllib.request.url2pathname(parsed.path))
     if parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive
-        raise FetchError(f"unsupported URL scheme '{parsed.scheme}' in {source} (use http, https, file or a path)")
+        raise ConfigError(f"unsupported URL scheme '{parsed.scheme}' in {source}", "--url",
+                          "use http, https, file or a path")
     return Path(source).expanduser()
 
 
@@ -333,7 +478,7 @@ def _local_path_of(source: str) -> Path | None:
 
 
 def _resolve_source(source: str, out: Path, sha256: str | None) -> tuple[str, str | None, str | None]:
-    """``(source URL or path, registry name or None, expected sha256 or None)`` for a fetch request."""
+    """``(source URL or path, registry name or None, pinned sha256 or None)`` for a fetch request."""
     name = None
     if source in REGISTRY and not Path(source).exists():
         name, entry = source, REGISTRY[source]
@@ -341,11 +486,22 @@ def _resolve_source(source: str, out: Path, sha256: str | None) -> tuple[str, st
             raise _manual_error(name, entry, out)
         source = entry["url"]
         sha256 = sha256 or entry.get("sha256")
-    try:
-        expected = _normalise_sha256(sha256) if sha256 else recorded_sha256(out)
-    except ValueError as exc:
-        raise FetchError(str(exc)) from None
-    return source, name, expected
+    return source, name, _user_sha256(sha256) if sha256 else None
+
+
+def _in_place(out: Path, src_path: Path | None, expected: str | None, name: str | None) -> tuple[Path | None, str]:
+    """``(out, "")`` when ``out`` is already the verified file; else ``(None, its hash or "")``."""
+    if not out.is_file():
+        return None, ""
+    if src_path is not None and src_path.is_file() and os.path.samefile(src_path, out):
+        return _finish(out, sha256_file(out), expected, name), ""  # the file named as source is the target
+    present = sha256_file(out)
+    if expected is not None and present == expected:
+        return out, ""
+    if expected is None:
+        print(f"{out} exists but nothing verifies it (no sha256 pinned or recorded): fetching the source to "
+              f"compare", file=sys.stderr)
+    return None, present
 
 
 def fetch(
@@ -357,88 +513,65 @@ def fetch(
     backoff: float = 1.0,
     timeout: float = 60.0,
 ) -> Path:
-    """Place ``source`` at ``out`` verified, atomically; return ``out``.
-
-    ``source`` is a REGISTRY name, an http(s) or ``file://`` URL, or a local path. The expected hash is
-    ``sha256``, else the registry's, else the one recorded in ``out.sha256`` by an earlier fetch. Without
-    any, the hash is computed, recorded in ``out.sha256`` and a hint on pinning it is printed. If ``out``
-    already exists and matches the expected hash, nothing is transferred. On any failure the temporary
-    file is removed and ``FetchError`` raised; ``out`` is only ever replaced by a complete, verified file.
-    """
+    """Place ``source`` at ``out`` verified, atomically; return ``out`` (see the module docstring)."""
     if retries < 1:
-        raise ValueError(f"retries must be >= 1, got {retries}")
+        raise ConfigError(f"retries must be >= 1, got {retries}", "--retries")
     if backoff < 0:
-        raise ValueError(f"backoff must be >= 0, got {backoff}")
+        raise ConfigError(f"backoff must be >= 0, got {backoff}", "backoff")
     out = Path(out)
-    source, name, expected = _resolve_source(source, out, sha256)
+    source, name, pinned = _resolve_source(source, out, sha256)
     src_path = _local_path_of(source)
-    present = None
-    if out.is_file():
-        present = sha256_file(out)
-        if expected is None:
-            # Placed by hand (or by an earlier run) and nothing to compare with: adopt it and record its hash.
-            print(f"using the existing {out}", file=sys.stderr)
-            return _finish_in_place(out, present, None, name)
-        if present == expected:
-            return out  # already in place and verified
-    if src_path is not None and src_path.exists() and out.exists() and os.path.samefile(src_path, out):
-        actual = sha256_file(out)  # the file was placed by hand at the target itself
-        return _finish_in_place(out, actual, expected, name)
-    actual = _transfer(source, src_path, out, expected, present, retries=retries, backoff=backoff, timeout=timeout)
-    return _finish_in_place(out, actual, expected, name)
+    with _locked(out) as partial:
+        expected = pinned or recorded_sha256(out)  # read under the lock: a fetch we waited for may have pinned it
+        done, present = _in_place(out, src_path, expected, name)
+        if done is not None:
+            return done
+        actual = _transfer(source, src_path, partial, expected, present,
+                           {"retries": int(retries), "backoff": backoff, "timeout": timeout})
+        return _finish(out, actual, expected, name)
 
 
-def _transfer(source: str, src_path: Path | None, out: Path, expected: str | None, present: str | None,
-              **http: Any) -> str:
-    """Download or copy into a temporary file beside ``out``, verify, move it into place; return its hash."""
+def _transfer(source: str, src_path: Path | None, partial: _Partial, expected: str | None, present: str,
+              http: dict[str, Any]) -> str:
+    """Download or copy into ``OUT.part``, verify, move it into place; return its hash."""
+    out = partial.out
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
-        os.close(fd)
-    except OSError as exc:
-        raise FetchError(f"cannot write into {out.parent}: {exc.strerror or exc}") from None
-    tmp = Path(tmp_name)
-    try:
-        try:
-            if src_path is None:
-                actual = _download_http(source, tmp, http["retries"], http["backoff"], http["timeout"], out)
-            else:
-                actual = _copy_local(src_path, tmp, out)
-        except OSError as exc:
-            raise FetchError(f"disk error while writing {out}: {exc.strerror or exc}") from None
+        if src_path is None:
+            actual = _download_http(source, partial, expected, http)
+        else:
+            actual = _copy_local(src_path, partial.part, out)
         if expected is not None and actual != expected:
-            raise FetchError(
-                f"checksum mismatch for {source}: expected sha256 {expected}, actual {actual}; "
-                f"the downloaded file was deleted"
-            )
-        try:
-            os.chmod(tmp, file_mode())  # mkstemp's 0600 -> what a plain open() would give
-            os.replace(tmp, out)
-        except OSError as exc:
-            raise FetchError(f"disk error while moving the download to {out}: {exc.strerror or exc}") from None
-    except FetchError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if present is not None and present != expected:
-            raise FetchError(
-                f"{exc}; the existing {out} does not match either: expected sha256 {expected}, actual {present}"
-            ) from None
-        raise
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+            also = f"; the existing {out.name} does not match either (sha256 {present})" if present else ""
+            raise RefusedFileError(f"checksum mismatch for {source}: expected sha256 {expected}, actual {actual}"
+                                   f"{also}", str(out), "the download was deleted; check the pinned sha256 or the URL")
+        os.chmod(partial.part, file_mode())
+        os.replace(partial.part, out)
+    except OfflineError as exc:
+        if not present:
+            raise
+        if expected is None:  # an unverified file at out, and nothing to compare it with
+            note = (f"{out.name} exists but is unverified: if it is complete, adopt it with "
+                    f"`python -m tcm_core fetch --path {out} --out {out}`")
+        else:
+            note = f"the existing {out.name} does not match the expected sha256 either (it has {present})"
+        raise OfflineError(exc.what, exc.where, f"{exc.todo}; {note}") from None
+    except OSError as exc:
+        partial.keep = False
+        raise storage_error(exc, partial.part) or exc from None
+    if present and present != actual:
+        print(f"replaced the unverified {out} (sha256 {present}) with the download", file=sys.stderr)
     return actual
 
 
-def _finish_in_place(out: Path, actual: str, expected: str | None, name: str | None) -> Path:
+def _finish(out: Path, actual: str, expected: str | None, name: str | None) -> Path:
     if expected is not None and actual != expected:
-        raise FetchError(f"checksum mismatch for {out}: expected sha256 {expected}, actual {actual}")
+        raise RefusedFileError(f"checksum mismatch: expected sha256 {expected}, actual {actual}", str(out),
+                               "fetch the file again or check the pinned sha256")
     first_time = recorded_sha256(out) is None
     try:
         _record_sha256(out, actual)
     except OSError as exc:
-        raise FetchError(f"disk error while writing {sha256_sidecar(out)}: {exc.strerror or exc}") from None
+        raise storage_error(exc, sha256_sidecar(out)) or exc from None
     if expected is None and first_time:
         print(_pin_hint(name, actual, out), file=sys.stderr)
     return out
@@ -458,18 +591,13 @@ def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    try:
-        if args.name is not None:
-            if args.name not in REGISTRY:
-                raise FetchError(f"unknown checkpoint name '{args.name}'; known names: {', '.join(REGISTRY)}")
-            source = args.name
-        else:
-            source = args.url if args.url is not None else args.path
-            if args.path is not None and not Path(args.path).is_file():
-                raise FetchError(f"no such file: {args.path} (place the checkpoint there by hand or fix the path)")
-        out = fetch(source, args.out, sha256=args.sha256, retries=args.retries)
-    except (FetchError, ValueError) as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    print(out)
+    if args.name is not None:
+        if args.name not in REGISTRY:
+            raise ConfigError(f"unknown checkpoint name '{args.name}'", "--name", f"known names: {', '.join(REGISTRY)}")
+        source = args.name
+    else:
+        source = args.url if args.url is not None else args.path
+        if args.path is not None and not Path(args.path).is_file():
+            raise MissingFileError("no such file", args.path, "place the checkpoint there by hand or fix the path")
+    print(fetch(source, args.out, sha256=args.sha256, retries=args.retries))
     return 0

@@ -6,25 +6,54 @@ dicts (``.pt``/``.pth``) are read weights-only; their architecture is given (``a
 ``X.json``. ``map_state_dict`` renames the weights to ours: EDM's ``model.`` stays, EDM2's ``unet.`` becomes
 ``model.``, the logvar head (and ``map_augment`` without augment labels) is dropped, fp16 becomes fp32.
 
-Each format has a reader ``(path, sha256, arch) -> (state, arch, meta)`` for ``load_network`` and a
-describer ``(path) -> (info, parameter elements, arch found)`` for ``inspect``. Foreign checkpoints carry no
-iteration of ours: their ``meta["iteration"]`` is ``None`` (a plain state dict's sibling ``X.json`` may say one).
+Each format has a reader ``(path, sha256, arch, record) -> (state, arch, meta)`` for ``load_network`` and a
+describer ``(path, record) -> (info, tensor elements, arch found)`` for ``inspect`` (``record`` is the sibling
+``X.json``, read and checked by :mod:`tcm_core.network_files`). Foreign checkpoints carry no iteration of ours:
+their ``meta["iteration"]`` is ``None`` (a plain state dict's ``X.json`` may say one). A file that cannot be
+read raises :class:`CheckpointError` naming it; nothing in it is executed and nothing it claims is allocated
+before its bytes back it (:mod:`tcm_core.safe_pickle`; ``.pt`` files must be torch's zip format, uncompressed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-import json
 import math
+import pickle
+import zipfile
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tcm_core.errors import one_line
+from tcm_core.errors import RefusedFileError, TcmError, one_line
+
+REDOWNLOAD = "download the checkpoint again (or check that the path is the file you meant)"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read into one of our networks (wrong format, unknown architecture, ...)."""
+class CheckpointError(RefusedFileError):
+    """A checkpoint cannot be read into one of our networks (corrupt, wrong format, unknown architecture, ...)."""
+
+    def __init__(self, what: str, where: str | None = None, todo: str | None = REDOWNLOAD) -> None:
+        super().__init__(what, where, todo)
+
+
+# What reading a malformed file can raise from the unpickler, torch or a hostile structure (a kwargs tree
+# of the wrong shape, absurd nesting: RecursionError is a RuntimeError); turned into one CheckpointError.
+_MALFORMED = (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+              OverflowError, RuntimeError)
+
+
+@contextlib.contextmanager
+def refusing(path: Path, what: str) -> Iterator[None]:
+    """Errors while reading ``path``: TcmErrors get the file as their ``where``; malformed-data errors become
+    ``CheckpointError(what (reason), path)``."""
+    try:
+        yield
+    except TcmError as exc:
+        raise exc.at(path) from None
+    except _MALFORMED as exc:
+        raise CheckpointError(f"{what} ({one_line(exc)[:300]})", str(path)) from None
 
 
 # --- architecture from foreign constructor kwargs ------------------------------------------------------------
@@ -152,31 +181,28 @@ def _ema_from_pickle(obj: Any) -> Any:
     for key in ("ema", "net"):  # a training snapshot's EMA, else a training state's network
         if isinstance(obj, dict) and isinstance(obj.get(key), PersistentHolder):
             return obj[key]
-    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-    raise CheckpointError(f"no network in the pickle (expected a dict with 'ema'); found {keys}")
+    keys = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+    raise CheckpointError(f"no network in the pickle (expected a dict with 'ema'; found {keys})")
 
 
 def read_network_pickle(path: Path) -> tuple[Any, Any]:
     """``(top-level object, EMA network holder)`` of a network pickle, read with the allow-list unpickler."""
-    import pickle
+    from tcm_core.safe_pickle import safe_load
 
-    from tcm_core.safe_pickle import UnsafePickleError, safe_load
-
-    try:
+    with refusing(path, "not a readable network pickle"):
         obj = safe_load(path)
-    except UnsafePickleError:
-        raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError) as exc:
-        raise CheckpointError(f"{path} is not a readable network pickle: {one_line(exc)[:300]}") from None
-    return obj, _ema_from_pickle(obj)
+        return obj, _ema_from_pickle(obj)
 
 
-def read_pickle_checkpoint(path: Path, digest: str, arch: dict[str, Any] | None) -> tuple[dict, dict, dict]:
+def read_pickle_checkpoint(path: Path, digest: str, arch: dict[str, Any] | None,
+                           record: dict[str, Any]) -> tuple[dict, dict, dict]:
     """``(state, arch, meta)`` of a network pickle; ``arch`` (if given) replaces the one from its kwargs."""
     from tcm_core.safe_pickle import state_dict_from_holder
 
     _, ema = read_network_pickle(path)
-    base_arch, ignored = arch_from_pickle(ema)
+    with refusing(path, "not a readable network pickle"):
+        base_arch, ignored = arch_from_pickle(ema)
+        state = state_dict_from_holder(ema)
     meta = {
         "format": "pickle",
         "class_name": ema.class_name,
@@ -184,25 +210,26 @@ def read_pickle_checkpoint(path: Path, digest: str, arch: dict[str, Any] | None)
         "ignored_kwargs": ignored,
         "provenance": {"source": str(path), "sha256": digest, "format": "pickle", "class_name": ema.class_name},
     }
-    return state_dict_from_holder(ema), arch or base_arch, meta
+    return state, arch or base_arch, meta
 
 
-def describe_pickle(path: Path) -> tuple[dict[str, Any], int, dict[str, Any]]:
+def describe_pickle(path: Path, record: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, Any]]:
     """``inspect`` facts of a network pickle, its number of tensor elements and the arch from its kwargs."""
     from tcm_core.safe_pickle import parameter_count_from_holder, state_dict_from_holder
 
     obj, ema = read_network_pickle(path)
-    tensors = state_dict_from_holder(ema)
-    found, ignored = arch_from_pickle(ema)
-    info = {
-        "format": "pickle",
-        "top_level_keys": sorted(map(str, obj)) if isinstance(obj, dict) else None,
-        "class_name": ema.class_name,
-        "init_kwargs": jsonable(ema.init_kwargs),
-        "tensors": len(tensors),
-        "parameter_count_in_file": parameter_count_from_holder(ema),
-        "ignored_kwargs": ignored,
-    }
+    with refusing(path, "not a readable network pickle"):
+        tensors = state_dict_from_holder(ema)
+        found, ignored = arch_from_pickle(ema)
+        info = {
+            "format": "pickle",
+            "top_level_keys": sorted(map(str, obj)) if isinstance(obj, dict) else None,
+            "class_name": ema.class_name,
+            "init_kwargs": jsonable(ema.init_kwargs),
+            "tensors": len(tensors),
+            "parameter_count_in_file": parameter_count_from_holder(ema),
+            "ignored_kwargs": ignored,
+        }
     return info, sum(t.numel() for t in tensors.values()), found
 
 
@@ -217,55 +244,55 @@ def _plain_state_dict(obj: Any) -> dict[str, Any]:
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError("the file is not a plain state dict of tensors")
+        raise CheckpointError("not a plain state dict of tensors")
     return obj
+
+
+def _check_torch_zip(path: Path) -> None:
+    """A ``.pt``/``.pth`` must be torch's zip format with stored (uncompressed) records inside the file: the
+    legacy format allocates the sizes it claims before reading, and a deflated record could inflate."""
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError("not a torch zip checkpoint (the legacy torch < 1.6 format is refused)", str(path),
+                              "re-save it with torch.save in a current torch, or download it again")
+    size = path.stat().st_size
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size > size:
+                raise CheckpointError(f"torch zip record {info.filename!r} is compressed or larger than the file",
+                                      str(path))
 
 
 def read_state_dict_file(path: Path) -> dict[str, Any]:
     """The tensors of a ``.pt``/``.pth`` file, read weights-only (torch's unpickler of tensors and containers)."""
     import torch
 
+    with refusing(path, "not a torch zip checkpoint"):
+        _check_torch_zip(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch's weights-only unpickler refuses anything but tensors and containers
-        raise CheckpointError(f"{path} is not a weights-only state dict: {one_line(exc)[:400]}") from None
-    return _plain_state_dict(loaded)
+        raise CheckpointError(f"not a weights-only state dict ({one_line(exc)[:400]})", str(path)) from None
+    with refusing(path, "not a plain state dict of tensors"):
+        return _plain_state_dict(loaded)
 
 
-def recorded_iteration(record: dict[str, Any]) -> int | None:
-    """The ``iteration`` a checkpoint's JSON record says, or None when it says none."""
-    iteration = record.get("iteration")
-    return None if iteration is None else int(iteration)
-
-
-def _sibling_record(path: Path) -> dict[str, Any]:
-    """The sibling ``X.json`` of a plain state dict (``{"arch": ..., "iteration": ...}``), or ``{}``."""
-    sibling = path.with_suffix(".json")
-    if not sibling.is_file():
-        return {}
-    record = json.loads(sibling.read_text())
-    if not isinstance(record, dict):
-        return {}
-    return record if "arch" in record else {"arch": record}
-
-
-def read_state_dict_checkpoint(path: Path, digest: str, arch: dict[str, Any] | None) -> tuple[dict, dict, dict]:
+def read_state_dict_checkpoint(path: Path, digest: str, arch: dict[str, Any] | None,
+                               record: dict[str, Any]) -> tuple[dict, dict, dict]:
     """``(state, arch, meta)`` of a plain state dict; the arch is ``arch`` or the sibling ``X.json``'s."""
     state = read_state_dict_file(path)
-    record = _sibling_record(path)
     base_arch = arch or record.get("arch")
     if not base_arch:
         raise CheckpointError(
-            f"{path} is a plain state dict: give its architecture (arch=..., --arch) or a sibling "
-            f"{path.with_suffix('.json').name} with {{\"arch\": {{...}}}}"
+            "a plain state dict needs its architecture", str(path),
+            f"give it (arch=..., --arch JSON) or a sibling {path.with_suffix('.json').name} with {{\"arch\": {{...}}}}",
         )
-    meta = {"format": "state_dict", "class_name": None, "iteration": recorded_iteration(record),
+    meta = {"format": "state_dict", "class_name": None, "iteration": record.get("iteration"),
             "provenance": {"source": str(path), "sha256": digest, "format": "state_dict"}}
     return state, base_arch, meta
 
 
-def describe_state_dict(path: Path) -> tuple[dict[str, Any], int, dict[str, Any] | None]:
+def describe_state_dict(path: Path, record: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, Any] | None]:
     """``inspect`` facts of a plain state dict, its number of tensor elements and the sibling's arch."""
     state = read_state_dict_file(path)
     info = {"format": "state_dict", "class_name": None, "tensors": len(state)}
-    return info, sum(t.numel() for t in state.values()), _sibling_record(path).get("arch")
+    return info, sum(t.numel() for t in state.values()), record.get("arch")

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from checkpoint_helpers import FileServer, closed_port
 
-from tcm_core.downloads import REGISTRY, FetchError, fetch, recorded_sha256, sha256_sidecar, verify_file
+from tcm_core.downloads import REGISTRY, fetch, recorded_sha256, sha256_sidecar, verify_file
+from tcm_core.errors import MissingFileError, OfflineError, RefusedFileError
 from tcm_core.hashing import sha256_file
 
 
@@ -65,7 +66,7 @@ def test_server_ignoring_range_restarts_cleanly(tmp_path, payload):
 def test_404_is_a_clear_error_and_leaves_nothing(tmp_path):
     with FileServer() as srv:
         url = f"{srv.url}/missing.pkl"
-        with pytest.raises(FetchError, match="404") as err:
+        with pytest.raises(MissingFileError, match="404") as err:
             fetch(url, tmp_path / "m.pkl", backoff=0)
     assert url in str(err.value)
     assert len(srv.requests) == 1  # 404 is not retried
@@ -76,7 +77,7 @@ def test_checksum_mismatch_deletes_and_names_both_hashes(tmp_path, payload):
     wrong = _sha(b"something else")
     with FileServer() as srv:
         srv.files["/c.pkl"] = payload
-        with pytest.raises(FetchError) as err:
+        with pytest.raises(RefusedFileError) as err:
             fetch(f"{srv.url}/c.pkl", tmp_path / "c.pkl", sha256=wrong, backoff=0)
     msg = str(err.value)
     assert wrong in msg and _sha(payload) in msg and "mismatch" in msg
@@ -85,7 +86,7 @@ def test_checksum_mismatch_deletes_and_names_both_hashes(tmp_path, payload):
 
 def test_unreachable_host_names_the_url_and_the_manual_route(tmp_path):
     url = f"http://127.0.0.1:{closed_port()}/edm.pkl"
-    with pytest.raises(FetchError) as err:
+    with pytest.raises(OfflineError) as err:
         fetch(url, tmp_path / "edm.pkl", retries=2, backoff=0, timeout=5)
     msg = str(err.value)
     assert url in msg and "--path" in msg and "offline" in msg
@@ -99,7 +100,7 @@ def test_file_url_and_local_path(tmp_path, payload):
     a = fetch(src.as_uri(), tmp_path / "a.pkl", sha256=_sha(payload))
     b = fetch(str(src), tmp_path / "b.pkl")
     assert a.read_bytes() == payload and b.read_bytes() == payload
-    with pytest.raises(FetchError, match="no such file"):
+    with pytest.raises(MissingFileError, match="no such file"):
         fetch(str(tmp_path / "nope.pkl"), tmp_path / "c.pkl")
     assert not (tmp_path / "c.pkl").exists()
 
@@ -119,10 +120,10 @@ def test_first_download_records_hash_then_enforces_it(tmp_path, payload, capsys)
         assert verify_file(out) == _sha(payload)
         # The file is damaged; the server now serves different bytes: the record is enforced.
         out.write_bytes(b"damaged")
-        with pytest.raises(FetchError, match="mismatch"):
+        with pytest.raises(RefusedFileError, match="mismatch"):
             verify_file(out)
         srv.files["/f.pkl"] = b"changed upstream"
-        with pytest.raises(FetchError, match="mismatch") as exc:
+        with pytest.raises(RefusedFileError, match="mismatch") as exc:
             fetch(f"{srv.url}/f.pkl", out, backoff=0)
     assert _sha(payload) in str(exc.value) and _sha(b"changed upstream") in str(exc.value)
     assert out.read_bytes() == b"damaged"  # never replaced by an unverified file
@@ -131,13 +132,14 @@ def test_first_download_records_hash_then_enforces_it(tmp_path, payload, capsys)
 
 _DISK_FULL_SCRIPT = """
 import resource, signal, sys
-from tcm_core.downloads import FetchError, fetch
+from tcm_core.downloads import fetch
+from tcm_core.errors import StorageError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG (an OSError)
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 try:
     fetch(sys.argv[1], sys.argv[2])
-except FetchError as exc:
-    print(exc)
+except StorageError as exc:
+    print(exc.line())
     sys.exit(3)
 """
 
@@ -152,7 +154,7 @@ def test_disk_error_is_clear_and_removes_temp_file(tmp_path, payload):
             res = subprocess.run([sys.executable, "-c", _DISK_FULL_SCRIPT, source, str(tmp_path / "out" / "x.pkl")],
                                  capture_output=True, text=True, timeout=60)
             assert res.returncode == 3, res.stderr
-            assert "disk error" in res.stdout
+            assert res.stdout.startswith("tcm: error: file too large") and ".part" in res.stdout
             assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -160,7 +162,7 @@ def test_manual_registry_entries_explain_what_to_do(tmp_path):
     manual = [n for n, e in REGISTRY.items() if e["manual"]]
     assert manual and all(not REGISTRY[n]["sha256"] for n in REGISTRY)
     for name in manual:
-        with pytest.raises(FetchError) as err:
+        with pytest.raises(OfflineError) as err:
             fetch(name, tmp_path / "x.pkl")
         assert REGISTRY[name]["url"] in str(err.value) and "--path" in str(err.value)
     assert {"edm-cifar10-uncond-vp", "edm2-img64-s", "edm2-img64-xl"} <= set(REGISTRY)
@@ -179,20 +181,25 @@ def test_cli_fetch_success_and_one_line_errors(tmp_path, payload):
     assert sha256_sidecar(tmp_path / "o.pkl").read_text().split()[0] == _sha(payload)
     bad = subprocess.run([*cmd, "--url", f"http://127.0.0.1:{closed_port()}/x.pkl", "--retries", "1",
                           "--out", str(tmp_path / "x.pkl")], capture_output=True, text=True, env=env)
-    assert bad.returncode != 0
+    assert bad.returncode == OfflineError.exit_code
     assert "Traceback" not in bad.stderr and bad.stderr.strip().count("\n") == 0
-    assert bad.stderr.startswith("error: cannot reach")
+    assert bad.stderr.startswith("tcm: error: cannot reach")
     manual = subprocess.run([*cmd, "--name", "tcm-cifar10", "--out", str(tmp_path / "t.pkl")], capture_output=True,
                             text=True, env=env)
-    assert manual.returncode != 0 and "drive.google.com" in manual.stderr and "Traceback" not in manual.stderr
+    assert manual.returncode == OfflineError.exit_code and "drive.google.com" in manual.stderr
+    assert "Traceback" not in manual.stderr
 
 
-def test_file_placed_by_hand_at_out_is_adopted_offline(tmp_path, payload, capsys):
+def test_unverified_file_at_out_is_never_adopted(tmp_path, payload, capsys):
     out = tmp_path / "edm.pkl"
     out.write_bytes(payload)
     url = f"http://127.0.0.1:{closed_port()}/edm.pkl"
-    assert fetch(url, out, retries=1) == out  # no network needed
+    with pytest.raises(OfflineError, match="unverified") as err:  # nothing vouches for it: not pinned
+        fetch(url, out, retries=1)
+    assert f"--path {out} --out {out}" in str(err.value) and recorded_sha256(out) is None
+    assert fetch(str(out), out) == out  # the explicit route: the file itself is the source
     assert recorded_sha256(out) == _sha(payload) and _sha(payload) in capsys.readouterr().err
-    with pytest.raises(FetchError, match="does not match"):  # a pinned hash that does not match is enforced
+    assert fetch(url, out, retries=1) == out  # now verified by its record: no network needed
+    with pytest.raises(OfflineError, match="does not match"):  # a pinned hash that does not match is enforced
         fetch(url, out, sha256=_sha(b"other"), retries=1)
     assert out.read_bytes() == payload
