@@ -423,7 +423,7 @@ def _incomplete(url: str, out: Path, errors: list[BaseException], received: _Rec
     connected = any(not isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.ConnectTimeout))
                     for e in errors) or received.count > 0
     if not connected:
-        return OfflineError(f"cannot reach {url} ({one_line(errors[-1])[:200]})", str(out),
+        return OfflineError(f"cannot reach {url} ({type(errors[-1]).__name__})", str(out),
                             "if this machine is offline, " + _by_hand(out))
     received.partial.keep = received.count > 0
     kept = f"{received.count} bytes are kept in {received.partial.part.name}: rerun to resume" if received.count \
@@ -498,10 +498,7 @@ def _in_place(out: Path, src_path: Path | None, expected: str | None, name: str 
     present = sha256_file(out)
     if expected is not None and present == expected:
         return out, ""
-    if expected is None:
-        print(f"{out} exists but nothing verifies it (no sha256 pinned or recorded): fetching the source to "
-              f"compare", file=sys.stderr)
-    return None, present
+    return None, present  # unverified or mismatching: only a verified download replaces it
 
 
 def fetch(

@@ -45,14 +45,14 @@ _MALFORMED = (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexErro
 
 
 @contextlib.contextmanager
-def refusing(path: Path, what: str) -> Iterator[None]:
-    """Errors while reading ``path``: TcmErrors get the file as their ``where``; malformed-data errors become
-    ``CheckpointError(what (reason), path)``."""
+def refusing(path: Path, what: str, *malformed: type[BaseException]) -> Iterator[None]:
+    """Errors while reading ``path``: TcmErrors get the file as their ``where``; malformed-data errors (and
+    the format library's own, ``malformed``) become ``CheckpointError(what (reason), path)``."""
     try:
         yield
     except TcmError as exc:
         raise exc.at(path) from None
-    except _MALFORMED as exc:
+    except (*_MALFORMED, *malformed) as exc:
         raise CheckpointError(f"{what} ({one_line(exc)[:300]})", str(path)) from None
 
 

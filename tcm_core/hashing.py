@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 CHUNK_BYTES = 1 << 20
+_HASHED: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime ns) -> sha256, for this process
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
@@ -20,3 +22,13 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file."""
     return file_digest(path, "sha256")
+
+
+def cached_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, hashed once per (path, size, mtime) in this process (a changed file is rehashed)."""
+    path = Path(path).resolve()
+    stat = os.stat(path)
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_file(path)
+    return _HASHED[key]

@@ -52,7 +52,8 @@ class _OverBudget(Exception):
 @contextlib.contextmanager
 def _tensor_budget(tensors: int, numel: int) -> Iterator[None]:
     """Abort module construction (raise ``_OverBudget``) once the parameters and buffers registered exceed
-    ``tensors`` tensors or ``numel`` elements; the check runs as each one is registered."""
+    twice the file's ``tensors`` tensors or ``numel`` elements (an early stop for absurd sizes, checked as
+    each one is registered; the exact match is checked after the build)."""
     from torch.nn.modules import module
 
     seen = [0, 0]
@@ -62,8 +63,8 @@ def _tensor_budget(tensors: int, numel: int) -> Iterator[None]:
             return
         seen[0] += 1
         seen[1] += tensor.numel()
-        if seen[0] > tensors or seen[1] > numel:
-            raise _OverBudget(f"the architecture needs more than the file's {tensors} tensors / {numel} weights")
+        if seen[0] > 2 * tensors + 16 or seen[1] > 2 * numel + 4096:
+            raise _OverBudget(f"the architecture needs far more than the file's {tensors} tensors / {numel} weights")
 
     handles = [module.register_module_parameter_registration_hook(count),
                module.register_module_buffer_registration_hook(count)]
@@ -87,7 +88,8 @@ def _check_arch(arch: Any) -> None:
 
 
 def build_on_meta(arch: dict[str, Any], tensors: int, numel: int) -> Any:
-    """The network for ``arch`` on the meta device (no memory), refused once it outgrows the budget."""
+    """The network for ``arch`` on the meta device (no memory), refused once it outgrows a file of ``tensors``
+    tensors holding ``numel`` elements."""
     import torch
 
     from tcm_core.networks import build_precond
@@ -100,11 +102,6 @@ def build_on_meta(arch: dict[str, Any], tensors: int, numel: int) -> Any:
         raise CheckpointError(f"{exc} (its sizes are wrong or absurd)") from None
     except _BAD_ARCH as exc:
         raise CheckpointError(f"cannot build the architecture: {type(exc).__name__}: {one_line(exc)[:300]}") from None
-
-
-def _budget_of(state: dict[str, Any]) -> tuple[int, int]:
-    # Twice what the file holds: an early stop for absurd sizes; the exact match is checked after the build.
-    return 2 * len(state) + 16, 2 * sum(t.numel() for t in state.values()) + 4096
 
 
 def _check_matches(net: Any, state: dict[str, Any]) -> None:
@@ -125,7 +122,7 @@ def _build_loaded(arch: dict[str, Any], state: dict[str, Any], device: Any) -> A
     """Build the network for ``arch`` on meta, check it against ``state``, then materialise it with ``state``."""
     from tcm_core.networks import build_precond
 
-    net = build_on_meta(arch, *_budget_of(state))
+    net = build_on_meta(arch, len(state), sum(t.numel() for t in state.values()))
     _check_matches(net, state)
     net.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in [*net.parameters(), *net.buffers()]):
@@ -250,9 +247,10 @@ def _header_arch(path: Path) -> dict[str, Any] | None:
 def read_own_checkpoint(path: Path, digest: str, arch: dict[str, Any] | None,
                         record: dict[str, Any]) -> tuple[dict, dict, dict]:
     """``(state, arch, meta)`` of our ``.safetensors`` + ``.json`` pair (or a safetensors file with ``arch``)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    with refusing(path, "not a readable safetensors file"):
+    with refusing(path, "not a readable safetensors file", SafetensorError):
         base_arch = arch or record.get("arch") or _header_arch(path)
         if not base_arch:
             raise CheckpointError(f"no architecture ({_json_path(path).name} missing)",
@@ -265,9 +263,9 @@ def read_own_checkpoint(path: Path, digest: str, arch: dict[str, Any] | None,
 
 def describe_own(path: Path, record: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, Any] | None]:
     """``inspect`` facts of our format, its number of tensor elements and its arch."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with refusing(path, "not a readable safetensors file"):
+    with refusing(path, "not a readable safetensors file", SafetensorError):
         with safe_open(str(path), framework="pt") as f:
             names = list(f.keys())
             numel = sum(math.prod(f.get_slice(k).get_shape()) for k in names)
@@ -362,7 +360,7 @@ def inspect_checkpoint(path: str | Path, arch: dict[str, Any] | None = None) -> 
     info["arch"] = arch or found
     if info["arch"]:
         with _naming(path):
-            net = build_on_meta(info["arch"], 2 * info["tensors"] + 16, 2 * numel + 4096)
+            net = build_on_meta(info["arch"], info["tensors"], numel)
         info["parameter_count"] = count_parameters(net)
     else:
         info["parameter_count"] = None
