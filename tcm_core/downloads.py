@@ -10,9 +10,10 @@
   partial's length with an HTTP Range request (``If-Range``: a file changed upstream restarts from byte 0; a
   server without Range support sends it whole). Broken transfers are retried with exponential backoff.
 * The expected sha256 is ``sha256``, else the registry's, else the one recorded in ``OUT.sha256`` (the
-  sidecar) by an earlier fetch. Without one, the download's hash is recorded and a hint on pinning it is
-  printed. A file already at ``out`` is used only when it matches the expected hash, or when it is itself the
-  source (``--path OUT``): an unverified file is never adopted, so a truncated leftover cannot get pinned.
+  sidecar of :mod:`tcm_core.hashing`) by an earlier fetch. Without one, the download's hash is recorded and a
+  hint on pinning it is printed. A file already at ``out`` is used only when it matches the expected hash, or
+  when it is itself the source (``--path OUT``): an unverified file is never adopted, so a truncated leftover
+  cannot get pinned.
 * Failures are :mod:`tcm_core.errors` classes: ``ConfigError`` (bad arguments), ``MissingFileError`` (no such
   local file, HTTP 404/410), ``RefusedFileError`` (checksum mismatch), ``OfflineError`` (unreachable host,
   redirect loop, retries used up, Google Drive), ``StorageError`` (disk full, no permission).
@@ -34,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tcm_core.atomic import file_mode, write_text_atomic
+from tcm_core.atomic import file_mode
 from tcm_core.errors import (
     ConfigError,
     MissingFileError,
@@ -43,11 +44,16 @@ from tcm_core.errors import (
     one_line,
     storage_error,
 )
-from tcm_core.hashing import CHUNK_BYTES, sha256_file
+from tcm_core.hashing import (
+    CHUNK_BYTES,
+    is_sha256,
+    record_sha256,
+    recorded_sha256,
+    sha256_file,
+    sha256_sidecar,
+)
 
 NET_CHUNK_BYTES = 1 << 16  # smaller: a broken connection loses at most one partly read chunk
-SHA256_SUFFIX = ".sha256"
-_HEX = set("0123456789abcdef")
 
 
 # --- registry (reference §4.1) ------------------------------------------------------------------------------
@@ -137,54 +143,9 @@ REGISTRY: dict[str, dict[str, Any]] = {
 
 
 
-# --- sha256 pins: the FILE.sha256 sidecar --------------------------------------------------------------------
-
-
-def sha256_sidecar(path: str | Path) -> Path:
-    """``FILE.sha256``: where the first download records the hash of ``FILE``."""
-    path = Path(path)
-    return path.with_name(path.name + SHA256_SUFFIX)
-
-
-def _is_sha256(value: str) -> bool:
-    return len(value) == 64 and set(value) <= _HEX
-
-
-def recorded_sha256(path: str | Path) -> str | None:
-    """The hash recorded beside ``path`` (``sha256sum`` format), or None."""
-    sidecar = sha256_sidecar(path)
-    if not sidecar.is_file():
-        return None
-    words = sidecar.read_text(errors="replace").split()
-    if not words:
-        return None
-    if not _is_sha256(words[0].lower()):
-        raise RefusedFileError("malformed sha256 record (not 64 hexadecimal digits)", str(sidecar),
-                               "delete it and fetch the file again")
-    return words[0].lower()
-
-
-def _record_sha256(path: Path, digest: str) -> None:
-    write_text_atomic(sha256_sidecar(path), f"{digest}  {path.name}\n")
-
-
-def verify_file(path: str | Path, sha256: str | None = None) -> str:
-    """Check ``path`` against ``sha256`` or, without one, against ``FILE.sha256``; return its hash.
-
-    Raises ``RefusedFileError`` on a mismatch. A file with neither is accepted and its hash returned.
-    """
-    path = Path(path)
-    expected = _user_sha256(sha256) if sha256 else recorded_sha256(path)
-    actual = sha256_file(path)
-    if expected is not None and actual != expected:
-        raise RefusedFileError(f"checksum mismatch: expected sha256 {expected}, actual {actual}", str(path),
-                               "fetch the file again")
-    return actual
-
-
 def _user_sha256(value: str) -> str:
     value = value.strip().lower()
-    if not _is_sha256(value):
+    if not is_sha256(value):
         raise ConfigError(f"sha256 must be 64 hexadecimal digits, got {value!r}", "--sha256")
     return value
 
@@ -566,7 +527,7 @@ def _finish(out: Path, actual: str, expected: str | None, name: str | None) -> P
                                "fetch the file again or check the pinned sha256")
     first_time = recorded_sha256(out) is None
     try:
-        _record_sha256(out, actual)
+        record_sha256(out, actual)
     except OSError as exc:
         raise storage_error(exc, sha256_sidecar(out)) or exc from None
     if expected is None and first_time:

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from tcm_core.atomic import atomic_path, write_text_atomic
-from tcm_core.downloads import recorded_sha256, sha256_sidecar
 from tcm_core.errors import ConfigError, MissingFileError, TcmError, one_line
 from tcm_core.foreign_checkpoints import (
     CheckpointError,
@@ -37,7 +36,7 @@ from tcm_core.foreign_checkpoints import (
     read_state_dict_checkpoint,
     refusing,
 )
-from tcm_core.hashing import sha256_file
+from tcm_core.hashing import recorded_sha256, sha256_file, sha256_sidecar
 
 MODEL_TYPES = ("SongUNet", "EDM2UNet")
 _FORMATS = "use .safetensors, .pkl, .pt or .pth"

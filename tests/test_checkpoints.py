@@ -23,9 +23,8 @@ from checkpoint_helpers import (
     write_pickle,
 )
 
-from tcm_core.downloads import sha256_sidecar
 from tcm_core.foreign_checkpoints import CheckpointError
-from tcm_core.hashing import sha256_file
+from tcm_core.hashing import sha256_file, sha256_sidecar
 from tcm_core.network_files import inspect_checkpoint, load_network, save_network
 from tcm_core.networks import arch_preset, build_precond, count_parameters
 from tcm_core.safe_pickle import UnsafePickleError, safe_load

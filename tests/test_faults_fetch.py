@@ -14,8 +14,9 @@ import fault_helpers as fh
 import pytest
 from checkpoint_helpers import FileServer, closed_port
 
-from tcm_core.downloads import fetch, recorded_sha256
+from tcm_core.downloads import fetch
 from tcm_core.errors import MissingFileError, OfflineError, RefusedFileError
+from tcm_core.hashing import recorded_sha256
 
 
 @pytest.fixture(autouse=True)

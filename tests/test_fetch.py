@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from checkpoint_helpers import FileServer, closed_port
 
-from tcm_core.downloads import REGISTRY, fetch, recorded_sha256, sha256_sidecar, verify_file
+from tcm_core.downloads import REGISTRY, fetch
 from tcm_core.errors import MissingFileError, OfflineError, RefusedFileError
-from tcm_core.hashing import sha256_file
+from tcm_core.hashing import recorded_sha256, sha256_file, sha256_sidecar, verify_file
 
 
 @pytest.fixture(autouse=True)
