@@ -27,7 +27,7 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/jobs.smk"
-include: "workflow/rules/checkpoints.smk"
+include: "workflow/rules/init.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/training.smk"
 include: "workflow/rules/evaluation.smk"

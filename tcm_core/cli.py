@@ -16,8 +16,8 @@ from tcm_core.errors import as_expected
 # command -> (module, function suffix, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("tcm_core.training", "train", "train a network: pretrain, stage1, stage1_continued, stage2, stage3"),
-    "fetch": ("tcm_core.checkpoints", "fetch", "download a checkpoint with resume and sha256 verification"),
-    "inspect": ("tcm_core.checkpoints", "inspect", "print format, architecture and sha256 of a checkpoint"),
+    "fetch": ("tcm_core.downloads", "fetch", "download a checkpoint with resume and sha256 verification"),
+    "inspect": ("tcm_core.network_files", "inspect", "print format, architecture and sha256 of a checkpoint"),
     "prepare-dataset": ("tcm_core.data", "prepare_dataset", "build a dataset in EDM layout (mnist5k, cifar10)"),
     "train-feature-net": ("tcm_core.features", "train_feature_net", "train the LeNet FID feature network"),
     "reference-stats": ("tcm_core.evaluation", "reference_stats", "compute FID reference statistics"),

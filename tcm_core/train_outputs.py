@@ -181,7 +181,7 @@ class RunOutputs:
                                          "lower lr or set grad_clip; network.safetensors was not written")
         if run.paths.final_state is not None:
             save_final_state(run.paths.final_state, state_of(run))
-        from tcm_core.checkpoints import save_network
+        from tcm_core.network_files import save_network
 
         network = run.paths.out / "network.safetensors"
         provenance = {"mode": run.mode, "config": run.cfg.to_dict(), **{k: v for k, v in run.info.items()

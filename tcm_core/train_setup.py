@@ -157,19 +157,13 @@ def _arch_overrides(cfg: TrainConfig) -> dict[str, Any] | None:
     return None if cfg.dropout is None else {"dropout": cfg.dropout}
 
 
-def carried_iteration(meta: dict[str, Any]) -> int | None:
-    """The global iteration a checkpoint was trained to, or None when it carries none (foreign files)."""
-    if meta.get("format") != "safetensors" or meta.get("iteration") is None:
-        return None
-    return int(meta["iteration"])
-
-
 def load_init(cfg: TrainConfig, path: Path, device: torch.device) -> tuple[nn.Module, int | None, str | None]:
     """(network, the iteration it carries or None, its sha256) of a checkpoint file."""
-    from tcm_core.checkpoints import load_network
+    from tcm_core.network_files import load_network
 
     net, meta = load_network(path, device, _arch_overrides(cfg))
-    return net, carried_iteration(meta), meta.get("sha256")
+    iteration = meta.get("iteration")  # None: the file carries none (foreign checkpoints)
+    return net, (None if iteration is None else int(iteration)), meta.get("sha256")
 
 
 def fresh_network(cfg: TrainConfig, dataset: Any, device: torch.device) -> nn.Module:

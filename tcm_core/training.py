@@ -105,8 +105,8 @@ def benchmark_train_iterations(net_name: str = "tiny", batch: int = 64, device: 
     """
     import tempfile
 
-    from tcm_core.checkpoints import save_network
     from tcm_core.data import write_dataset_zip
+    from tcm_core.network_files import save_network
     from tcm_core.networks import arch_preset, build_precond
 
     for mode in modes:

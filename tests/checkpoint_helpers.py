@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copyreg
+import hashlib
 import pickle
 import socket
 import sys
@@ -29,17 +30,24 @@ from torch import nn
 
 
 class FileServer:
-    """Serves ``files`` (URL path -> bytes) on 127.0.0.1 with Range support and scripted faults.
+    """Serves ``files`` (URL path -> bytes) on 127.0.0.1 with Range/If-Range support and scripted faults.
 
+    Every file has a strong ETag (its sha256 prefix) unless its path is in ``no_validator``.
     ``drop_first[path] = n``: the first GET of ``path`` announces the full length but sends only ``n``
-    bytes, then closes the connection. ``ignore_range``: paths whose Range headers are ignored (200).
+    bytes of its body, then closes the connection; ``drop_always[path] = n`` does so on every GET.
+    ``stall[path] = (n, event)``: send ``n`` bytes of the body, then wait for ``event`` before the rest.
+    ``ignore_range``: paths whose Range headers are ignored (200). ``redirects[path] = target``: a 302.
     ``requests`` logs ``(path, Range header or None)`` of every GET.
     """
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.drop_first: dict[str, int] = {}
+        self.drop_always: dict[str, int] = {}
+        self.stall: dict[str, tuple[int, threading.Event]] = {}
         self.ignore_range: set[str] = set()
+        self.no_validator: set[str] = set()
+        self.redirects: dict[str, str] = {}
         self.requests: list[tuple[str, str | None]] = []
         server = self
 
@@ -48,35 +56,58 @@ class FileServer:
                 pass
 
             def do_GET(self) -> None:  # noqa: N802 (http.server API)
-                rng = self.headers.get("Range")
-                server.requests.append((self.path, rng))
+                server.requests.append((self.path, self.headers.get("Range")))
+                if self.path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 data = server.files.get(self.path)
                 if data is None:
                     self.send_error(404, "Not Found")
                     return
-                start = 0
-                if rng and self.path not in server.ignore_range:
-                    start = int(rng.removeprefix("bytes=").split("-")[0])
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
-                    self.send_response(200)
-                body = data[start:]
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Accept-Ranges", "bytes")
-                self.end_headers()
-                cut = server.drop_first.pop(self.path, None)
-                if cut is not None:
-                    self.wfile.write(body[:cut])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                self.wfile.write(body)
+                with contextlib.suppress(OSError):  # the client may be gone (killed mid-download)
+                    server._respond(self, data)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def etag(self, path: str) -> str | None:
+        return None if path in self.no_validator else f'"{hashlib.sha256(self.files[path]).hexdigest()[:16]}"'
+
+    def _respond(self, handler: BaseHTTPRequestHandler, data: bytes) -> None:
+        path, rng, etag = handler.path, handler.headers.get("Range"), self.etag(handler.path)
+        if_range = handler.headers.get("If-Range")
+        start = 0
+        if rng and path not in self.ignore_range and (if_range is None or if_range == etag):
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            handler.send_response(206)
+            handler.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            handler.send_response(200)
+        body = data[start:]
+        handler.send_header("Content-Length", str(len(body)))
+        handler.send_header("Accept-Ranges", "bytes")
+        if etag:
+            handler.send_header("ETag", etag)
+        handler.end_headers()
+        cut = self.drop_first.pop(path, None)
+        cut = self.drop_always.get(path, cut)
+        if path in self.stall:
+            n, event = self.stall[path]
+            handler.wfile.write(body[:n])
+            handler.wfile.flush()
+            event.wait(60)
+            body = body[n:]
+        if cut is not None:
+            handler.wfile.write(body[:cut])
+            handler.wfile.flush()
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
+            return
+        handler.wfile.write(body)
 
     @property
     def url(self) -> str:
@@ -87,6 +118,8 @@ class FileServer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        for _, event in self.stall.values():
+            event.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=5)

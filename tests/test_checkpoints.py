@@ -23,14 +23,9 @@ from checkpoint_helpers import (
     write_pickle,
 )
 
-from tcm_core.checkpoints import (
-    CheckpointError,
-    inspect_checkpoint,
-    load_network,
-    save_network,
-    sha256_file,
-    sha256_sidecar,
-)
+from tcm_core.foreign_checkpoints import CheckpointError
+from tcm_core.hashing import sha256_file, sha256_sidecar
+from tcm_core.network_files import inspect_checkpoint, load_network, save_network
 from tcm_core.networks import arch_preset, build_precond, count_parameters
 from tcm_core.safe_pickle import UnsafePickleError, safe_load
 
@@ -122,7 +117,7 @@ def test_edm_pickle_loads_weights_and_outputs_exactly(tmp_path):
     net, meta = load_network(path)
     _assert_same_weights(source, net, drop=("model.map_augment.",))
     assert torch.equal(_outputs(net), _outputs(source))  # map_augment is unused without augment labels
-    assert meta["format"] == "pickle" and meta["class_name"] == "EDMPrecond" and meta["iteration"] == 0
+    assert meta["format"] == "pickle" and meta["class_name"] == "EDMPrecond" and meta["iteration"] is None
     assert meta["arch"]["augment_dim"] == 0 and meta["arch"]["model_type"] == "SongUNet"
     assert meta["arch"]["dropout"] == pytest.approx(0.13)
     assert set(meta["ignored_kwargs"]) == {"use_fp16", "sigma_min", "sigma_max"}

@@ -176,7 +176,7 @@ def test_labels_and_constants():
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_lenet_pipeline_through_cli(tmp_path):
-    from tcm_core.checkpoints import save_network
+    from tcm_core.network_files import save_network
 
     env = {"TCM_CACHE_DIR": str(tmp_path / "cache")}
     data, lenet, stats = tmp_path / "mnist5k.zip", tmp_path / "lenet.pt", tmp_path / "ref.npz"

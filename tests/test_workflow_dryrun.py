@@ -127,7 +127,7 @@ def test_bad_preset_choice_fails_early(workdir, config, key, allowed):
     assert "tcm: error: " in text and key in text and allowed in text, text[-2000:]
 
 
-OWN_RULE_FILES = ("common", "jobs", "data", "checkpoints", "training", "evaluation")
+OWN_RULE_FILES = ("common", "jobs", "data", "init", "training", "evaluation")
 
 
 @pytest.mark.parametrize("preset", ["ci", "cifar10"])
@@ -151,7 +151,7 @@ def test_lint_and_format(preset):
 def test_registry_names_match_schema():
     import yaml
 
-    from tcm_core.checkpoints import REGISTRY
+    from tcm_core.downloads import REGISTRY
 
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
     usable = {name for name, entry in REGISTRY.items() if entry["format"] != "folder"}

@@ -38,7 +38,7 @@ def micro_network(seed: int = 0) -> torch.nn.Module:
 
 
 def save_micro_checkpoint(path: Path, iteration: int, seed: int = 0) -> Path:
-    from tcm_core.checkpoints import save_network
+    from tcm_core.network_files import save_network
 
     save_network(micro_network(seed), path, iteration=iteration, provenance={"note": "test"})
     return path

@@ -102,13 +102,12 @@ def train_run_key(run):
     return f"{rule_name}:{PRESET}:{run}"
 
 
-def train_args(mode, run_template):
-    """The `tcm_core train` argument list of a training rule (a params function)."""
+def train_files(mode, run_template):
+    """The file arguments of a training rule's `tcm_core train` (a params function of input and output)."""
 
-    def args(wildcards, input, output):
+    def files(wildcards, input, output):
         run = fill(run_template, wildcards)
-        keys = train_keys(mode, run)
-        parts = [f"--mode {mode}", f"--data {input.data}", f"--out {RESULTS}/{run}"]
+        parts = [f"--data {input.data}", f"--out {RESULTS}/{run}"]
         for flag, value in (
             ("--init", input.get("init")),
             ("--boundary-model", input.get("boundary")),
@@ -117,24 +116,43 @@ def train_args(mode, run_template):
         ):
             if value:
                 parts.append(f"{flag} {shlex.quote(str(value))}")
-        parts += [f"--state-dir {state_dir(run, keys)}", f"--device {P['device']}"]
-        parts += [tracking_args(train_run_key(run), input.mlflow), periodic_eval_args()]
-        return " ".join(p for p in parts + [format_overrides(keys)] if p)
+        return " ".join(parts + [tracking_args(train_run_key(run), input.mlflow)])
 
-    return args
+    return files
+
+
+def train_settings(mode, run_template):
+    """Everything else of the command, from the wildcards alone: Snakemake reruns a job when these change
+    (params derived from input/output files are not compared)."""
+
+    def settings(wildcards):
+        run = fill(run_template, wildcards)
+        keys = train_keys(mode, run)
+        parts = [f"--mode {mode}", f"--state-dir {state_dir(run, keys)}", f"--device {P['device']}"]
+        return " ".join(p for p in parts + [periodic_eval_args(), format_overrides(keys)] if p)
+
+    return settings
 
 
 def train_params(mode, run_template):
-    """params of every training rule: the MLflow tags, the launcher and the argument list."""
+    """params of every training rule: the MLflow tags, the launcher, the file arguments and the settings."""
 
     def env(wildcards):
         run = fill(run_template, wildcards)
         return mlflow_env(train_run_key(run), mode, grid_of(run))
 
-    return {"env": env, "launch": launcher, "args": train_args(mode, run_template)}
+    return {
+        "env": env,
+        "launch": launcher,
+        "files": train_files(mode, run_template),
+        "settings": train_settings(mode, run_template),
+    }
 
 
-TRAIN_SHELL = "{params.env} OMP_NUM_THREADS={threads} {params.launch} tcm_core train {params.args} > {log} 2>&1"
+TRAIN_SHELL = (
+    "{params.env} OMP_NUM_THREADS={threads} {params.launch} tcm_core train {params.settings} {params.files}"
+    " > {log} 2>&1"
+)
 
 
 # ---------------------------------------------------------------------------------------------
