@@ -56,7 +56,7 @@ MUTANTS = [
            "plan = None if boundary is not None else"),
     Mutant("boundary-not-at-t-prime", "tcm_core/losses.py", "torch.full_like(t, self.t_prime)",
            "torch.full_like(t, self.t_prime * 1.01)"),
-    Mutant("frozen-never-asked", "tcm_core/losses.py", "from_frozen = r < self.t_prime", "from_frozen = r < 0"),
+    Mutant("frozen-never-asked", "tcm_core/losses.py", "from_frozen = s < self.t_prime", "from_frozen = s < 0"),
     Mutant("q-hard-coded", "tcm_core/train_setup.py", "curriculum_ratio(iteration, cfg.q, cfg.double_iters",
            "curriculum_ratio(iteration, 2.0, cfg.double_iters"),
     Mutant("double-iters-doubled", "tcm_core/train_setup.py", "cfg.q, cfg.double_iters, cfg.ratio_limit)",

@@ -29,10 +29,10 @@ import torch
 
 from tcm_core import metrics
 from tcm_core.atomic import atomic_path
+from tcm_core.schedules import T_MAX
 
 DFID_TS_OFFICIAL: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0)  # TCM's --dfid_ts default
 DFID_TS_WIDE: tuple[float, ...] = (0.2, 0.5, 0.8, 1.0, 1.5, 2.0, 4.0, 10.0, 40.0, 80.0)
-T_MAX = metrics.T_MAX
 STATS_FORMAT = "tcm-ref-stats-1"
 
 

@@ -6,15 +6,16 @@ back-propagate. The consistency losses take the curriculum ratio of the iteratio
 loop owns that schedule, as it owns the learning rate and the EMA decay.
 
 Consistency training (ECT, paper eq. 4), one shared ε per sample:
-    x_t = y + t·ε,  x_r = y + r·ε,  r = max(t − Δt(t), 1e-6),  Δt(t) = t·(1 − ratio)·(1 + 8·sigmoid(−t))
-    loss = mean_b  w(t, t − r) · d(D_θ(x_t, t), stopgrad D_θ(x_r, r)),  d = pseudo-Huber over C·H·W
-t, r and Δt are float64 (as in the official code); they are cast to float32 only where they enter the network.
+    x_t = y + t·ε,  x_s = y + s·ε,  s = max(t − Δt(t), 1e-6),  Δt(t) = t·(1 − ratio)·(1 + 8·sigmoid(−t))
+    loss = mean_b  w(t, t − s) · d(D_θ(x_t, t), stopgrad D_θ(x_s, s)),  d = pseudo-Huber over C·H·W
+t, s and Δt are float64 (as in the official code); they are cast to float32 only where they enter the network.
+(The paper writes the earlier time t − Δ_t; we call it s, since the paper's App. E uses r for the curriculum ratio.)
 The target pass replays the dropout masks of the graded pass (``networks.dropout``) and runs with EDM2's forced
 weight normalisation switched off, so it neither sees other masks nor rewrites weights.
 
 Truncated consistency training (TCM Stage 2, paper eqs. 5–11, Algorithm 1): the model below t' is a frozen
 Stage-1 network; N_B = ⌊B·ρ⌋ samples of the GLOBAL batch B are placed at t = t' (boundary loss, eq. 8) and the
-others follow ψ̄_t on [t', T] (eq. 9). The target f(x_r, r) belongs to the frozen net when r < t' and to the student
+others follow ψ̄_t on [t', T] (eq. 9). The target f(x_s, s) belongs to the frozen net when s < t' and to the student
 otherwise. Total (eq. 11) = (1/(B − N_B))·Σ_regular ℓ + (w_b/N_B)·Σ_boundary ℓ.
 """
 
@@ -28,7 +29,7 @@ from torch import nn
 
 from tcm_core.networks import no_forced_weight_norm
 from tcm_core.networks.dropout import DropoutMaskRecord, record_dropout_masks, replay_dropout_masks
-from tcm_core.schedules import r_from_t
+from tcm_core.schedules import earlier_time
 
 WEIGHTINGS = ("inv_delta_t", "inv_cout_sq", "uniform")
 
@@ -141,15 +142,15 @@ def _target_pass(
     index: torch.Tensor,
     images: torch.Tensor,
     noise: torch.Tensor,
-    r: torch.Tensor,
+    s: torch.Tensor,
     class_labels: torch.Tensor | None,
 ) -> torch.Tensor:
-    """stopgrad f(y + r·ε, r) on the rows ``index``, with the dropout masks those rows had in the graded pass."""
-    r_sub = r.index_select(0, index)
-    x_r = _noised(images.index_select(0, index), noise.index_select(0, index), r_sub)
+    """stopgrad f(y + s·ε, s) on the rows ``index``, with the dropout masks those rows had in the graded pass."""
+    s_sub = s.index_select(0, index)
+    x_s = _noised(images.index_select(0, index), noise.index_select(0, index), s_sub)
     with torch.no_grad(), no_forced_weight_norm(), replay_dropout_masks(record, index):
-        target = net(x_r, r_sub, _take(class_labels, index))
-    # ln(r)/4 noise embedding and fp16 passes can produce non-finite values; never let them into the loss.
+        target = net(x_s, s_sub, _take(class_labels, index))
+    # ln(s)/4 noise embedding and fp16 passes can produce non-finite values; never let them into the loss.
     return torch.nan_to_num(target)
 
 
@@ -161,9 +162,9 @@ class ConsistencyLoss:
         self.time_dist = time_dist
         self.c, self.weighting, self.sigma_data = float(c), weighting, float(sigma_data)
 
-    def per_sample(self, d_t: torch.Tensor, d_r: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """ω(t)/Δt-style weight times the pseudo-Huber distance, per sample (float64, like t and r)."""
-        return loss_weight(self.weighting, t, t - r, self.sigma_data) * pseudo_huber(d_t, d_r, self.c)
+    def per_sample(self, d_t: torch.Tensor, d_s: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """ω(t)/Δt-style weight times the pseudo-Huber distance, per sample (float64, like t and s)."""
+        return loss_weight(self.weighting, t, t - s, self.sigma_data) * pseudo_huber(d_t, d_s, self.c)
 
     def __call__(
         self, net: nn.Module, images: torch.Tensor, class_labels: torch.Tensor | None = None, *, ratio: float
@@ -171,13 +172,13 @@ class ConsistencyLoss:
         _check_ratio(ratio)
         batch = images.shape[0]
         t = self.time_dist.sample(batch, device=images.device)
-        r = r_from_t(t, ratio)
+        s = earlier_time(t, ratio)
         noise = torch.randn_like(images)
         with record_dropout_masks() as record:
             d_t = net(_noised(images, noise, t), t, class_labels)
         everyone = torch.arange(batch, device=images.device)
-        d_r = _target_pass(net, record, everyone, images, noise, r, class_labels)
-        loss = self.per_sample(d_t, d_r, t, r).mean()
+        d_s = _target_pass(net, record, everyone, images, noise, s, class_labels)
+        loss = self.per_sample(d_t, d_s, t, s).mean()
         return LossOutput(loss=loss, regular=loss.detach(), boundary=None)
 
 
@@ -193,8 +194,8 @@ class TruncatedConsistencyLoss(ConsistencyLoss):
       global batch whatever the world size and ``batch_gpu``.
     - ``time_dist``: ψ̄_t, supported on [t', T] (its ``t_min`` must be >= t_prime).
     - The graded student pass runs once on the full call batch (all times are >= t', so the student owns them all)
-      while recording dropout masks. Each target f(x_r, r) is computed once, on its own sub-batch, by the owner
-      of time r: the frozen Stage-1 net if r < t', else the student (no grad), replaying each sample's masks.
+      while recording dropout masks. Each target f(x_s, s) is computed once, on its own sub-batch, by the owner
+      of time s: the frozen Stage-1 net if s < t', else the student (no grad), replaying each sample's masks.
       The frozen net runs in the student's train/eval mode (as the official code's deep copy does), so dropout
       masks line up; it is never given gradients.
     """
@@ -235,23 +236,23 @@ class TruncatedConsistencyLoss(ConsistencyLoss):
             is_boundary[torch.randperm(batch, device=device)[:n_boundary]] = True
         return BoundaryPlan(is_boundary, n_boundary / batch)
 
-    def targets(self, net, record, images, noise, r, class_labels) -> torch.Tensor:
-        """Each target once, by the network that owns time r (frozen if r < t', else the student)."""
-        from_frozen = r < self.t_prime
-        d_r = torch.empty_like(images)
+    def targets(self, net, record, images, noise, s, class_labels) -> torch.Tensor:
+        """Each target once, by the network that owns time s (frozen if s < t', else the student)."""
+        from_frozen = s < self.t_prime
+        d_s = torch.empty_like(images)
         student_index = (~from_frozen).nonzero().flatten()
         if student_index.numel() > 0:
-            d_r.index_copy_(0, student_index, _target_pass(net, record, student_index, images, noise, r, class_labels))
+            d_s.index_copy_(0, student_index, _target_pass(net, record, student_index, images, noise, s, class_labels))
         frozen_index = from_frozen.nonzero().flatten()
         if frozen_index.numel() > 0:
             was_training = self.frozen.training
             self.frozen.train(net.training)
             try:
-                target = _target_pass(self.frozen, record, frozen_index, images, noise, r, class_labels)
+                target = _target_pass(self.frozen, record, frozen_index, images, noise, s, class_labels)
             finally:
                 self.frozen.train(was_training)
-            d_r.index_copy_(0, frozen_index, target)
-        return d_r
+            d_s.index_copy_(0, frozen_index, target)
+        return d_s
 
     def __call__(
         self,
@@ -271,11 +272,11 @@ class TruncatedConsistencyLoss(ConsistencyLoss):
         plan = boundary if boundary is not None else self.own_plan(batch, device)
         is_boundary = plan.is_boundary.to(device)
         t = torch.where(is_boundary, torch.full_like(t, self.t_prime), t)
-        r = r_from_t(t, ratio)
+        s = earlier_time(t, ratio)
         noise = torch.randn_like(images)
         with record_dropout_masks() as record:
             d_t = net(_noised(images, noise, t), t, class_labels)
-        per_sample = self.per_sample(d_t, self.targets(net, record, images, noise, r, class_labels), t, r)
+        per_sample = self.per_sample(d_t, self.targets(net, record, images, noise, s, class_labels), t, s)
         in_boundary = is_boundary.to(per_sample.dtype)
         regular = (per_sample * (1.0 - in_boundary)).sum() / (batch * (1.0 - plan.fraction))
         boundary_loss = (per_sample * in_boundary).sum() / (batch * plan.fraction) if plan.fraction > 0 else (

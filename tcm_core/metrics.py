@@ -18,9 +18,9 @@ import scipy.linalg
 import torch
 
 from tcm_core.sampling import sample_batches, to_uint8
+from tcm_core.schedules import T_MAX
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
-T_MAX = 80.0  # EDM's sigma_max: where 1-step generation starts (sampling.T_MAX)
 
 
 class StatsAccumulator:

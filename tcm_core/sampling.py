@@ -19,8 +19,6 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-T_MAX = 80.0
-DEFAULT_MID_T = {"cifar10": 1.0, "imagenet64": 1.526}  # paper App. E, two-step generation
 SEED_STRIDE = 1_000_000  # images per seed set; seed sets k and k+1 never share a generator seed
 
 

@@ -13,9 +13,10 @@ the sampled CDF is within 1/TABLE_POINTS of the exact one, and a sampled ln t wi
 of the exact quantile (both bounds are checked in the tests, with a much smaller measured error).
 
 Curriculum (ECT, used unchanged by TCM)
-    ratio(it)  = min(1 − q^−(stage+1), ratio_limit), stage = it // double_iters
+    ratio(it)  = min(1 − q^−(k+1), ratio_limit), k = it // double_iters   (k: how often Δt has been divided by q;
+                                                                        the official code calls it "stage")
     Δt(t)      = t·(1 − ratio)·(1 + 8·sigmoid(−t))
-    r(t)       = max(t − Δt(t), 1e-6)          (so r > 0 always; the effective step is t − r)
+    s(t)       = max(t − Δt(t), 1e-6)          (so s > 0 always; the effective step is t − s)
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ from scipy import stats
 T_MAX = 80.0  # T: EDM's sigma_max, where 1-step generation starts and every time range ends
 T_MIN = 0.002  # EDM's sigma_min: the lower end of Stage 1's time range
 TABLE_POINTS = 4096  # knots per grid (probability grid and ln-t grid); 2·TABLE_POINTS knots in the table
-R_MIN = 1e-6  # lower clamp of r = t − Δt, as in the official TCM code
+S_MIN = 1e-6  # lower clamp of s = t − Δt, as in the official TCM code
 
 
 def time_dtype(device: torch.device) -> torch.dtype:
-    """The dtype of sampled times t, r and Δt: float64, except on MPS (no float64 there)."""
+    """The dtype of sampled times t, s and Δt: float64, except on MPS (no float64 there)."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 
@@ -144,7 +145,7 @@ class _TruncatedLogDistribution:
     def sample(self, n: int, device: torch.device | str | None = None) -> torch.Tensor:
         """``n`` samples of t on ``device`` in float64 (float32 on MPS), from torch's global RNG (no scipy call).
 
-        Times stay in float64 through r = t − Δt and the weights, as in the official code; they are cast to
+        Times stay in float64 through s = t − Δt and the weights, as in the official code; they are cast to
         float32 only where they enter the network. (In float32, at ratio 0.999, Δt moves by up to ~6e-5 relative.)
         """
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -201,7 +202,7 @@ class TruncatedLogStudentT(_TruncatedLogDistribution):
 
 
 def curriculum_ratio(iteration: int, q: float, double_iters: int, ratio_limit: float) -> float:
-    """ECT's curriculum: min(1 − q^−(stage+1), ratio_limit) with stage = iteration // double_iters."""
+    """ECT's curriculum: min(1 − q^−(k+1), ratio_limit) with k = iteration // double_iters (the doublings)."""
     if not q > 1:
         raise ValueError(f"q must be > 1, got {q}")
     if int(double_iters) != double_iters or double_iters < 1:
@@ -210,9 +211,9 @@ def curriculum_ratio(iteration: int, q: float, double_iters: int, ratio_limit: f
         raise ValueError(f"ratio_limit must be in (0, 1), got {ratio_limit}")
     if iteration < 0:
         raise ValueError(f"iteration must be >= 0, got {iteration}")
-    stage = int(iteration) // int(double_iters)
-    # q ** -(stage + 1) underflows to 0.0 for huge stages, which the cap then takes care of.
-    return min(1.0 - float(q) ** -(stage + 1), float(ratio_limit))
+    doublings = int(iteration) // int(double_iters)
+    # q ** -(doublings + 1) underflows to 0.0 for huge counts, which the cap then takes care of.
+    return min(1.0 - float(q) ** -(doublings + 1), float(ratio_limit))
 
 
 def _check_ratio(ratio: float) -> None:
@@ -226,6 +227,8 @@ def delta_t(t: torch.Tensor, ratio: float) -> torch.Tensor:
     return t * (1.0 - ratio) * (1.0 + 8.0 * torch.sigmoid(-t))
 
 
-def r_from_t(t: torch.Tensor, ratio: float) -> torch.Tensor:
-    """r = max(t − Δt(t), 1e-6): the earlier time whose prediction is the consistency target."""
-    return (t - delta_t(t, ratio)).clamp_min(R_MIN)
+def earlier_time(t: torch.Tensor, ratio: float) -> torch.Tensor:
+    """s = max(t − Δt(t), 1e-6): the earlier time whose prediction is the consistency target.
+
+    The paper writes it t − Δ_t; we call it s because the paper's App. E uses r for the curriculum ratio."""
+    return (t - delta_t(t, ratio)).clamp_min(S_MIN)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from tcm_core.errors import ConfigError
+from tcm_core.schedules import T_MAX, T_MIN
 
 MODES = ("pretrain", "stage1", "stage1_continued", "stage2", "stage3")
 TRUNCATED_MODES = ("stage2", "stage3")
@@ -58,8 +59,8 @@ class TrainConfig:
     time_dist: str | None = None  # None: lognormal for pretrain/stage1, student_t for stage2/3
     p_mean: float | None = None  # None: -1.2 (pretrain, EDM) or -1.1 (consistency, ECT CIFAR)
     p_std: float | None = None  # None: 1.2 (pretrain) or 2.0
-    t_min: float = 0.002
-    t_max: float = 80.0
+    t_min: float = T_MIN
+    t_max: float = T_MAX
     t_prime: float | None = None  # None: 1 for stage2, 4 for stage3
     rho: float = 0.25
     w_b: float = 0.1

@@ -17,7 +17,7 @@ from tcm_core.losses import (
 )
 from tcm_core.networks import arch_preset, build_precond
 from tcm_core.precond import edm_coefficients
-from tcm_core.schedules import TruncatedLogNormal, TruncatedLogStudentT, curriculum_ratio, r_from_t
+from tcm_core.schedules import TruncatedLogNormal, TruncatedLogStudentT, curriculum_ratio, earlier_time
 
 B = 8
 
@@ -110,20 +110,20 @@ def test_consistency_loss_recomputed():
     out = loss_fn(net, y, None, ratio=ratio)
     torch.manual_seed(7)
     t = dist.sample(B)
-    r = r_from_t(t, ratio)
+    s = earlier_time(t, ratio)
     eps = torch.randn_like(y)
     with torch.no_grad():
         d_t = net(y + t[:, None, None, None] * eps, t)
-        d_r = net(y + r[:, None, None, None] * eps, r)
-    dist_ph = torch.sqrt(((d_t - d_r) ** 2).sum(dim=(1, 2, 3)) + 0.03**2) - 0.03
-    torch.testing.assert_close(out.loss.detach(), (dist_ph / (t - r)).mean())
+        d_s = net(y + s[:, None, None, None] * eps, s)
+    dist_ph = torch.sqrt(((d_t - d_s) ** 2).sum(dim=(1, 2, 3)) + 0.03**2) - 0.03
+    torch.testing.assert_close(out.loss.detach(), (dist_ph / (t - s)).mean())
     assert out.boundary is None
 
 
 def test_consistency_loss_replays_dropout_masks():
     net = small_net(dropout=0.3)
     dist = TruncatedLogNormal(0.0, 1.0, 0.5, 5.0)
-    # ratio ≈ 1 − 1e-7: Δt is tiny, so D(x_t, t) and D(x_r, r) agree iff they saw the same dropout masks.
+    # ratio ≈ 1 − 1e-7: Δt is tiny, so D(x_t, t) and D(x_s, s) agree iff they saw the same dropout masks.
     loss_fn = ConsistencyLoss(dist, c=0.0, weighting="uniform")
     y = images()
     out = loss_fn(net, y, None, ratio=1 - 1e-7)
@@ -158,10 +158,10 @@ def test_stage2_with_rho_zero_equals_stage1(t_prime_at_t_min):
     student = small_net(dropout=0.2, seed=0)
     dist = TruncatedLogStudentT(**STAGE2_DIST)
     if t_prime_at_t_min:
-        # t' = t_min: every target r < t' is the frozen net's; a bit-identical copy must reproduce Stage 1.
+        # t' = t_min: every target s < t' is the frozen net's; a bit-identical copy must reproduce Stage 1.
         frozen, t_prime = copy.deepcopy(student), dist.t_min
     else:
-        # t' below every r (r >= 1e-6): the frozen net (a different one) is never asked.
+        # t' below every s (s >= 1e-6): the frozen net (a different one) is never asked.
         frozen, t_prime = small_net(dropout=0.2, seed=1), 1e-6
     y = images()
     kw = dict(CT_KW, c=0.01)
@@ -175,7 +175,7 @@ def test_stage2_with_rho_zero_equals_stage1(t_prime_at_t_min):
 
 
 def test_stage2_matches_full_batch_blend_reference():
-    """Against the official-style computation: both nets on the whole batch, blended by r < t'."""
+    """Against the official-style computation: both nets on the whole batch, blended by s < t'."""
     student, frozen = small_net(seed=0).eval(), small_net(seed=1).eval()
     dist = TruncatedLogStudentT(**STAGE2_DIST)
     loss_fn = stage2(frozen, t_prime=1.0, rho=0.25, w_b=0.1, dist=dist, c=0.02)
@@ -188,12 +188,12 @@ def test_stage2_matches_full_batch_blend_reference():
     t[boundary] = 1.0
     eps = torch.randn_like(y)
     ratio = 0.999
-    r = r_from_t(t, ratio)
+    s = earlier_time(t, ratio)
     with torch.no_grad():
         d_t = student(y + t[:, None, None, None] * eps, t)
-        x_r = y + r[:, None, None, None] * eps
-        target = torch.where((r < 1.0)[:, None, None, None], frozen(x_r, r), student(x_r, r))
-    per = (torch.sqrt(((d_t - target) ** 2).sum(dim=(1, 2, 3)) + 0.02**2) - 0.02) / (t - r)
+        x_s = y + s[:, None, None, None] * eps
+        target = torch.where((s < 1.0)[:, None, None, None], frozen(x_s, s), student(x_s, s))
+    per = (torch.sqrt(((d_t - target) ** 2).sum(dim=(1, 2, 3)) + 0.02**2) - 0.02) / (t - s)
     is_b = torch.zeros(B, dtype=torch.bool)
     is_b[boundary] = True
     # float64 sums of float32 network outputs (graded vs no-grad kernels may differ in the last float32 bits)
@@ -210,18 +210,18 @@ def test_stage2_targets_computed_once_by_their_owner():
     torch.manual_seed(0)
     out = loss_fn(student, images(), None, ratio=AT_CAP)
     assert math.isfinite(out.loss.item())
-    boundary_r = r_from_t(torch.tensor([1.0]), 0.999).item()  # t' − Δt(t') ≈ 0.99685
-    assert boundary_r == pytest.approx(1.0 - 0.00315, abs=1e-5)
-    # Student: one graded pass over the full batch, then one no-grad pass over its own targets (r >= t').
+    boundary_s = earlier_time(torch.tensor([1.0]), 0.999).item()  # t' − Δt(t') ≈ 0.99685
+    assert boundary_s == pytest.approx(1.0 - 0.00315, abs=1e-5)
+    # Student: one graded pass over the full batch, then one no-grad pass over its own targets (s >= t').
     assert len(log_s.calls) == 2 and log_s.calls[0][0] == B
     graded_sigma = log_s.calls[0][1]
     assert (graded_sigma == 1.0).sum() >= B // 4 and torch.all(graded_sigma >= 1.0)
     assert torch.all(log_s.calls[1][1] >= 1.0)
-    # Frozen: exactly once, only on the sub-batch whose r < t' (all boundary samples at t' − Δt(t')).
+    # Frozen: exactly once, only on the sub-batch whose s < t' (all boundary samples at t' − Δt(t')).
     assert len(log_f.calls) == 1
     n_frozen, frozen_sigma = log_f.calls[0]
     assert torch.all(frozen_sigma < 1.0)
-    assert (frozen_sigma.sub(boundary_r).abs() < 1e-6).sum() >= B // 4
+    assert (frozen_sigma.sub(boundary_s).abs() < 1e-6).sum() >= B // 4
     assert n_frozen + log_s.calls[1][0] == B
 
 

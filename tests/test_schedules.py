@@ -8,13 +8,13 @@ import torch
 from scipy import stats
 
 from tcm_core.schedules import (
-    R_MIN,
+    S_MIN,
     TABLE_POINTS,
     TruncatedLogNormal,
     TruncatedLogStudentT,
     curriculum_ratio,
     delta_t,
-    r_from_t,
+    earlier_time,
 )
 
 TCM_STAGE2 = dict(mu=0.0, sigma=0.2, nu=0.01, t_min=1.0, t_max=80.0)
@@ -165,10 +165,10 @@ def test_delta_t_formula_and_r_clamp():
     ratio = 0.75
     sigmoid = 1 / (1 + np.exp(t.numpy()))
     np.testing.assert_allclose(delta_t(t, ratio).numpy(), t.numpy() * 0.25 * (1 + 8 * sigmoid), rtol=1e-12)
-    r = r_from_t(t, ratio)
-    assert r[:2].tolist() == [R_MIN, R_MIN]  # Δt(t) > t for small t at ratio 0.75, so r is clamped
-    np.testing.assert_allclose(r[2:].numpy(), (t - delta_t(t, ratio))[2:].numpy())
-    assert torch.all(r < t)
+    s = earlier_time(t, ratio)
+    assert s[:2].tolist() == [S_MIN, S_MIN]  # Δt(t) > t for small t at ratio 0.75, so s is clamped
+    np.testing.assert_allclose(s[2:].numpy(), (t - delta_t(t, ratio))[2:].numpy())
+    assert torch.all(s < t)
 
 
 @pytest.mark.parametrize(

@@ -101,9 +101,9 @@ def paper_r(t: np.ndarray, ratio: float) -> np.ndarray:
     return np.maximum(t - delta, 1e-6)
 
 
-def paper_weight(kind: str, t: np.ndarray, r: np.ndarray) -> np.ndarray:
+def paper_weight(kind: str, t: np.ndarray, s: np.ndarray) -> np.ndarray:
     if kind == "inv_delta_t":
-        return 1.0 / (t - r)
+        return 1.0 / (t - s)
     c_out = t * 0.5 / np.sqrt(t**2 + 0.25)
     return 1.0 / c_out**2
 
@@ -113,18 +113,18 @@ def pseudo_huber_np(a: np.ndarray, b: np.ndarray, c: float) -> np.ndarray:
     return np.sqrt(d2 + c**2) - c
 
 
-def targets_by_sample(r: np.ndarray, calls: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """D(x_r, r) of every sample from the no-grad calls, matched by their r; and which samples each call had."""
-    d_r = np.full((len(r), 1, 16, 16), np.nan)
-    owner = np.full(len(r), -1)
+def targets_by_sample(s: np.ndarray, calls: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """D(x_s, s) of every sample from the no-grad calls, matched by their s; and which samples each call had."""
+    d_s = np.full((len(s), 1, 16, 16), np.nan)
+    owner = np.full(len(s), -1)
     for number, call in enumerate(calls):
         for row, r_row in enumerate(call["sigma"].numpy()):
-            # rows are sub-batches in ascending sample order: take the first unassigned sample with this r
-            candidates = np.flatnonzero((np.abs(r - r_row) <= 1e-12 * r_row) & (owner < 0))
-            assert candidates.size, "a target pass saw an r the paper's formula did not give"
-            d_r[candidates[0]], owner[candidates[0]] = call["out"][row].numpy(), number
+            # rows are sub-batches in ascending sample order: take the first unassigned sample with this s
+            candidates = np.flatnonzero((np.abs(s - r_row) <= 1e-12 * r_row) & (owner < 0))
+            assert candidates.size, "a target pass saw an s the paper's formula did not give"
+            d_s[candidates[0]], owner[candidates[0]] = call["out"][row].numpy(), number
     assert np.all(owner >= 0), "a sample got no target"
-    return d_r, owner
+    return d_s, owner
 
 
 def test_stage2_loss_is_eq_11_with_the_configured_t_prime_rho_w_b_c_weighting_and_curriculum(files, tmp_path):
@@ -140,12 +140,12 @@ def test_stage2_loss_is_eq_11_with_the_configured_t_prime_rho_w_b_c_weighting_an
     assert mask.sum() == math.floor(10 * 0.3) == 3
     assert np.all(t[mask.numpy()] == 1.3) and np.all(t[~mask.numpy()] >= 1.3)  # boundary at t', ψ̄ above it
     ratio = paper_ratio(23, 3.0, 7, 0.995)  # the init carries iteration 23: the curriculum continues from it
-    r = paper_r(t, ratio)
+    s = paper_r(t, ratio)
     student_targets = [c for c in student.calls if not c["grad"]]
-    d_r, owner = targets_by_sample(r, student_targets + frozen.calls)
+    d_s, owner = targets_by_sample(s, student_targets + frozen.calls)
     from_frozen = owner >= len(student_targets)
-    assert np.array_equal(from_frozen, r < 1.3)  # r < t': the frozen Stage-1 net answers
-    ell = paper_weight("inv_delta_t", t, r) * pseudo_huber_np(graded[0]["out"].numpy(), d_r, 0.05)
+    assert np.array_equal(from_frozen, s < 1.3)  # s < t': the frozen Stage-1 net answers
+    ell = paper_weight("inv_delta_t", t, s) * pseudo_huber_np(graded[0]["out"].numpy(), d_s, 0.05)
     b = mask.numpy()
     expected = ell[~b].sum() / 7 + 0.7 * ell[b].sum() / 3  # eq. 11: 1/(B − N_B) Σ_C + w_b/N_B Σ_B
     assert out.loss.item() == pytest.approx(expected, rel=1e-6)
@@ -160,9 +160,9 @@ def test_stage1_loss_is_eq_4_with_the_configured_c_weighting_and_curriculum(file
     out = run.loss_fn(run.net, images, None, ratio=run.ratio(15))
     graded, target = student.calls
     t = graded["sigma"].numpy()
-    r = paper_r(t, paper_ratio(15, 5.0, 7, 0.995))
-    np.testing.assert_allclose(target["sigma"].numpy(), r, rtol=1e-12)
-    ell = paper_weight("inv_cout_sq", t, r) * pseudo_huber_np(graded["out"].numpy(), target["out"].numpy(), 0.02)
+    s = paper_r(t, paper_ratio(15, 5.0, 7, 0.995))
+    np.testing.assert_allclose(target["sigma"].numpy(), s, rtol=1e-12)
+    ell = paper_weight("inv_cout_sq", t, s) * pseudo_huber_np(graded["out"].numpy(), target["out"].numpy(), 0.02)
     assert out.loss.item() == pytest.approx(ell.mean(), rel=1e-6)
 
 
@@ -182,22 +182,22 @@ def measured_beta(ema_before: list[torch.Tensor], ema: torch.nn.Module, net: tor
     return float((moved[keep] / gaps[keep]).median())
 
 
-def implied_ratio(t: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """The curriculum ratio that maps t to r = t − t·(1 − ratio)·(1 + 8·sigmoid(−t))."""
-    return 1.0 - (t - r) / (t * (1.0 + 8.0 / (1.0 + np.exp(t))))
+def implied_ratio(t: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """The curriculum ratio that maps t to s = t − t·(1 − ratio)·(1 + 8·sigmoid(−t))."""
+    return 1.0 - (t - s) / (t * (1.0 + 8.0 / (1.0 + np.exp(t))))
 
 
 def measured_ratio(run, student: CallRecorder, frozen: CallRecorder | None) -> float:
-    """The ratio the loss used, from the networks' inputs (Stage 1: t and r pairs; Stage 2: the boundary rows)."""
+    """The ratio the loss used, from the networks' inputs (Stage 1: t and s pairs; Stage 2: the boundary rows)."""
     if frozen is None:
         graded, target = student.calls
-        t, r = graded["sigma"].numpy(), target["sigma"].numpy()
-        unclamped = r > 1e-6  # r = max(t − Δt, 1e-6): a clamped r says nothing about the ratio
+        t, s = graded["sigma"].numpy(), target["sigma"].numpy()
+        unclamped = s > 1e-6  # s = max(t − Δt, 1e-6): a clamped s says nothing about the ratio
         assert unclamped.any()
-        return float(np.median(implied_ratio(t[unclamped], r[unclamped])))
+        return float(np.median(implied_ratio(t[unclamped], s[unclamped])))
     t_prime = run.cfg.t_prime
     values, counts = np.unique(np.concatenate([c["sigma"].numpy() for c in frozen.calls]), return_counts=True)
-    r_boundary = values[np.argmax(counts)]  # all N_B boundary samples share r = t' − Δt(t')
+    r_boundary = values[np.argmax(counts)]  # all N_B boundary samples share s = t' − Δt(t')
     assert counts.max() >= math.floor(run.cfg.batch * run.cfg.rho)
     return float(implied_ratio(np.array([t_prime]), np.array([r_boundary]))[0])
 
@@ -216,7 +216,7 @@ def drive(run, steps: int) -> list[dict[str, float]]:
         held: list[float] = []
         before = [p.detach().clone() for p in run.ema.parameters()]
         iteration = run.iteration
-        train_step(run, after_backward=lambda r, held=held: held.append(r.optimizer.param_groups[0]["lr"]))
+        train_step(run, after_backward=lambda s, held=held: held.append(s.optimizer.param_groups[0]["lr"]))
         seen.append({"it": iteration, "lr": held[0], "ratio": measured_ratio(run, student, frozen),
                      "beta": measured_beta(before, run.ema, run.net)})
     return seen

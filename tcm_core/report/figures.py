@@ -14,6 +14,7 @@ from tcm_core.report.measurements import ablation_baseline, ablation_runs, ablat
 from tcm_core.report.paper import PAPER_DEFAULTS, PAPER_FIG4A_SIGMA_NU
 from tcm_core.report.results import Measured, Results, TrainingRun
 from tcm_core.report.values import MISSING, fmt, fmt_g, is_finite
+from tcm_core.schedules import T_MAX
 
 FIGURES = {
     "fig1b_fid_stages": "Fig. 1b: 1-step FID vs iteration, Stage 1 continued vs Stage 2",
@@ -28,7 +29,6 @@ FIGURES = {
 FIG_SIZE_IN = (8.0, 5.0)
 FIG_DPI = 100  # -> every figure is 800 x 500 pixels
 GRAD_SPIKE = 100.0  # Fig. 7: gradient norms above this are circled, as in the paper
-DEFAULT_T_MAX = 80.0  # Fig. 4a without a run that sets t_max: EDM's sigma_max, the paper's T
 MAIN_STAGES = (("stage1", "Stage 1"), ("stage1_continued", "Stage 1 continued"), ("stage2", "Stage 2 (TCM)"))
 ITERATION_AXIS = "training iteration (global)"
 
@@ -300,7 +300,8 @@ def figure_fig4a(results: Results, path: Path) -> bool:
     runs = ablation_runs(results) or results.runs_of("stage2")
     baseline = ablation_baseline(results)
     t_prime = baseline["t_prime"] if baseline["t_prime"] is not None else PAPER_DEFAULTS["t_prime"]
-    t_max = next((v for r in runs if (v := r.param("t_max")) is not None), DEFAULT_T_MAX)
+    # without a run that sets t_max: the paper's T
+    t_max = next((v for r in runs if (v := r.param("t_max")) is not None), T_MAX)
     mu = next((v for r in runs if (v := r.param("student_mu")) is not None), 0.0)
     pairs = _sigma_nu_pairs(results) or list(PAPER_FIG4A_SIGMA_NU)
     source = "grid of this preset" if _sigma_nu_pairs(results) else "paper's three cases (no grid runs yet)"
