@@ -219,89 +219,23 @@ class EDM2UNet(nn.Module):
         clip_act: float | None = 256,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("img_resolution", img_resolution),
-            ("img_channels", img_channels),
-            ("model_channels", model_channels),
-            ("num_blocks", num_blocks),
-            ("channels_per_head", channels_per_head),
-        ):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value}")
-        if label_dim < 0:
-            raise ValueError(f"label_dim must be >= 0, got {label_dim}")
-        if not channel_mult or any(int(m) < 1 for m in channel_mult):
-            raise ValueError(f"channel_mult must be a non-empty list of ints >= 1, got {channel_mult}")
-        if img_resolution % (1 << (len(channel_mult) - 1)):
-            raise ValueError(f"img_resolution {img_resolution} must be divisible by 2^(len(channel_mult)-1)")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        for name, value in (
-            ("label_balance", label_balance),
-            ("concat_balance", concat_balance),
-            ("res_balance", res_balance),
-            ("attn_balance", attn_balance),
-        ):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
-
+        _check_edm2_arguments(img_resolution, img_channels, label_dim, model_channels, channel_mult, num_blocks,
+                              channels_per_head, dropout, label_balance, concat_balance, res_balance, attn_balance)
         cblock = [model_channels * m for m in channel_mult]
         cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
         cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
         self.label_balance = label_balance
         self.concat_balance = concat_balance
         self.out_gain = nn.Parameter(torch.zeros([]))
-        dropout_resolutions = {int(r) for r in dropout_resolutions}
-
-        def block(cin: int, cout: int, res: int, **kwargs: object) -> Block:
-            return Block(
-                cin,
-                cout,
-                cemb,
-                resample_filter=resample_filter,
-                channels_per_head=channels_per_head,
-                dropout=dropout if res in dropout_resolutions else 0.0,
-                res_balance=res_balance,
-                attn_balance=attn_balance,
-                clip_act=clip_act,
-                **kwargs,
-            )
-
+        block = _BlockFactory(cemb, resample_filter, channels_per_head, dropout, {int(r) for r in dropout_resolutions},
+                              res_balance, attn_balance, clip_act)
         self.emb_fourier = MPFourier(cnoise)
         self.emb_noise = MPConv(cnoise, cemb, kernel=())
         self.emb_label = MPConv(label_dim, cemb, kernel=()) if label_dim else None
-
-        # Encoder; the input gets a constant-ones channel so the first conv can learn an offset.
-        self.enc = nn.ModuleDict()
-        cout = img_channels + 1
-        for level, channels in enumerate(cblock):
-            res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, channels
-                self.enc[f"{res}x{res}_conv"] = MPConv(cin, cout, kernel=(3, 3))
-            else:
-                self.enc[f"{res}x{res}_down"] = block(cout, cout, res, flavor="enc", resample_mode="down")
-            for idx in range(num_blocks):
-                cin, cout = cout, channels
-                self.enc[f"{res}x{res}_block{idx}"] = block(
-                    cin, cout, res, flavor="enc", attention=res in attn_resolutions
-                )
-
-        # Decoder.
-        self.dec = nn.ModuleDict()
+        # Encoder, decoder, output conv (created in this order: it fixes the seeded initialisation).
+        self.enc, cout = _edm2_encoder(block, img_resolution, img_channels, cblock, num_blocks, attn_resolutions)
         skips = [b.out_channels for b in self.enc.values()]
-        for level, channels in reversed(list(enumerate(cblock))):
-            res = img_resolution >> level
-            if level == len(cblock) - 1:
-                self.dec[f"{res}x{res}_in0"] = block(cout, cout, res, flavor="dec", attention=True)
-                self.dec[f"{res}x{res}_in1"] = block(cout, cout, res, flavor="dec")
-            else:
-                self.dec[f"{res}x{res}_up"] = block(cout, cout, res, flavor="dec", resample_mode="up")
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), channels
-                self.dec[f"{res}x{res}_block{idx}"] = block(
-                    cin, cout, res, flavor="dec", attention=res in attn_resolutions
-                )
+        self.dec, cout = _edm2_decoder(block, img_resolution, cout, skips, cblock, num_blocks, attn_resolutions)
         self.out_conv = MPConv(cout, img_channels, kernel=(3, 3))
 
     def forward(
@@ -326,3 +260,76 @@ class EDM2UNet(nn.Module):
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
             x = layer(x, emb)
         return self.out_conv(x, gain=self.out_gain)
+
+
+def _check_edm2_arguments(img_resolution, img_channels, label_dim, model_channels, channel_mult, num_blocks,
+                          channels_per_head, dropout, label_balance, concat_balance, res_balance,
+                          attn_balance) -> None:
+    for name, value in (("img_resolution", img_resolution), ("img_channels", img_channels),
+                        ("model_channels", model_channels), ("num_blocks", num_blocks),
+                        ("channels_per_head", channels_per_head)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value}")
+    if label_dim < 0:
+        raise ValueError(f"label_dim must be >= 0, got {label_dim}")
+    if not channel_mult or any(int(m) < 1 for m in channel_mult):
+        raise ValueError(f"channel_mult must be a non-empty list of ints >= 1, got {channel_mult}")
+    if img_resolution % (1 << (len(channel_mult) - 1)):
+        raise ValueError(f"img_resolution {img_resolution} must be divisible by 2^(len(channel_mult)-1)")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    for name, value in (("label_balance", label_balance), ("concat_balance", concat_balance),
+                        ("res_balance", res_balance), ("attn_balance", attn_balance)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+class _BlockFactory:
+    """Blocks of one U-Net: the shared settings, with dropout only at the resolutions that have it."""
+
+    def __init__(self, cemb, resample_filter, channels_per_head, dropout, dropout_resolutions, res_balance,
+                 attn_balance, clip_act) -> None:
+        self.shared = dict(resample_filter=resample_filter, channels_per_head=channels_per_head,
+                           res_balance=res_balance, attn_balance=attn_balance, clip_act=clip_act)
+        self.cemb, self.dropout, self.dropout_resolutions = cemb, dropout, dropout_resolutions
+
+    def __call__(self, cin: int, cout: int, res: int, **kwargs: object) -> Block:
+        dropout = self.dropout if res in self.dropout_resolutions else 0.0
+        return Block(cin, cout, self.cemb, dropout=dropout, **self.shared, **kwargs)
+
+
+def _edm2_encoder(block, img_resolution, img_channels, cblock, num_blocks, attn_resolutions
+                  ) -> tuple[nn.ModuleDict, int]:
+    """The input gets a constant-ones channel so the first conv can learn an offset; then per level a down
+    block (below the top) and ``num_blocks`` blocks."""
+    enc = nn.ModuleDict()
+    cout = img_channels + 1
+    for level, channels in enumerate(cblock):
+        res = img_resolution >> level
+        if level == 0:
+            cin, cout = cout, channels
+            enc[f"{res}x{res}_conv"] = MPConv(cin, cout, kernel=(3, 3))
+        else:
+            enc[f"{res}x{res}_down"] = block(cout, cout, res, flavor="enc", resample_mode="down")
+        for idx in range(num_blocks):
+            cin, cout = cout, channels
+            enc[f"{res}x{res}_block{idx}"] = block(cin, cout, res, flavor="enc", attention=res in attn_resolutions)
+    return enc, cout
+
+
+def _edm2_decoder(block, img_resolution, cout, skips, cblock, num_blocks, attn_resolutions
+                  ) -> tuple[nn.ModuleDict, int]:
+    """Two blocks at the bottom, then per level an up block and ``num_blocks + 1`` blocks taking the skips."""
+    dec = nn.ModuleDict()
+    skips = list(skips)
+    for level, channels in reversed(list(enumerate(cblock))):
+        res = img_resolution >> level
+        if level == len(cblock) - 1:
+            dec[f"{res}x{res}_in0"] = block(cout, cout, res, flavor="dec", attention=True)
+            dec[f"{res}x{res}_in1"] = block(cout, cout, res, flavor="dec")
+        else:
+            dec[f"{res}x{res}_up"] = block(cout, cout, res, flavor="dec", resample_mode="up")
+        for idx in range(num_blocks + 1):
+            cin, cout = cout + skips.pop(), channels
+            dec[f"{res}x{res}_block{idx}"] = block(cin, cout, res, flavor="dec", attention=res in attn_resolutions)
+    return dec, cout

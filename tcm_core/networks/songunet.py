@@ -194,26 +194,9 @@ class SongUNet(nn.Module):
         resample_filter: Sequence[float] = (1, 1),
     ) -> None:
         super().__init__()
-        _check_positive_int("img_resolution", img_resolution)
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("out_channels", out_channels)
-        _check_positive_int("model_channels", model_channels)
-        _check_positive_int("num_blocks", num_blocks)
-        _check_positive_int("channel_mult_emb", channel_mult_emb)
-        _check_positive_int("channel_mult_noise", channel_mult_noise)
-        if label_dim < 0 or augment_dim < 0:
-            raise ValueError(f"label_dim and augment_dim must be >= 0, got {label_dim}, {augment_dim}")
-        if not channel_mult or any(int(m) < 1 for m in channel_mult):
-            raise ValueError(f"channel_mult must be a non-empty list of ints >= 1, got {channel_mult}")
-        if img_resolution % (1 << (len(channel_mult) - 1)):
-            raise ValueError(
-                f"img_resolution {img_resolution} must be divisible by 2^(len(channel_mult)-1) for the down levels"
-            )
-        if not 0.0 <= dropout < 1.0 or not 0.0 <= label_dropout < 1.0:
-            raise ValueError(f"dropout and label_dropout must be in [0, 1), got {dropout}, {label_dropout}")
-        if model_channels * min(channel_mult) < 4:
-            raise ValueError("model_channels * min(channel_mult) must be >= 4 (GroupNorm needs 4 channels per group)")
-
+        _check_songunet_arguments(img_resolution, in_channels, out_channels, label_dim, augment_dim, model_channels,
+                                  channel_mult, channel_mult_emb, num_blocks, dropout, label_dropout,
+                                  channel_mult_noise)
         self.label_dropout = float(label_dropout)
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
@@ -225,40 +208,12 @@ class SongUNet(nn.Module):
         self.map_augment = Linear(augment_dim, noise_channels, bias=False) if augment_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels)
         self.map_layer1 = Linear(emb_channels, emb_channels)
-
-        # Encoder.
-        self.enc = nn.ModuleDict()
-        cout = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, model_channels
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3)
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    cin, cout, attention=res in attn_resolutions, **block_kwargs
-                )
+        # Encoder, then decoder (modules are created in this order: it fixes the seeded initialisation).
+        self.enc, cout = _songunet_encoder(img_resolution, in_channels, model_channels, channel_mult, num_blocks,
+                                           attn_resolutions, block_kwargs)
         skips = [block.out_channels for block in self.enc.values()]
-
-        # Decoder.
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                attention = idx == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attention, **block_kwargs)
-            if level == 0:
-                self.dec[f"{res}x{res}_aux_norm"] = _group_norm(cout)
-                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3, init_weight=1e-5)
+        self.dec = _songunet_decoder(img_resolution, cout, skips, out_channels, model_channels, channel_mult,
+                                     num_blocks, attn_resolutions, block_kwargs)
 
     def forward(
         self,
@@ -304,3 +259,66 @@ class SongUNet(nn.Module):
 def _check_positive_int(name: str, value: int) -> None:
     if int(value) != value or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value}")
+
+
+def _check_songunet_arguments(img_resolution, in_channels, out_channels, label_dim, augment_dim, model_channels,
+                              channel_mult, channel_mult_emb, num_blocks, dropout, label_dropout,
+                              channel_mult_noise) -> None:
+    for name, value in (("img_resolution", img_resolution), ("in_channels", in_channels),
+                        ("out_channels", out_channels), ("model_channels", model_channels),
+                        ("num_blocks", num_blocks), ("channel_mult_emb", channel_mult_emb),
+                        ("channel_mult_noise", channel_mult_noise)):
+        _check_positive_int(name, value)
+    if label_dim < 0 or augment_dim < 0:
+        raise ValueError(f"label_dim and augment_dim must be >= 0, got {label_dim}, {augment_dim}")
+    if not channel_mult or any(int(m) < 1 for m in channel_mult):
+        raise ValueError(f"channel_mult must be a non-empty list of ints >= 1, got {channel_mult}")
+    if img_resolution % (1 << (len(channel_mult) - 1)):
+        raise ValueError(
+            f"img_resolution {img_resolution} must be divisible by 2^(len(channel_mult)-1) for the down levels"
+        )
+    if not 0.0 <= dropout < 1.0 or not 0.0 <= label_dropout < 1.0:
+        raise ValueError(f"dropout and label_dropout must be in [0, 1), got {dropout}, {label_dropout}")
+    if model_channels * min(channel_mult) < 4:
+        raise ValueError("model_channels * min(channel_mult) must be >= 4 (GroupNorm needs 4 channels per group)")
+
+
+def _songunet_encoder(img_resolution, in_channels, model_channels, channel_mult, num_blocks, attn_resolutions,
+                      block_kwargs) -> tuple[nn.ModuleDict, int]:
+    """EDM's encoder: a 3x3 conv, then per level a down block (below the top) and ``num_blocks`` blocks."""
+    enc = nn.ModuleDict()
+    cout = in_channels
+    for level, mult in enumerate(channel_mult):
+        res = img_resolution >> level
+        if level == 0:
+            cin, cout = cout, model_channels
+            enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3)
+        else:
+            enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
+        for idx in range(num_blocks):
+            cin, cout = cout, model_channels * mult
+            enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block_kwargs)
+    return enc, cout
+
+
+def _songunet_decoder(img_resolution, cout, skips, out_channels, model_channels, channel_mult, num_blocks,
+                      attn_resolutions, block_kwargs) -> nn.ModuleDict:
+    """EDM's decoder: two blocks at the bottom, then per level an up block and ``num_blocks + 1`` blocks that
+    take the encoder's skips; at the top a GroupNorm and the 3x3 output conv."""
+    dec = nn.ModuleDict()
+    skips = list(skips)
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        res = img_resolution >> level
+        if level == len(channel_mult) - 1:
+            dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
+            dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
+        else:
+            dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
+        for idx in range(num_blocks + 1):
+            cin, cout = cout + skips.pop(), model_channels * mult
+            attention = idx == num_blocks and res in attn_resolutions
+            dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attention, **block_kwargs)
+        if level == 0:
+            dec[f"{res}x{res}_aux_norm"] = _group_norm(cout)
+            dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3, init_weight=1e-5)
+    return dec
