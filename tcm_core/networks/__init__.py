@@ -81,20 +81,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dropout": 0.4,
         "dropout_resolutions": [16, 8, 4, 2, 1],
     },
-    "edm2_xl": {
-        "model_type": "EDM2UNet",
-        "img_resolution": 64,
-        "img_channels": 3,
-        "label_dim": 1000,
-        "sigma_data": 0.5,
-        "model_channels": 384,
-        "channel_mult": [1, 2, 3, 4],
-        "num_blocks": 3,
-        "attn_resolutions": [16, 8],
-        "dropout": 0.4,
-        "dropout_resolutions": [16, 8, 4, 2, 1],
-    },
 }
+PRESETS["edm2_xl"] = {**PRESETS["edm2_s"], "model_channels": 384}  # XL differs from S in width only
 
 _BACKBONES: dict[str, type[nn.Module]] = {"SongUNet": SongUNet, "EDM2UNet": EDM2UNet}
 _PRECOND_KEYS = {"model_type", "img_resolution", "img_channels", "label_dim", "sigma_data", "use_fp16"}
