@@ -102,8 +102,11 @@ def _check_ratio(ratio: float) -> None:
         raise ValueError(f"the curriculum ratio must be in [0, 1), got {ratio}")
 
 
-def _take(labels: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
-    return None if labels is None else labels.index_select(0, index)
+def _rows(value: torch.Tensor | None, rows: slice | torch.Tensor) -> torch.Tensor | None:
+    """Rows of a batch tensor: a view for a slice, a copy for an index tensor."""
+    if value is None:
+        return None
+    return value[rows] if isinstance(rows, slice) else value.index_select(0, rows)
 
 
 def _noised(images: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -139,17 +142,18 @@ class EDMDenoisingLoss:
 def _target_pass(
     net: nn.Module,
     record: DropoutMaskRecord,
-    index: torch.Tensor,
+    rows: slice | torch.Tensor,
     images: torch.Tensor,
     noise: torch.Tensor,
     s: torch.Tensor,
     class_labels: torch.Tensor | None,
 ) -> torch.Tensor:
-    """stopgrad f(y + s·ε, s) on the rows ``index``, with the dropout masks those rows had in the graded pass."""
-    s_sub = s.index_select(0, index)
-    x_s = _noised(images.index_select(0, index), noise.index_select(0, index), s_sub)
-    with torch.no_grad(), no_forced_weight_norm(), replay_dropout_masks(record, index):
-        target = net(x_s, s_sub, _take(class_labels, index))
+    """stopgrad f(y + s·ε, s) on ``rows`` (a slice: views, no copies; or an index tensor), with the dropout
+    masks those rows had in the graded pass."""
+    s_rows = _rows(s, rows)
+    x_s = _noised(_rows(images, rows), _rows(noise, rows), s_rows)
+    with torch.no_grad(), no_forced_weight_norm(), replay_dropout_masks(record, rows):
+        target = net(x_s, s_rows, _rows(class_labels, rows))
     # ln(s)/4 noise embedding and fp16 passes can produce non-finite values; never let them into the loss.
     return torch.nan_to_num(target)
 
@@ -176,8 +180,7 @@ class ConsistencyLoss:
         noise = torch.randn_like(images)
         with record_dropout_masks() as record:
             d_t = net(_noised(images, noise, t), t, class_labels)
-        everyone = torch.arange(batch, device=images.device)
-        d_s = _target_pass(net, record, everyone, images, noise, s, class_labels)
+        d_s = _target_pass(net, record, slice(0, batch), images, noise, s, class_labels)
         loss = self.per_sample(d_t, d_s, t, s).mean()
         return LossOutput(loss=loss, regular=loss.detach(), boundary=None)
 
@@ -237,22 +240,28 @@ class TruncatedConsistencyLoss(ConsistencyLoss):
         return BoundaryPlan(is_boundary, n_boundary / batch)
 
     def targets(self, net, record, images, noise, s, class_labels) -> torch.Tensor:
-        """Each target once, by the network that owns time s (frozen if s < t', else the student)."""
+        """Each target once, on its own sub-batch, by the network that owns time s (frozen if s < t', else the
+        student). A sub-batch that is the whole batch is passed as a slice (no copies)."""
         from_frozen = s < self.t_prime
+        n_frozen = int(from_frozen.sum())
+        if n_frozen in (0, len(s)):  # one owner: the whole batch
+            owner = self.frozen if n_frozen else net
+            return self._owned_pass(owner, net, record, slice(0, len(s)), images, noise, s, class_labels)
         d_s = torch.empty_like(images)
-        student_index = (~from_frozen).nonzero().flatten()
-        if student_index.numel() > 0:
-            d_s.index_copy_(0, student_index, _target_pass(net, record, student_index, images, noise, s, class_labels))
-        frozen_index = from_frozen.nonzero().flatten()
-        if frozen_index.numel() > 0:
-            was_training = self.frozen.training
-            self.frozen.train(net.training)
-            try:
-                target = _target_pass(self.frozen, record, frozen_index, images, noise, s, class_labels)
-            finally:
-                self.frozen.train(was_training)
-            d_s.index_copy_(0, frozen_index, target)
+        for owner, rows in ((net, (~from_frozen).nonzero().flatten()), (self.frozen, from_frozen.nonzero().flatten())):
+            d_s.index_copy_(0, rows, self._owned_pass(owner, net, record, rows, images, noise, s, class_labels))
         return d_s
+
+    def _owned_pass(self, owner, net, record, rows, images, noise, s, class_labels) -> torch.Tensor:
+        """The frozen net runs in the student's train/eval mode (dropout masks line up), switched only if needed."""
+        if owner is net or owner.training == net.training:
+            return _target_pass(owner, record, rows, images, noise, s, class_labels)
+        was_training = owner.training
+        owner.train(net.training)
+        try:
+            return _target_pass(owner, record, rows, images, noise, s, class_labels)
+        finally:
+            owner.train(was_training)
 
     def __call__(
         self,

@@ -30,7 +30,7 @@ class DropoutMaskRecord:
 @dataclass
 class _Session:
     record: DropoutMaskRecord
-    replay_index: torch.Tensor | None = None  # None: recording
+    replay_rows: slice | torch.Tensor | None = None  # None: recording; a slice replays a contiguous view
     cursor: int = 0
 
 
@@ -49,9 +49,10 @@ def record_dropout_masks() -> Iterator[DropoutMaskRecord]:
 
 
 @contextlib.contextmanager
-def replay_dropout_masks(record: DropoutMaskRecord, index: torch.Tensor) -> Iterator[None]:
-    """Replay ``record`` for a sub-batch: the sub-batch's row j gets the masks of row ``index[j]``."""
-    token = _ACTIVE.set(_Session(record, replay_index=index))
+def replay_dropout_masks(record: DropoutMaskRecord, rows: slice | torch.Tensor) -> Iterator[None]:
+    """Replay ``record`` for a sub-batch: ``rows`` (a slice: views, no copies; or an index tensor: the
+    sub-batch's row j gets the masks of row ``rows[j]``)."""
+    token = _ACTIVE.set(_Session(record, replay_rows=rows))
     try:
         yield
     finally:
@@ -79,13 +80,15 @@ class MaskDropout(nn.Module):
         session = _ACTIVE.get()
         if session is None:
             return nn.functional.dropout(x, self.p, training=True)
-        if session.replay_index is None:
-            mask = (torch.rand_like(x) >= self.p).to(x.dtype) / (1.0 - self.p)
+        if session.replay_rows is None:
+            # keep with probability 1 - p, scaled by 1/(1 - p): the mask autograd keeps anyway
+            mask = torch.rand_like(x).ge_(self.p).div_(1.0 - self.p)  # in place: one buffer, no extra copies
             session.record.masks.append(mask)
         else:
             if session.cursor >= len(session.record.masks):
                 raise RuntimeError("dropout replay ran out of recorded masks")
-            mask = session.record.masks[session.cursor].index_select(0, session.replay_index)
+            recorded, rows = session.record.masks[session.cursor], session.replay_rows
+            mask = recorded[rows] if isinstance(rows, slice) else recorded.index_select(0, rows)
             session.cursor += 1
             mask = mask.to(x.dtype)
         return x * mask

@@ -72,6 +72,23 @@ def state_dir(run, keys):
     return f"{RESULTS}/_state/{run}/{digest}"
 
 
+def train_cpus(alone):
+    """Cores of a training job: one that runs alone in the DAG (pretraining, Stage 1) takes cpus_per_task;
+    one that runs beside another (the control and Stage 2, ablation cells) takes parallel_cpus."""
+    train = P["resources"]["train"]
+    return train["cpus_per_task"] if alone else train.get("parallel_cpus", train["cpus_per_task"])
+
+
+def train_resources(alone):
+    cpus = train_cpus(alone)
+    return {
+        "gpu": res("train", "gpu"),
+        "mem_mb": res("train", "mem_mb"),
+        "runtime": res("train", "runtime"),
+        "cpus_per_task": cpus,
+    }
+
+
 def launcher(wildcards, resources):
     """`torchrun` inside the job when it holds several GPUs, else plain python."""
     if resources.gpu > 1:

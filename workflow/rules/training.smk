@@ -21,12 +21,9 @@ rule stage2:
         run="main|ablation/.+",
     conda:
         "../../envs/tcm.yaml"
-    threads: res("train", "cpus_per_task")
+    threads: train_cpus(alone=False)
     resources:
-        gpu=res("train", "gpu"),
-        mem_mb=res("train", "mem_mb"),
-        runtime=res("train", "runtime"),
-        cpus_per_task=res("train", "cpus_per_task"),
+        **train_resources(alone=False),
     params:
         **train_params("stage2", "stage2/{run}"),
     shell:
@@ -76,6 +73,9 @@ if not FOREIGN_STAGE1:
             state=weights("results/{preset}/stage1/train_state.pt"),
         log:
             "results/{preset}/logs/stage1.log",
+        threads: train_cpus(alone=True)
+        resources:
+            **train_resources(alone=True),
         params:
             **train_params("stage1", "stage1"),
 
@@ -90,5 +90,8 @@ if P["init"]["kind"] == "pretrain":
             **train_outputs("results/{preset}/pretrain"),
         log:
             "results/{preset}/logs/pretrain_edm.log",
+        threads: train_cpus(alone=True)
+        resources:
+            **train_resources(alone=True),
         params:
             **train_params("pretrain", "pretrain"),
