@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -259,6 +260,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_process_group(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """(exit code, stdout + stderr) of ``cmd`` in its own session; on timeout every process in it is killed
+    (torchrun's workers too, which would otherwise keep holding the GPU)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        figures = {"output_tail": output[-1500:]}
+        raise CheckFailed(f"torchrun did not finish in {timeout:.0f} s (killed)", figures) from None
+    return proc.returncode, output
+
+
 def ddp_two_process_case(ctx: Context) -> dict[str, Any]:
     """``torchrun`` with 2 processes (nccl on one GPU, gloo on CPU) vs 1 process at the same global batch."""
     from safetensors.torch import load_file
@@ -270,12 +286,13 @@ def ddp_two_process_case(ctx: Context) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "tcm_core.gpu_checks", "--ddp-worker", str(out / "spec.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=ctx.plan.ddp_timeout_s)
-    tail = (proc.stdout + proc.stderr)[-1500:]
-    if proc.returncode != 0:
-        if ctx.device == "cuda" and ("Duplicate GPU" in tail or "ncclInvalidUsage" in tail):
-            raise Skip("NCCL refuses 2 ranks on one GPU (the 1-process DDP wrap stands in): " + tail[-300:])
-        raise CheckFailed(f"torchrun exited with {proc.returncode}", {"output_tail": tail})
+    returncode, output = run_process_group(cmd, env, ctx.plan.ddp_timeout_s)
+    tail = output[-1500:]
+    if returncode != 0:
+        refusal = [line for line in output.splitlines() if "Duplicate GPU" in line or "ncclInvalidUsage" in line]
+        if ctx.device == "cuda" and refusal:
+            raise Skip("NCCL refuses 2 ranks on one GPU (the 1-process DDP wrap stands in): " + refusal[0][-300:])
+        raise CheckFailed(f"torchrun exited with {returncode}", {"output_tail": tail})
     metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     figures = compare_weights(ctx, load_file(str(out / "run" / "network.safetensors")))
     figures.update(backend="nccl" if ctx.device == "cuda" else "gloo", processes=2,

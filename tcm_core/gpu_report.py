@@ -132,6 +132,11 @@ def _about(value: float) -> str:
     return f"{value:.2g}" if value < 10 else f"{round(value, -int(math.floor(math.log10(value))) + 1):,.0f}"
 
 
+def wall_clock(hours: float) -> str:
+    """``about 1.8 days`` (``about 3.4 hours`` under two days)."""
+    return f"about {_about(hours / 24)} days" if hours >= 48 else f"about {_about(hours)} hours"
+
+
 def job_hours(job: dict[str, Any], speeds: dict[tuple[str, str], dict[str, Any]]) -> float | None:
     """GPU-hours of one job from the measured images per second of one GPU (None: not measured)."""
     speed = speeds.get((job.get("preset", job["target"]), job["speed_of"]))
@@ -148,7 +153,7 @@ def cost_table(doc: dict[str, Any]) -> str:
     speeds = {(r["figures"]["preset"], r["figures"]["mode"]): r["figures"] for r in doc["cases"]
               if r["check"] == "train_speed" and r["status"] == "pass"}
     gpu, date = doc["environment"]["name"], doc["date"]
-    lines = [f"| target | {gpu}-hours (gpucheck {date}) | wall-clock on the paper's GPUs |", "|---|---|---|"]
+    lines = [f"| target | GPU-hours on {gpu} (gpucheck {date}) | wall-clock on the paper's GPUs |", "|---|---|---|"]
     targets = dict.fromkeys(job["target"] for job in doc["cost_jobs"])
     for target in targets:
         jobs = [j for j in doc["cost_jobs"] if j["target"] == target]
@@ -164,6 +169,6 @@ def cost_table(doc: dict[str, Any]) -> str:
             lines.append(f"| `{target}` `all` ({parts}) | not measured ({', '.join(missing)}) | |")
             continue
         total, gpus = sum(hours), jobs[0]["gpus"]
-        lines.append(f"| `{target}` `all` ({parts}) | about {_about(total)} | about {_about(total / gpus / 24)} "
-                     f"days on {gpus} GPUs |")
+        lines.append(f"| `{target}` `all` ({parts}) | about {_about(total)} | {wall_clock(total / gpus)} on {gpus} "
+                     f"GPUs |")
     return "\n".join(lines) + "\n"

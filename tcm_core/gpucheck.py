@@ -53,6 +53,11 @@ PRESET_NETS = {"cifar10": "ddpmpp", "imagenet64_s": "edm2_s", "imagenet64_xl": "
 MICRO_ARCH = {"model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [8], "dropout": 0.1}
 CHECKS = ("precision", "bench", "ddp", "sampling", "train_speed", "memory")
 BUDGET_SHARES = {"precision": 0.25, "bench": 0.17, "ddp": 0.12, "sampling": 0.12, "train_speed": 0.2, "memory": 0.14}
+# the order of importance of the precision cases per net (the preset's own precision right after fp32), and of
+# the bench cases as (index into Plan.precision_nets, precision): ddpmpp's fp32/TF32 ratios are the acceptance figures
+PRECISION_ORDER = {"ddpmpp": ("fp32", "tf32", "fp16", "edm_fp16", "bf16"),
+                   "edm2_s": ("fp32", "fp16", "edm_fp16", "bf16", "tf32")}
+BENCH_ORDER = [(0, "fp32"), (0, "tf32"), (1, "fp16"), (0, "bf16"), (0, "fp16"), (1, "bf16"), (1, "tf32"), (1, "fp32")]
 DEFAULT_BUDGET_S = 300.0  # ~5 minutes of checks: the device budget is 15 minutes including the machine's start
 HARD_LIMIT = 1.4  # nothing starts after 1.4 x the budget
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
@@ -82,6 +87,11 @@ class Plan:
     feature_batch: int
     memory_tries: int
     cost_jobs: list[dict[str, Any]]
+    checks: tuple[str, ...] = CHECKS  # --only
+
+    def budget(self, check: str) -> float:
+        """Seconds for ``check``: its share of the budget, the shares renormalised over the checks selected."""
+        return BUDGET_SHARES[check] / sum(BUDGET_SHARES[c] for c in self.checks) * self.budget_s
 
 
 @dataclass
@@ -168,15 +178,26 @@ def dry_run_plan(config: Path, budget_s: float) -> Plan:
     return plan
 
 
+def precision_cases(plan: Plan) -> list[Case]:
+    """fp32 first (the reference), then round robin over the nets in each net's order of importance."""
+    orders = [PRECISION_ORDER.get(spec.net, checks.CHECK_PRECISIONS) for spec in plan.precision_nets]
+    cases = []
+    for rank in range(len(checks.CHECK_PRECISIONS)):
+        for spec, order in zip(plan.precision_nets, orders):
+            prec = order[rank]
+            cases += [Case("precision", f"{spec.net} batch {spec.batch} {mode} {prec}",
+                           functools.partial(checks.precision_case, spec=spec, precision=prec, mode=mode),
+                           needs_cuda=prec in checks.CUDA_PRECISIONS) for mode in ("stage1", "stage2")]
+    return cases
+
+
 def build_cases(plan: Plan) -> list[Case]:
     p = functools.partial
-    cases = [Case("precision", f"{s.net} batch {s.batch} {mode} {prec}", p(checks.precision_case, spec=s,
-                  precision=prec, mode=mode), needs_cuda=prec in checks.CUDA_PRECISIONS)
-             for s in plan.precision_nets for prec in checks.CHECK_PRECISIONS for mode in ("stage1", "stage2")]
-    bench_orders = [("fp32", "tf32", "bf16", "fp16"), ("fp16", "bf16", "tf32", "fp32")]  # edm2: its own first
-    cases += [Case("bench", f"{s.net} batch {s.batch} {prec}", p(checks.bench_case, spec=s, precision=prec),
-                   needs_cuda=prec in checks.CUDA_PRECISIONS)
-              for s, order in zip(plan.precision_nets, bench_orders) for prec in order]
+    cases = precision_cases(plan)
+    nets = plan.precision_nets
+    cases += [Case("bench", f"{nets[i].net} batch {nets[i].batch} {prec}", p(checks.bench_case, spec=nets[i],
+                   precision=prec), needs_cuda=prec in checks.CUDA_PRECISIONS)
+              for i, prec in BENCH_ORDER if i < len(nets)]
     two = "2 processes, nccl on one GPU" if plan.device == "cuda" else "2 processes, gloo on CPU"
     cases += [Case("ddp", f"{plan.ddp.net} batch {plan.ddp.batch} stage2: {two}", checks.ddp_two_process_case),
               Case("ddp", f"{plan.ddp.net} batch {plan.ddp.batch} stage2: 1-process DDP wrap", checks.ddp_wrap_case)]
@@ -188,12 +209,12 @@ def build_cases(plan: Plan) -> list[Case]:
                               p(checks.features_case, spec=spec, steps=len(steps))))
     cases += [Case("train_speed", f"{s.preset} {s.mode}: {s.net.net} per-GPU batch {s.net.batch} {s.precision}",
                    p(checks.train_speed_case, spec=s), needs_cuda=s.precision in checks.AUTOCAST_PRECISIONS)
-              for s in plan.train_specs]
+              for s in sorted(plan.train_specs, key=lambda s: (s.preset, s.mode != "stage2"))]
     stage2 = [s for s in plan.train_specs if s.mode == "stage2"]
     cases += [Case("memory", f"{s.preset} ({s.net.net}, {s.precision}): largest per-GPU Stage-2 batch from "
                    f"{s.net.batch}", p(checks.largest_batch_case, spec=s.net, precision=s.precision),
                    needs_cuda=s.precision in checks.AUTOCAST_PRECISIONS) for s in stage2]
-    return cases
+    return [case for case in cases if case.check in plan.checks]
 
 
 # ---------------------------------------------------------------------------------------------------------- running
@@ -224,7 +245,7 @@ def run_case(case: Case, ctx: checks.Context) -> dict[str, Any]:
 def skip_reason(case: Case, plan: Plan, check_elapsed: float, total_elapsed: float) -> str | None:
     if case.needs_cuda and plan.device != "cuda":
         return "skipped: needs CUDA"
-    budget = BUDGET_SHARES[case.check] * plan.budget_s
+    budget = plan.budget(case.check)
     if check_elapsed >= budget:
         return f"skipped: the {case.check} check's time budget ({budget:.0f} s) was spent"
     if total_elapsed >= HARD_LIMIT * plan.budget_s:
@@ -263,8 +284,10 @@ def environment(plan: Plan) -> dict[str, Any]:
         info.update(name=props.name, total_memory_bytes=props.total_memory,
                     capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
                     cudnn=torch.backends.cudnn.version(), device_count=torch.cuda.device_count())
-        if hasattr(torch.cuda, "nccl"):
+        try:
             info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        except (AttributeError, RuntimeError):  # a build without NCCL
+            info["nccl"] = None
     else:
         info["name"] = "cpu"
     return info
@@ -310,6 +333,7 @@ def add_gpucheck_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-root", type=Path, default=Path("gpu-check"), help="parent of the <date>-<gpu> folder")
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="seconds of checks (shared out)")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config.yaml (paper batch sizes)")
+    parser.add_argument("--only", default=",".join(CHECKS), help=f"comma-separated checks (of {', '.join(CHECKS)})")
     parser.add_argument("--cost-table", type=Path, default=None, metavar="JSON",
                         help="print the README cost-table rows computed from a gpucheck JSON, and exit")
 
@@ -324,6 +348,10 @@ def run_gpucheck_command(args: argparse.Namespace) -> int:
         raise ConfigError("no CUDA device is visible", "python -m tcm_core.gpucheck",
                           "run it on a GPU machine, or pass --dry-run for the CPU run at micro sizes")
     plan = (dry_run_plan if args.dry_run else gpu_plan)(args.config, args.budget_s)
+    plan.checks = tuple(c.strip() for c in args.only.split(",") if c.strip())
+    unknown = sorted(set(plan.checks) - set(CHECKS))
+    if unknown or not plan.checks:
+        raise ConfigError(f"unknown check {unknown[0] if unknown else '(none)'}", "--only", f"use {', '.join(CHECKS)}")
     code, path = run_gpucheck(plan, args.out_root)
     counts = json.loads(path.read_text())["counts"]
     print(f"gpucheck: {counts['pass']} passed, {counts['fail']} failed, {counts['skipped']} skipped -> {path} "
