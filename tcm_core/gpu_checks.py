@@ -185,8 +185,8 @@ def _judge_precision(figures: dict[str, Any], reference: dict[str, Any] | None, 
 def bench_case(ctx: Context, spec: NetSpec, precision: str) -> dict[str, Any]:
     """Stage-2 / Stage-1 time and peak-memory ratios of ``train_step`` (``bench``) in ``precision``."""
     plan = ctx.plan
-    result = bench.run_step_benchmark(spec.net, spec.batch, ctx.device, plan.bench_repeats, warmup=plan.bench_warmup,
-                                precision=precision, inputs=ctx.inputs(spec))
+    result = bench.run_step_benchmark(spec.net, spec.batch, ctx.device, plan.bench_repeats,
+                                      warmup=plan.bench_warmup, precision=precision, inputs=ctx.inputs(spec))
     result.pop("settings", None)
     for key in ("stage2_over_stage1_time", "stage2_over_stage1_mem"):
         if not (math.isfinite(result[key]) and result[key] > 0):
@@ -199,9 +199,10 @@ def train_speed_case(ctx: Context, spec: TrainSpec) -> dict[str, Any]:
     and the peak memory of that run (setup, iterations and outputs) against the GPU's memory."""
     plan, held = ctx.plan, {}
     with bench.peak_bytes(torch.device(ctx.device), held):
-        report = bench.benchmark_train_iterations(spec.net.net, spec.net.batch, ctx.device, repeats=plan.train_repeats,
-                                            warmup=plan.train_warmup, rounds=1, modes=(spec.mode,),
-                                            precision=spec.precision, inputs=ctx.inputs(spec.net))
+        report = bench.benchmark_train_iterations(spec.net.net, spec.net.batch, ctx.device,
+                                                  repeats=plan.train_repeats, warmup=plan.train_warmup, rounds=1,
+                                                  modes=(spec.mode,), precision=spec.precision,
+                                                  inputs=ctx.inputs(spec.net))
     total = total_memory(ctx.device)
     figures = {"preset": spec.preset, "mode": spec.mode, "net": spec.net.net, "per_gpu_batch": spec.net.batch,
                "precision": spec.precision, "iterations": spec.iterations, "batch": spec.batch, "gpus": spec.gpus,
@@ -230,8 +231,8 @@ def ddp_reference(ctx: Context) -> dict[str, torch.Tensor]:
 
     if "ddp-ref" not in ctx.shared:
         inputs = ctx.inputs(ctx.plan.ddp)
-        run = bench.build_run(inputs, "stage2", build_config(ddp_config_keys(ctx.plan), "stage2"), ctx.device,
-                        ctx.scratch("ddp-reference"))
+        cfg = build_config(ddp_config_keys(ctx.plan), "stage2")
+        run = bench.build_run(inputs, "stage2", cfg, ctx.device, ctx.scratch("ddp-reference"))
         for _ in range(ctx.plan.ddp_iterations):
             train_step(run)
         ctx.shared["ddp-ref"] = {k: v.detach().cpu().clone() for k, v in run.net.state_dict().items()}
@@ -312,8 +313,8 @@ def ddp_wrap_case(ctx: Context) -> dict[str, Any]:
     backend = "nccl" if ctx.device == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
-        run = bench.build_run(ctx.inputs(ctx.plan.ddp), "stage2", build_config(ddp_config_keys(ctx.plan), "stage2"),
-                        ctx.device, ctx.scratch("ddp-wrap"))
+        cfg = build_config(ddp_config_keys(ctx.plan), "stage2")
+        run = bench.build_run(ctx.inputs(ctx.plan.ddp), "stage2", cfg, ctx.device, ctx.scratch("ddp-wrap"))
         run.model = DistributedDataParallel(run.net, device_ids=[run.device.index] if backend == "nccl" else None,
                                             broadcast_buffers=False)
         for _ in range(ctx.plan.ddp_iterations):

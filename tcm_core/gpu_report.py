@@ -63,7 +63,7 @@ NOTES = {
         "GradScaler, and the step-1 loss within 4 × the unit roundoff of fp32's (bf16 2^-8, fp16 and TF32 "
         "2^-11): at ratio 0.5 the two network outputs the loss compares differ by O(1), so the loss is well "
         "conditioned. At the cap they differ by ~0.1 %, below bf16's resolution: 'cap loss / fp32' shows how much "
-        "rounding noise inflates the loss there (a finding, not a criterion; CPU autocast gave 2-9x for bf16 and "
+        "rounding noise inflates the loss there (a finding, not a criterion; CPU autocast gave 2-10x for bf16 and "
         "1.07-1.7x for fp16 at 0.999 on the tiny net). fp16 is the config's `precision: fp16` (autocast + "
         "GradScaler); edm_fp16 is EDM's own fp16 (`--fp16=1`: the UNet input cast to float16, weights cast "
         "inside the layers, GradScaler(init_scale=16)), which the config cannot select: a check-only hook adds it."),
@@ -145,6 +145,16 @@ def job_hours(job: dict[str, Any], speeds: dict[tuple[str, str], dict[str, Any]]
     return job["iterations"] * job["batch"] / speed["images_per_s"] / 3600.0
 
 
+def _ablation_row(job: dict[str, Any], hours: float | None, speeds: dict[tuple[str, str], dict[str, Any]]) -> str:
+    """One ablation cell trained on one GPU (its whole batch on it), per 1,000 Stage-2 iterations."""
+    label = f"one CIFAR-10 ablation cell (batch {job['batch']}, on one GPU)"
+    if hours is None:
+        return f"| {label} | not measured | |"
+    measured_at = speeds[(job["preset"], job["speed_of"])].get("per_gpu_batch", job["batch"])
+    note = "" if measured_at == job["batch"] else f" (speed measured at batch {measured_at})"
+    return f"| {label} | about {_about(hours)} per 1,000 Stage-2 iterations{note} | |"
+
+
 def cost_table(doc: dict[str, Any]) -> str:
     """Markdown rows of the README's cost table, measured on the JSON's GPU and scaled to the paper's GPU counts."""
     if doc.get("dry_run"):
@@ -160,9 +170,7 @@ def cost_table(doc: dict[str, Any]) -> str:
         hours = [job_hours(j, speeds) for j in jobs]
         parts = ", ".join(f"{JOB_LABELS[j['job']]} {_kilo(j['iterations'])} x {j['batch']}" for j in jobs)
         if target == "cifar10_ablation_cell":
-            label = f"one CIFAR-10 ablation cell (batch {jobs[0]['batch']})"
-            value = "not measured" if hours[0] is None else f"about {_about(hours[0])} per 1,000 Stage-2 iterations"
-            lines.append(f"| {label} | {value} | |")
+            lines.append(_ablation_row(jobs[0], hours[0], speeds))
             continue
         if any(h is None for h in hours):
             missing = [JOB_LABELS[j["job"]] for j, h in zip(jobs, hours) if h is None]

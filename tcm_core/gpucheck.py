@@ -298,7 +298,7 @@ def output_stem(plan: Plan, date: str, device_name: str) -> str:
     return f"{date}-{slug}"
 
 
-def run_gpucheck(plan: Plan, out_root: Path) -> tuple[int, Path]:
+def run_plan(plan: Plan, out_root: Path) -> tuple[int, Path]:
     """Run every case, writing the JSON and Markdown after each; returns (exit code, JSON path)."""
     from tcm_core import gpu_report
 
@@ -338,7 +338,7 @@ def add_gpucheck_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the README cost-table rows computed from a gpucheck JSON, and exit")
 
 
-def run_gpucheck_command(args: argparse.Namespace) -> int:
+def run_gpucheck(args: argparse.Namespace) -> int:
     from tcm_core import gpu_report
 
     if args.cost_table is not None:
@@ -352,7 +352,7 @@ def run_gpucheck_command(args: argparse.Namespace) -> int:
     unknown = sorted(set(plan.checks) - set(CHECKS))
     if unknown or not plan.checks:
         raise ConfigError(f"unknown check {unknown[0] if unknown else '(none)'}", "--only", f"use {', '.join(CHECKS)}")
-    code, path = run_gpucheck(plan, args.out_root)
+    code, path = run_plan(plan, args.out_root)
     counts = json.loads(path.read_text())["counts"]
     print(f"gpucheck: {counts['pass']} passed, {counts['fail']} failed, {counts['skipped']} skipped -> {path} "
           f"and {path.with_suffix('.md')}")
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tcm_core.gpucheck", description=__doc__.splitlines()[0])
     add_gpucheck_arguments(parser)
     try:
-        return run_gpucheck_command(parser.parse_args(argv))
+        return run_gpucheck(parser.parse_args(argv))
     except Exception as error:
         expected = as_expected(error)
         if expected is None:

@@ -24,7 +24,8 @@ SPEEDS = {("cifar10", "stage1"): 400.0, ("cifar10", "stage2"): 320.0, ("imagenet
 
 def _speed_record(preset: str, mode: str, images_per_s: float) -> dict:
     return {"check": "train_speed", "name": f"{preset} {mode}", "status": "pass", "reason": None, "seconds": 1.0,
-            "figures": {"preset": preset, "mode": mode, "images_per_s": images_per_s}}
+            "figures": {"preset": preset, "mode": mode, "images_per_s": images_per_s,
+                        "per_gpu_batch": {"stage1": 64, "stage2": 128}[mode] if preset == "cifar10" else 16}}
 
 
 def _synthetic_doc(base: dict | None = None) -> dict:
@@ -51,7 +52,7 @@ def _check_cost_rows(text: str) -> None:
         assert f"| {gpu_report.wall_clock(hours / gpus)} on {gpus} GPUs |" in row
     assert "`cifar10` `all` (Stage 1 250k x 512, control 200k x 512, Stage 2 200k x 1024)" in text
     assert "`imagenet64_xl` `all` (control 40k x 1024, Stage 2 40k x 1024)" in text
-    cell_row = rows["one CIFAR-10 ablation cell (batch 128)"]
+    cell_row = rows["one CIFAR-10 ablation cell (batch 128, on one GPU)"]
     assert f"about {gpu_report._about(cell)} per 1,000 Stage-2 iterations" in cell_row
 
 
