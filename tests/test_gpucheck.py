@@ -124,15 +124,12 @@ def test_a_spent_budget_skips_the_rest_of_its_check_and_the_run():
 @pytest.mark.slow
 def test_dry_run_checks_every_path_on_cpu_and_its_json_feeds_the_cost_table(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "tcm_core.gpucheck", "--dry-run", "--out-root", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env=env)
-    seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     [json_path] = list(tmp_path.glob("*-cpu-dry-run/*-cpu-dry-run.json"))
     doc = json.loads(json_path.read_text())
     assert doc["dry_run"] and doc["complete"] and doc["counts"]["fail"] == 0
-    assert seconds < 120, f"the dry run took {seconds:.0f} s"  # ~25 s on 2 shared cores
     for check in gpucheck.CHECKS:  # every check ran at least one case on CPU
         assert any(r["check"] == check and r["status"] == "pass" for r in doc["cases"]), check
     for record in doc["cases"]:  # only what needs CUDA was skipped
