@@ -1,108 +1,155 @@
-"""Stage-2 / Stage-1 cost of one full training step: time and peak memory, measured in one process.
+"""Stage-2 / Stage-1 cost of one full training step (time and peak memory), and real training iterations per mode.
 
-    python -m tcm_core.bench --net tiny --batch 64 [--device cpu|cuda] [--repeats 5] --json [--out bench.json]
+    python -m tcm_core.bench --net tiny --batch 64 [--device cpu|cuda] [--precision fp32|tf32|bf16|fp16]
+                             [--repeats 5] --json [--out bench.json]
+    python -m tcm_core.bench --train --net tiny --batch 64 --modes stage1,stage2 [--precision ...] --json
 
-A "step" is what the training loop does per iteration: loss, backward, RAdam step and (unless --no-ema) the EMA
-update. Stage 1 = ConsistencyLoss (truncated log-normal −1.1/2.0 on [0.002, 80]); Stage 2 =
-TruncatedConsistencyLoss (frozen copy of the net, t' = 1, ρ = 0.25, w_b = 0.1, log-Student-t 0/0.2/0.01 on
-[1, 80]); both at the curriculum cap (ratio 0.999), c = 1e-8, 1/Δt weighting, on the same net and batch.
+A "step" is the training loop's own ``train_step`` (tcm_core.train_step) on a real :class:`Run` built by
+``train_setup.setup`` from synthetic files written to a temporary folder (an EDM-layout zip of random images and
+an init checkpoint): data, loss, backward, the one clip-norm pass, the RAdam step, the non-finite weight check and
+the EMA update. Stage 1 = ``stage1`` (ConsistencyLoss, truncated log-normal −1.1/2.0 on [0.002, 80]); Stage 2 =
+``stage2`` (TruncatedConsistencyLoss with the init as frozen boundary model, t' = 1, ρ = 0.25, w_b = 0.1,
+log-Student-t 0/0.2/0.01 on [1, 80]); both at the curriculum cap (``curriculum: cap``, ratio 0.999), c = 1e-8,
+1/Δt weighting, on the same net (the init's weights) and the same batch (same data, same seed).
 
-Time: best of ``repeats`` measurements with the two variants interleaved (S1, S2, S1, S2, ...) after warm-up,
-so drifting machine load affects both alike.
+Precision: ``fp32``; ``tf32`` = fp32 with ``tf32: true`` (TF32 matmuls/convolutions on CUDA, a no-op on CPU);
+``bf16`` / ``fp16`` = the config's ``precision`` (autocast; fp16 with the GradScaler), CUDA only.
 
-Memory: the peak of the bytes the step's work holds, static state included: weights, EMA, gradients, optimizer
-state, the frozen copy (Stage 2), activations and temporaries. Each variant is measured separately, building
-its state from nothing inside the measured window: on CUDA with ``torch.cuda.max_memory_allocated`` (relative
-to the allocation before the window), on CPU from the allocator events of ``torch.profiler`` (profile_memory),
-whose running sum is the live-byte count. Never process RSS (it sees caching, libraries, fragmentation).
+Time: best of ``repeats`` measurements with the two stages interleaved (S1, S2, S1, S2, ...) after warm-up, so
+drifting machine load affects both alike.
 
-The paper reports Stage 2 at 1.18× the time and 1.15× the memory of Stage 1 (App. E); this module's goal is
+Memory: the peak of the bytes the measured work holds, static state included: weights, EMA, gradients, optimizer
+state, the frozen copy (Stage 2), activations and temporaries. Each stage is measured separately, building its
+run from nothing inside the measured window (``setup``, then two steps: the first allocates the optimizer state,
+the second is a steady-state step with all of it held): on CUDA with ``torch.cuda.max_memory_allocated``
+(relative to the allocation before the window), on CPU from the allocator events of ``torch.profiler``
+(profile_memory), whose running sum is the live-byte count. Never process RSS (it sees caching, libraries,
+fragmentation).
+
+The paper reports Stage 2 at 1.18× the time and 1.15× the memory of Stage 1 (App. E); this code's goal is
 <= 1.05× time and <= 1.10× memory: each target is computed once, on its own sub-batch, so Stage 2 does the same
 number of forward passes as Stage 1, and its only extra state is the frozen weights.
+
+``--train`` times whole iterations of ``training.train`` (the driver, with its outputs) per mode instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import json
+import math
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch import nn
 
 from tcm_core.atomic import write_text_atomic
-from tcm_core.losses import ConsistencyLoss, TruncatedConsistencyLoss
-from tcm_core.schedules import TruncatedLogNormal, TruncatedLogStudentT
+from tcm_core.train_config import MODES, TRUNCATED_MODES, TrainConfig, build_config
 
-RATIO_AT_CAP = 0.999  # the curriculum ratio both stages run at (CIFAR's ratio_limit)
-CT_SETTINGS = dict(c=1e-8, weighting="inv_delta_t")
-STAGE2_SETTINGS = dict(t_prime=1.0, rho=0.25, w_b=0.1)
-EMA_BETA = 0.9999
-LR = 1e-4
+PRECISIONS: dict[str, dict[str, Any]] = {  # --precision -> TrainConfig keys
+    "fp32": {"precision": "fp32", "tf32": False},
+    "tf32": {"precision": "fp32", "tf32": True},
+    "bf16": {"precision": "bf16", "tf32": False},
+    "fp16": {"precision": "fp16", "tf32": False},
+}
+STAGE_MODES = {1: "stage1", 2: "stage2"}
+SYNTHETIC_IMAGES = 256  # images in the synthetic data set (the sampler wraps around for larger batches)
+
+
+# ---------------------------------------------------------------------------------------------------------- inputs
 
 
 @dataclass
-class TrainState:
-    """Everything one training step touches (what a measurement must count)."""
+class SyntheticInputs:
+    """The files a benchmark run trains on: random images and an init network (also the frozen model)."""
 
-    net: nn.Module
-    ema: nn.Module | None
-    optimizer: torch.optim.Optimizer
-    loss_fn: Callable
-    frozen: nn.Module | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _frozen_copy(net: nn.Module) -> nn.Module:
-    frozen = copy.deepcopy(net)
-    frozen.requires_grad_(False)
-    return frozen
+    net_name: str
+    arch_overrides: dict[str, Any]
+    data: Path
+    init: Path
+    parameters: int
+    folder: Path
 
 
-def make_loss(stage: int, frozen: nn.Module | None = None) -> Callable:
-    """The benchmark's Stage-1 or Stage-2 loss (settings in the module docstring)."""
-    if stage == 1:
-        return ConsistencyLoss(TruncatedLogNormal(-1.1, 2.0, 0.002, 80.0), **CT_SETTINGS)
-    if stage == 2:
-        if frozen is None:
-            raise ValueError("stage 2 needs the frozen Stage-1 net")
-        dist = TruncatedLogStudentT(0.0, 0.2, 0.01, 1.0, 80.0)
-        return TruncatedConsistencyLoss(frozen, time_dist=dist, **STAGE2_SETTINGS, **CT_SETTINGS)
-    raise ValueError(f"stage must be 1 or 2, got {stage}")
+def write_synthetic_inputs(folder: Path, net_name: str, arch_overrides: dict[str, Any] | None = None,
+                           seed: int = 0, images: int = SYNTHETIC_IMAGES) -> SyntheticInputs:
+    """An EDM-layout zip of random images (random labels for a conditional net) and the preset's net (active)."""
+    from tcm_core.data import write_dataset_zip
+    from tcm_core.network_files import save_network
+    from tcm_core.networks import arch_preset, build_precond
+
+    overrides = dict(arch_overrides or {})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        master = activate_weights(build_precond(arch_preset(net_name, **overrides)))
+    rng = np.random.default_rng(seed)
+    shape = (master.img_channels, master.img_resolution, master.img_resolution)
+    labels = None
+    if master.label_dim:
+        labels = rng.integers(0, master.label_dim, images)
+        labels[0] = master.label_dim - 1  # the data set's label_dim is its largest label + 1
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{net_name}-data.zip"
+    write_dataset_zip(data, (rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(images)), labels)
+    init = folder / f"{net_name}-init.safetensors"
+    save_network(master, init, iteration=0, provenance={"note": "synthetic benchmark init"})
+    parameters = sum(p.numel() for p in master.parameters())
+    return SyntheticInputs(net_name, overrides, data, init, parameters, folder)
 
 
-def build_state(master: nn.Module, stage: int, device: torch.device, ema: bool = True) -> TrainState:
-    """A fresh student (copy of ``master``) with its EMA, RAdam and, for Stage 2, a frozen copy, on ``device``."""
-    net = copy.deepcopy(master).to(device).train()
-    ema_net = _frozen_copy(net).eval() if ema else None
-    frozen = _frozen_copy(net).train() if stage == 2 else None
-    optimizer = torch.optim.RAdam(net.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8)
-    return TrainState(net, ema_net, optimizer, make_loss(stage, frozen), frozen)
+@torch.no_grad()
+def activate_weights(net: torch.nn.Module) -> torch.nn.Module:
+    """Make a fresh preset network's output depend on its weights, as a trained network's does.
+
+    Fresh, the presets output about 0 (DDPM++ starts the last convolution of each block at 1e-5 scale, EDM2 its
+    gains at 0), so D(x, σ) ≈ c_skip·x and losses, precision errors and samples would hardly see the network:
+    those weights are redrawn with std 1/√fan_in and zero gains set to 1 (output std about 0.5 to 1.5).
+    """
+    for p in net.parameters():
+        if p.ndim >= 2 and float(p.abs().max()) < 1e-3:
+            p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()))
+        elif p.ndim == 0 and float(p) == 0.0:
+            p.fill_(1.0)
+    return net
 
 
-def train_step(state: TrainState, images: torch.Tensor, ratio: float = RATIO_AT_CAP) -> float:
-    """One full training iteration; returns the loss value (a host sync, as a training loop's logging does)."""
-    state.optimizer.zero_grad(set_to_none=True)
-    out = state.loss_fn(state.net, images, None, ratio=ratio)
-    out.loss.backward()
-    state.optimizer.step()
-    if state.ema is not None:
-        with torch.no_grad():
-            ema_params = list(state.ema.parameters())
-            torch._foreach_lerp_(ema_params, list(state.net.parameters()), 1.0 - EMA_BETA)
-    return float(out.loss.detach())
+def bench_config(mode: str, batch: int, precision: str = "fp32", seed: int = 0, **keys: Any) -> TrainConfig:
+    """The TrainConfig of a benchmark run: TrainConfig's defaults (the paper's CIFAR-10 settings) at the cap."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    base = {"iterations": 10**6, "batch": batch, "seed": seed, "curriculum": "cap", "log_every": 10**6,
+            "state_every": 10**6, **PRECISIONS[precision]}
+    return build_config({**base, **keys}, mode)
 
 
-def _sync(device: torch.device) -> None:
+def build_run(inputs: SyntheticInputs, mode: str, cfg: TrainConfig, device: str, out: Path):
+    """A real training run (``train_setup.setup``) of ``mode`` on the synthetic inputs."""
+    from tcm_core.train_setup import RunPaths, setup
+
+    paths = RunPaths(data=inputs.data, out=out, init=inputs.init,
+                     boundary_model=inputs.init if mode in TRUNCATED_MODES else None)
+    return setup(cfg, mode, paths, device)
+
+
+# ---------------------------------------------------------------------------------------------------------- memory
+
+
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
@@ -125,171 +172,251 @@ def cpu_peak_bytes(result: dict[str, int]):
     result["peak"] = peak
 
 
-def measure_peak_memory(
-    master: nn.Module, stage: int, images: torch.Tensor, ema: bool = True, steps: int = 2
-) -> dict[str, int]:
-    """Peak bytes of building the Stage-``stage`` state and running ``steps`` training steps (see module doc).
+@contextlib.contextmanager
+def peak_bytes(device: torch.device, result: dict[str, int]) -> Iterator[None]:
+    """``result["peak"]``: peak bytes the block allocates on ``device`` (CUDA allocator stats, or CPU profiler)."""
+    free_memory(device)
+    if device.type != "cuda":
+        with cpu_peak_bytes(result):
+            yield
+        return
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    yield
+    sync(device)
+    result["peak"] = torch.cuda.max_memory_allocated(device) - base
+    result["held"] = torch.cuda.memory_allocated(device) - base
 
-    Two steps: the first allocates the optimizer state, the second is a steady-state step with all of it held.
+
+def measure_peak_memory(inputs: SyntheticInputs, stage: int, batch: int, device: str, precision: str = "fp32",
+                        steps: int = 2, seed: int = 0) -> dict[str, int]:
+    """Peak bytes of building the Stage-``stage`` run and running ``steps`` steps (see the module docstring).
+
     Also returns ``static_bytes``: what stays allocated after the steps (weights, EMA, grads, optimizer, frozen).
     """
-    device = images.device
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        _sync(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        state = build_state(master, stage, device, ema)
-        for _ in range(steps):
-            train_step(state, images)
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        static = torch.cuda.memory_allocated(device) - base
-    else:
-        result: dict[str, int] = {}
-        with cpu_peak_bytes(result):
-            state = build_state(master, stage, device, ema)
+    from tcm_core.train_step import train_step
+
+    dev = torch.device(_device_kind(device))
+    cfg = bench_config(STAGE_MODES[stage], batch, precision, seed)
+    result: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="tcm-bench-mem-", dir=inputs.folder) as out:
+        with peak_bytes(dev, result):
+            run = build_run(inputs, STAGE_MODES[stage], cfg, device, Path(out))
             for _ in range(steps):
-                train_step(state, images)
-        peak = result["peak"]
-        static = _state_bytes(state)
-    del state
-    gc.collect()
-    return {"peak_bytes": int(peak), "static_bytes": int(static)}
+                train_step(run)
+        static = result["held"] if "held" in result else _state_bytes(run)
+    del run
+    free_memory(dev)
+    return {"peak_bytes": int(result["peak"]), "static_bytes": int(static)}
 
 
-def _state_bytes(state: TrainState) -> int:
+def _state_bytes(run: Any) -> int:
+    """Bytes of the run's tensors: weights and buffers of net, EMA and frozen model, gradients, optimizer state."""
     tensors: dict[int, torch.Tensor] = {}
-    modules = [m for m in (state.net, state.ema, state.frozen) if m is not None]
-    for module in modules:
+    for module in (m for m in (run.net, run.ema, run.frozen) if m is not None):
         for t in list(module.parameters()) + list(module.buffers()):
             tensors[t.data_ptr()] = t
             if t.grad is not None:
                 tensors[t.grad.data_ptr()] = t.grad
-    for per_param in state.optimizer.state.values():
+    for per_param in run.optimizer.state.values():
         for value in per_param.values():
             if isinstance(value, torch.Tensor):
                 tensors[value.data_ptr()] = value
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def measure_step_times(
-    master: nn.Module, images: torch.Tensor, repeats: int = 5, warmup: int = 1, ema: bool = True
-) -> dict[str, list[float]]:
-    """Seconds per training step of Stage 1 and Stage 2 on one shared net/EMA/optimizer, interleaved S1, S2, ...
+def _device_kind(device: str) -> str:
+    """"cpu" or "cuda" ("auto": cuda when available); ConfigError for cuda without CUDA."""
+    from tcm_core.distributed import pick_device
+
+    return pick_device(str(device))
+
+
+# ---------------------------------------------------------------------------------------------------------- time
+
+
+def measure_step_times(inputs: SyntheticInputs, batch: int, device: str, precision: str = "fp32", repeats: int = 5,
+                       warmup: int = 1, seed: int = 0) -> dict[str, list[float]]:
+    """Seconds per ``train_step`` of a Stage-1 and a Stage-2 run of the same net and batch, interleaved S1, S2, ...
 
     Returns lists of wall-clock seconds ("wall1", "wall2") and of this process's CPU seconds ("cpu1", "cpu2").
     On a shared CPU machine the CPU time is the steadier figure (it does not count time waiting for a core).
     """
-    device = images.device
-    state = build_state(master, 2, device, ema)
-    stage1_loss = make_loss(1)
-    stage2_loss = state.loss_fn
+    from tcm_core.train_step import train_step
+
+    dev = torch.device(_device_kind(device))
     times: dict[str, list[float]] = {"wall1": [], "wall2": [], "cpu1": [], "cpu2": []}
-    for rep in range(warmup + repeats):
-        for stage, loss_fn in ((1, stage1_loss), (2, stage2_loss)):
-            state.loss_fn = loss_fn
-            _sync(device)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            train_step(state, images)
-            _sync(device)
-            if rep >= warmup:
-                times[f"wall{stage}"].append(time.perf_counter() - start)
-                times[f"cpu{stage}"].append(time.process_time() - start_cpu)
+    with tempfile.TemporaryDirectory(prefix="tcm-bench-time-", dir=inputs.folder) as out:
+        runs = {stage: build_run(inputs, mode, bench_config(mode, batch, precision, seed), device,
+                                 Path(out) / mode) for stage, mode in STAGE_MODES.items()}
+        for rep in range(warmup + repeats):
+            for stage, run in runs.items():
+                sync(dev)
+                start, start_cpu = time.perf_counter(), time.process_time()
+                train_step(run)
+                sync(dev)
+                if rep >= warmup:
+                    times[f"wall{stage}"].append(time.perf_counter() - start)
+                    times[f"cpu{stage}"].append(time.process_time() - start_cpu)
+        del runs
+    free_memory(dev)
     return times
 
 
-def build_master(net_name: str, arch_overrides: dict[str, Any] | None = None, seed: int = 0) -> nn.Module:
-    """The benchmark network, built on the CPU from ``arch_preset(net_name, **arch_overrides)``."""
-    from tcm_core.networks import arch_preset, build_precond
-
-    torch.manual_seed(seed)
-    return build_precond(arch_preset(net_name, **(arch_overrides or {})))
-
-
-def run_step_benchmark(
-    net_name: str,
-    batch: int,
-    device: str | torch.device = "cpu",
-    repeats: int = 5,
-    *,
-    warmup: int = 1,
-    ema: bool = True,
-    arch_overrides: dict[str, Any] | None = None,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Time and peak memory of a full Stage-1 and Stage-2 step on the same net and batch; returns the JSON dict."""
+def run_step_benchmark(net_name: str, batch: int, device: str = "cpu", repeats: int = 5, *, warmup: int = 1,
+                       precision: str = "fp32", arch_overrides: dict[str, Any] | None = None, seed: int = 0,
+                       inputs: SyntheticInputs | None = None) -> dict[str, Any]:
+    """Time and peak memory of a Stage-1 and a Stage-2 ``train_step`` on the same net and batch (the JSON dict)."""
     if batch < 4:
         raise ValueError(f"batch must be >= 4 (rho = 0.25 needs one boundary sample), got {batch}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but CUDA is not available")
-    master = build_master(net_name, arch_overrides, seed)
-    shape = (batch, master.img_channels, master.img_resolution, master.img_resolution)
-    generator = torch.Generator().manual_seed(seed)
-    images = (torch.rand(shape, generator=generator) * 2 - 1).to(device)
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    device = _device_kind(device)
+    bench_config("stage2", batch, precision)  # refuse a bad setting before writing anything
+    with contextlib.ExitStack() as stack:
+        if inputs is None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tcm-bench-")))
+            inputs = write_synthetic_inputs(folder, net_name, arch_overrides, seed)
+        times = measure_step_times(inputs, batch, device, precision, repeats, warmup, seed)
+        memory = {stage: measure_peak_memory(inputs, stage, batch, device, precision, seed=seed) for stage in (1, 2)}
+    return step_report(inputs, batch, device, precision, repeats, warmup, times, memory)
 
-    torch.manual_seed(seed)
-    times = measure_step_times(master, images, repeats=repeats, warmup=warmup, ema=ema)
-    torch.manual_seed(seed)
-    memory = {stage: measure_peak_memory(master, stage, images, ema=ema) for stage in (1, 2)}
 
+def step_report(inputs: SyntheticInputs, batch: int, device: str, precision: str, repeats: int, warmup: int,
+                times: dict[str, list[float]], memory: dict[int, dict[str, int]]) -> dict[str, Any]:
     t1, t2 = min(times["wall1"]), min(times["wall2"])
     c1, c2 = min(times["cpu1"]), min(times["cpu2"])
     m1, m2 = memory[1]["peak_bytes"], memory[2]["peak_bytes"]
     return {
-        "net": net_name,
-        "batch": batch,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "parameters": sum(p.numel() for p in master.parameters()),
-        "repeats": repeats,
-        "warmup": warmup,
-        "ema": ema,
-        "stage1_time_s": t1,
-        "stage2_time_s": t2,
-        "stage1_times_s": times["wall1"],
-        "stage2_times_s": times["wall2"],
-        "stage1_cpu_time_s": c1,
-        "stage2_cpu_time_s": c2,
-        "stage2_over_stage1_cpu_time": c2 / c1,
-        "stage1_peak_bytes": m1,
-        "stage2_peak_bytes": m2,
-        "stage1_static_bytes": memory[1]["static_bytes"],
-        "stage2_static_bytes": memory[2]["static_bytes"],
-        "stage2_over_stage1_time": t2 / t1,
-        "stage2_over_stage1_mem": m2 / m1,
-        "memory_method": "cuda.max_memory_allocated" if device.type == "cuda" else "profiler allocator events",
-        "settings": {"stage1": "lognormal(-1.1, 2.0) on [0.002, 80]", **CT_SETTINGS, **STAGE2_SETTINGS},
+        **device_fields(device), "net": inputs.net_name, "batch": batch, "precision": precision,
+        "parameters": inputs.parameters, "repeats": repeats, "warmup": warmup, "ema": True,
+        "stage1_time_s": t1, "stage2_time_s": t2, "stage1_times_s": times["wall1"], "stage2_times_s": times["wall2"],
+        "stage1_cpu_time_s": c1, "stage2_cpu_time_s": c2, "stage2_over_stage1_cpu_time": c2 / c1,
+        "stage1_peak_bytes": m1, "stage2_peak_bytes": m2,
+        "stage1_static_bytes": memory[1]["static_bytes"], "stage2_static_bytes": memory[2]["static_bytes"],
+        "stage2_over_stage1_time": t2 / t1, "stage2_over_stage1_mem": m2 / m1,
+        "memory_method": "cuda.max_memory_allocated" if device == "cuda" else "profiler allocator events",
+        "settings": {"stage1": "lognormal(-1.1, 2.0) on [0.002, 80]", "stage2": "student_t(0, 0.2, 0.01) on [1, 80]",
+                     "t_prime": 1.0, "rho": 0.25, "w_b": 0.1, "c": 1e-8, "weighting": "inv_delta_t",
+                     "ratio": 0.999, "step": "tcm_core.train_step.train_step"},
     }
+
+
+def device_fields(device: str) -> dict[str, Any]:
+    dev = torch.device(device)
+    return {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------------------------------------------------- --train
+
+
+def benchmark_train_iterations(net_name: str = "tiny", batch: int = 64, device: str = "cpu", repeats: int = 5,
+                               warmup: int = 2, rounds: int = 2, modes: tuple[str, ...] = ("stage1", "stage2"),
+                               arch_overrides: dict[str, Any] | None = None, seed: int = 0,
+                               config: dict[str, Any] | None = None, precision: str = "fp32",
+                               inputs: SyntheticInputs | None = None) -> dict[str, Any]:
+    """Seconds per iteration of the REAL training driver (``training.train``) for each mode, on synthetic data.
+
+    Each round runs every mode once for ``warmup + repeats`` iterations (modes interleaved round by round, so
+    drifting machine load hits all alike); the best post-warm-up iteration over all rounds is reported. An
+    iteration is everything the loop does per step (data, loss, backward, grad norm, optimiser, EMA, host
+    sync) except the periodic outputs (metrics lines, state files), which are excluded from the timing.
+    """
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"modes must be among {', '.join(MODES)}, got {mode!r}")
+    if repeats < 1 or warmup < 0 or rounds < 1:
+        raise ValueError(f"need repeats >= 1, warmup >= 0, rounds >= 1; got {repeats}, {warmup}, {rounds}")
+    keys = {**PRECISIONS[precision], **(config or {})}
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    cpu_times: dict[str, list[float]] = {mode: [] for mode in modes}
+    with contextlib.ExitStack() as stack:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tcm-train-bench-")))
+        if inputs is None:
+            inputs = write_synthetic_inputs(folder, net_name, arch_overrides, seed)
+        for round_index in range(rounds):
+            for mode in modes:
+                result = _train_once(inputs, mode, batch, device, warmup + repeats, seed + round_index, keys,
+                                     folder / f"{mode}-{round_index}")
+                times[mode].extend(result.iteration_seconds[warmup:])
+                cpu_times[mode].extend(result.iteration_cpu_seconds[warmup:])
+    return train_report(inputs, batch, device, repeats, warmup, rounds, keys, times, cpu_times)
+
+
+def _train_once(inputs: SyntheticInputs, mode: str, batch: int, device: str, iterations: int, seed: int,
+                keys: dict[str, Any], out: Path) -> Any:
+    from tcm_core.training import train
+
+    cfg_keys = {"iterations": iterations, "batch": batch, "seed": seed, "curriculum": "cap", "log_every": 10**6,
+                "state_every": 10**6, **keys}
+    if mode == "pretrain":
+        cfg_keys["arch"] = {"preset": inputs.net_name, **inputs.arch_overrides}
+    cfg = build_config(cfg_keys, mode)
+    return train(cfg, mode=mode, data=inputs.data, out=out, init=None if mode == "pretrain" else inputs.init,
+                 boundary_model=inputs.init if mode in TRUNCATED_MODES else None, device=device, progress=False)
+
+
+def train_report(inputs: SyntheticInputs, batch: int, device: str, repeats: int, warmup: int, rounds: int,
+                 keys: dict[str, Any], times: dict[str, list[float]], cpu_times: dict[str, list[float]]
+                 ) -> dict[str, Any]:
+    report: dict[str, Any] = {**device_fields(_device_kind(device)), "net": inputs.net_name, "batch": batch,
+                              "parameters": inputs.parameters, "repeats": repeats, "warmup": warmup,
+                              "rounds": rounds, "config": dict(keys)}
+    for mode in times:
+        best = min(times[mode])
+        report[f"{mode}_train_s_per_it"] = best
+        report[f"{mode}_train_s_per_it_median"] = float(np.median(times[mode]))
+        report[f"{mode}_train_times_s"] = times[mode]
+        report[f"{mode}_images_per_s"] = batch / best
+        # CPU seconds of this process: on a shared CPU machine steadier than wall time (no waiting for a core)
+        report[f"{mode}_train_cpu_s_per_it"] = min(cpu_times[mode])
+    if "stage1" in times and "stage2" in times:
+        report["stage2_over_stage1_train_time"] = report["stage2_train_s_per_it"] / report["stage1_train_s_per_it"]
+        report["stage2_over_stage1_train_cpu_time"] = (report["stage2_train_cpu_s_per_it"]
+                                                       / report["stage1_train_cpu_s_per_it"])
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--net", default="tiny", help="arch preset: tiny, ddpmpp, edm2_s, edm2_xl")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
+                        help="fp32, tf32 (fp32 with TF32 matmuls), bf16 or fp16 (autocast; CUDA only)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats per variant (best kept)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no-ema", action="store_true", help="leave the EMA update out of the step")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON to this file (atomically)")
-    # --train: time real iterations of the training loop (tcm_core.training), not the bare loss step
     parser.add_argument("--train", action="store_true", help="time full iterations of tcm_core.training.train "
                         "(data, loss, backward, grad norm, optimiser, EMA) for --modes on synthetic data")
     parser.add_argument("--modes", default="stage1,stage2", help="--train: comma-separated training modes")
     parser.add_argument("--rounds", type=int, default=2, help="--train: rounds of short runs, modes interleaved")
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+def _emit(args: argparse.Namespace, result: dict[str, Any], line: Callable[[dict[str, Any]], str]) -> None:
+    if args.out is not None:
+        write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2) if args.json else line(result))
+
+
+def _step_line(r: dict[str, Any]) -> str:
+    return (f"{r['net']} batch {r['batch']} {r['precision']} on {r['device_name']}: time S1 {r['stage1_time_s']:.4f}s "
+            f"S2 {r['stage2_time_s']:.4f}s (x{r['stage2_over_stage1_time']:.3f}, CPU time "
+            f"x{r['stage2_over_stage1_cpu_time']:.3f}); peak memory S1 {r['stage1_peak_bytes'] / 2**20:.1f} MiB "
+            f"S2 {r['stage2_peak_bytes'] / 2**20:.1f} MiB (x{r['stage2_over_stage1_mem']:.3f})")
+
+
+def _train_line(r: dict[str, Any], modes: tuple[str, ...]) -> str:
+    parts = [f"{m} {r[f'{m}_train_s_per_it']:.4f}s (CPU {r[f'{m}_train_cpu_s_per_it']:.4f}s)" for m in modes]
+    ratio = r.get("stage2_over_stage1_train_time")
+    return (f"{r['net']} batch {r['batch']} on {r['device_name']}, s/iteration: " + ", ".join(parts)
+            + (f"; stage2/stage1 x{ratio:.3f}" if ratio else ""))
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -298,41 +425,15 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    if getattr(args, "train", False):
-        return run_train_bench(args, device)
-    result = run_step_benchmark(args.net, args.batch, device, args.repeats, warmup=args.warmup, ema=not args.no_ema)
-    if args.out is not None:
-        _write_json_atomic(args.out, result)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(
-            f"{result['net']} batch {result['batch']} on {result['device_name']}: "
-            f"time S1 {result['stage1_time_s']:.4f}s S2 {result['stage2_time_s']:.4f}s "
-            f"(x{result['stage2_over_stage1_time']:.3f}, CPU time x{result['stage2_over_stage1_cpu_time']:.3f}); "
-            f"peak memory S1 {result['stage1_peak_bytes'] / 2**20:.1f} MiB "
-            f"S2 {result['stage2_peak_bytes'] / 2**20:.1f} MiB (x{result['stage2_over_stage1_mem']:.3f})"
-        )
-    return 0
-
-
-def run_train_bench(args: argparse.Namespace, device: str) -> int:
-    """``--train``: seconds per real training iteration per mode (see ``training.benchmark_train_iterations``)."""
-    from tcm_core.training import benchmark_train_iterations
-
-    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    result = benchmark_train_iterations(args.net, args.batch, device, repeats=args.repeats, warmup=args.warmup,
-                                        rounds=args.rounds, modes=modes)
-    if args.out is not None:
-        _write_json_atomic(args.out, result)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        parts = [f"{m} {result[f'{m}_train_s_per_it']:.4f}s (CPU {result[f'{m}_train_cpu_s_per_it']:.4f}s)"
-                 for m in modes]
-        ratio = result.get("stage2_over_stage1_train_time")
-        print(f"{result['net']} batch {result['batch']} on {result['device_name']}, s/iteration: " + ", ".join(parts)
-              + (f"; stage2/stage1 x{ratio:.3f}" if ratio else ""))
+    if args.train:
+        modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+        result = benchmark_train_iterations(args.net, args.batch, device, repeats=args.repeats, warmup=args.warmup,
+                                            rounds=args.rounds, modes=modes, precision=args.precision)
+        _emit(args, result, lambda r: _train_line(r, modes))
+        return 0
+    result = run_step_benchmark(args.net, args.batch, device, args.repeats, warmup=args.warmup,
+                                precision=args.precision)
+    _emit(args, result, _step_line)
     return 0
 
 

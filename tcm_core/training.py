@@ -24,14 +24,10 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-
-from tcm_core.distributed import finish_distributed, pick_device
+from tcm_core.distributed import finish_distributed
 from tcm_core.presets import resolve_config
-from tcm_core.train_config import MODES, TRUNCATED_MODES, TrainConfig, build_config
+from tcm_core.train_config import MODES, TrainConfig
 from tcm_core.train_outputs import PeriodicEval, RunOutputs, Tracking
 from tcm_core.train_setup import Run, RunPaths, setup
 from tcm_core.train_step import train_step
@@ -84,79 +80,6 @@ def train(cfg: TrainConfig, *, mode: str, data: str | Path, out: str | Path, ini
 
 def _path(value: str | Path | None) -> Path | None:
     return Path(value) if value else None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Benchmark of real training iterations (``python -m tcm_core.bench --train``)
-
-BENCH_CAP_ITERATION = 10**7  # init checkpoints claim this many iterations: the curriculum is at its cap
-
-
-def benchmark_train_iterations(net_name: str = "tiny", batch: int = 64, device: str = "cpu", repeats: int = 5,
-                               warmup: int = 2, rounds: int = 2, modes: tuple[str, ...] = ("stage1", "stage2"),
-                               arch_overrides: dict[str, Any] | None = None, seed: int = 0,
-                               config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Seconds per iteration of the REAL training loop (``train``) for each mode, on synthetic data.
-
-    Each round runs every mode once for ``warmup + repeats`` iterations (modes interleaved round by round, so
-    drifting machine load hits all alike); the best post-warm-up iteration over all rounds is reported. An
-    iteration is everything the loop does per step (data, loss, backward, grad norm, optimiser, EMA, host
-    sync) except the periodic outputs (metrics lines, state files), which are excluded from the timing.
-    """
-    import tempfile
-
-    from tcm_core.data import write_dataset_zip
-    from tcm_core.network_files import save_network
-    from tcm_core.networks import arch_preset, build_precond
-
-    for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"modes must be among {', '.join(MODES)}, got {mode!r}")
-    if repeats < 1 or warmup < 0 or rounds < 1:
-        raise ValueError(f"need repeats >= 1, warmup >= 0, rounds >= 1; got {repeats}, {warmup}, {rounds}")
-    torch.manual_seed(seed)
-    master = build_precond(arch_preset(net_name, **(arch_overrides or {})))
-    times: dict[str, list[float]] = {mode: [] for mode in modes}
-    cpu_times: dict[str, list[float]] = {mode: [] for mode in modes}
-    with tempfile.TemporaryDirectory(prefix="tcm-train-bench-") as tmp:
-        folder = Path(tmp)
-        rng = np.random.default_rng(seed)
-        shape = (master.img_channels, master.img_resolution, master.img_resolution)
-        data = folder / "data.zip"
-        write_dataset_zip(data, (rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(max(batch, 64))))
-        init = folder / "init.safetensors"
-        save_network(master, init, iteration=BENCH_CAP_ITERATION, provenance={"note": "benchmark"})
-        for round_index in range(rounds):
-            for mode in modes:
-                keys = {"iterations": warmup + repeats, "batch": batch, "seed": seed + round_index,
-                        "log_every": 10**6, "state_every": 10**6, **(config or {})}
-                if mode == "pretrain":
-                    keys["arch"] = {"preset": net_name, **(arch_overrides or {})}
-                cfg = build_config(keys, mode)
-                result = train(cfg, mode=mode, data=data, out=folder / f"{mode}-{round_index}",
-                               init=None if mode == "pretrain" else init,
-                               boundary_model=init if mode in TRUNCATED_MODES else None, device=device,
-                               progress=False)
-                times[mode].extend(result.iteration_seconds[warmup:])
-                cpu_times[mode].extend(result.iteration_cpu_seconds[warmup:])
-    dev = torch.device(pick_device(device))
-    report: dict[str, Any] = {
-        "net": net_name, "batch": batch, "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "parameters": sum(p.numel() for p in master.parameters()),
-        "repeats": repeats, "warmup": warmup, "rounds": rounds, "config": dict(config or {}),
-    }
-    for mode in modes:
-        report[f"{mode}_train_s_per_it"] = min(times[mode])
-        report[f"{mode}_train_s_per_it_median"] = float(np.median(times[mode]))
-        report[f"{mode}_train_times_s"] = times[mode]
-        # CPU seconds of this process: on a shared CPU machine steadier than wall time (no waiting for a core)
-        report[f"{mode}_train_cpu_s_per_it"] = min(cpu_times[mode])
-    if "stage1" in modes and "stage2" in modes:
-        report["stage2_over_stage1_train_time"] = report["stage2_train_s_per_it"] / report["stage1_train_s_per_it"]
-        report["stage2_over_stage1_train_cpu_time"] = (report["stage2_train_cpu_s_per_it"]
-                                                       / report["stage1_train_cpu_s_per_it"])
-    return report
 
 
 # ----------------------------------------------------------------------------------------------------------

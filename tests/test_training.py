@@ -333,7 +333,7 @@ def test_periodic_fid_dfid_and_grids_start_at_the_stage_start(data, tmp_path):
 
 
 def test_benchmark_times_real_training_iterations():
-    from tcm_core.training import benchmark_train_iterations
+    from tcm_core.bench import benchmark_train_iterations
 
     overrides = {k: v for k, v in MICRO_ARCH.items() if k != "preset"}
     report = benchmark_train_iterations("tiny", batch=4, repeats=2, warmup=0, rounds=1, modes=("stage1", "stage2"),
