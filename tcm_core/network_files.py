@@ -36,7 +36,7 @@ from tcm_core.foreign_checkpoints import (
     read_state_dict_checkpoint,
     refusing,
 )
-from tcm_core.hashing import recorded_sha256, sha256_file, sha256_sidecar
+from tcm_core.hashing import cached_sha256, recorded_sha256, sha256_file, sha256_sidecar
 
 MODEL_TYPES = ("SongUNet", "EDM2UNet")
 _FORMATS = "use .safetensors, .pkl, .pt or .pth"
@@ -320,7 +320,7 @@ def load_network(
     """
     path = Path(path)
     reader = _checked_file(path, _READERS)
-    digest = sha256_file(path)
+    digest = cached_sha256(path)  # Stage 2 loads one Stage-1 file twice (init and boundary): hash it once
     _check_recorded(path, digest)
     record = read_record(path) if reader is not read_pickle_checkpoint else {}
     state, base_arch, found = reader(path, digest, arch, record)

@@ -83,6 +83,8 @@ class TrainConfig:
     dropout: float | None = None  # None: keep the checkpoint's / arch's dropout
     # numerics
     precision: str = "fp32"
+    loss_scale: float = 65536.0  # fp16: the GradScaler's initial scale (official ImageNet runs: 16, --ls=16)
+    loss_scale_growth: int = 2000  # fp16: overflow-free iterations before the scale doubles (official: 20000)
     tf32: bool = False
     deterministic: bool = False  # torch.use_deterministic_algorithms(True)
     grad_clip: float | None = None  # None: no clipping (the norm is still measured)
@@ -107,7 +109,8 @@ class TrainConfig:
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
 _INT_KEYS = {"iterations", "batch", "batch_gpu", "seed", "lr_decay_iters", "lr_rampup_iters", "double_iters",
-             "nonfinite_patience", "log_every", "state_every", "eval_every", "grid_every", "eval_num", "grid_num"}
+             "loss_scale_growth", "nonfinite_patience", "log_every", "state_every", "eval_every", "grid_every",
+             "eval_num", "grid_num"}
 _BOOL_KEYS = {"tf32", "deterministic"}
 _STR_KEYS = set(CHOICES)
 _DICT_KEYS = {"arch"}
@@ -219,6 +222,8 @@ def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
     _require(cfg.c >= 0, "c", ">= 0", cfg.c)
     _require(cfg.dropout is None or 0 <= cfg.dropout < 1, "dropout", "in [0, 1) or null", cfg.dropout)
     _require(cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", "> 0 or null", cfg.grad_clip)
+    _require(cfg.loss_scale > 0, "loss_scale", "> 0", cfg.loss_scale)
+    _require(cfg.loss_scale_growth >= 1, "loss_scale_growth", ">= 1", cfg.loss_scale_growth)
     _require(cfg.nonfinite_patience >= 1, "nonfinite_patience", ">= 1", cfg.nonfinite_patience)
     _require(0 <= cfg.nonfinite_max_share < 1, "nonfinite_max_share", "in [0, 1)", cfg.nonfinite_max_share)
     _require(cfg.log_every >= 1, "log_every", ">= 1", cfg.log_every)

@@ -224,6 +224,16 @@ def build_loss(cfg: TrainConfig, mode: str, sigma_data: float, frozen: nn.Module
     return losses.ConsistencyLoss(time_dist=build_time_distribution(cfg, cfg.t_min), **common)
 
 
+def loss_scaling(cfg: TrainConfig) -> dict[str, Any]:
+    """fp16's dynamic loss scaling (App. E): initial scale ``loss_scale``, doubled after ``loss_scale_growth``
+    overflow-free iterations; off for fp32/bf16."""
+    return {"init_scale": cfg.loss_scale, "growth_interval": cfg.loss_scale_growth, "enabled": cfg.precision == "fp16"}
+
+
+def build_scaler(cfg: TrainConfig, device_kind: str = "cuda") -> torch.amp.GradScaler:
+    return torch.amp.GradScaler(device_kind, **loss_scaling(cfg))
+
+
 def curriculum_at_cap(cfg: TrainConfig, mode: str, init_iteration: int | None, continued: bool) -> bool:
     """Whether the Δt curriculum runs at ratio_limit from the first iteration (see the module docstring)."""
     if cfg.curriculum != "auto":
@@ -281,7 +291,7 @@ def setup(cfg: TrainConfig, mode: str, paths: RunPaths, device: str = "auto") ->
               ema=copy.deepcopy(net).eval().requires_grad_(False), frozen=frozen,
               loss_fn=build_loss(cfg, mode, float(getattr(net, "sigma_data", 0.5)), frozen),
               optimizer=build_optimizer(cfg, net.parameters()),
-              scaler=torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16"), chunk=chunk,
+              scaler=build_scaler(cfg), chunk=chunk,
               chunks_per_rank=chunks_per_rank, sampler=None, start_iteration=start, iteration=start,
               curriculum_at_cap=curriculum_at_cap(cfg, mode, info["init_iteration"], continued), info=info)
     sampler_position = restore(run)

@@ -310,3 +310,16 @@ def test_each_presets_stage2_starts_at_the_ratio_cap(preset):
     start = stage1.iterations  # Stage 2 continues Stage 1's counter
     assert curriculum_ratio(start, stage2.q, stage2.double_iters, stage2.ratio_limit) == stage2.ratio_limit
     assert paper_ratio(start, stage2.q, stage2.double_iters, stage2.ratio_limit) == stage2.ratio_limit
+
+
+def test_imagenet_fp16_loss_scaling_is_the_official_one():
+    """App. E: mixed precision with dynamic loss scaling; the official ImageNet runs start at 16 (--ls=16) and
+    grow the scale every 20000 overflow-free iterations."""
+    from tcm_core.train_setup import loss_scaling
+
+    repo_config = Path(__file__).resolve().parents[1] / "config.yaml"
+    for preset in ("imagenet64_s", "imagenet64_xl"):
+        for mode in ("stage1", "stage2"):
+            cfg = resolve_config(repo_config, mode, preset, [])
+            assert loss_scaling(cfg) == {"init_scale": 16.0, "growth_interval": 20000, "enabled": True}
+    assert not loss_scaling(resolve_config(repo_config, "stage2", "cifar10", []))["enabled"]  # CIFAR-10: fp32
