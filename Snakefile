@@ -78,3 +78,6 @@ onsuccess:
             f"Open the UI: mlflow ui --backend-store-uri {TRACKING_URI} "
             "--host 127.0.0.1 --port 5000 --workers 1   (then http://127.0.0.1:5000)"
         )
+    from tcm_core.report.headline import headline_lines
+
+    print("\n".join(headline_lines(RESULTS)))

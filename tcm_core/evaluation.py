@@ -156,11 +156,12 @@ def compute_reference_stats(data, extractor, *, batch_size: int = 250, cache_dir
 
 
 def _progress(total: int, desc: str, enabled: bool = True):
+    """What an evaluation is sampling and how far (tqdm on a terminal, plain lines in a job's log)."""
     if not enabled:
         return None
-    from tqdm import tqdm
+    from tcm_core.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="img", mininterval=5.0)
+    return progress_bar(total, desc)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 
 from tcm_core.atomic import write_text_atomic
 from tcm_core.errors import NonFiniteTrainingError
+from tcm_core.progress import format_duration
 from tcm_core.train_config import CONSISTENCY_MODES
 from tcm_core.train_setup import Run
 from tcm_core.train_state import save_final_state, save_state, state_of, tensors_finite
@@ -46,18 +47,12 @@ class PeriodicEval:
     feature_net: str | None = None
 
 
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
 def progress_line(run: Run, stats: StepStats, metrics: dict[str, float], rate: float) -> str:
     """``stage2 it 450/800 (56%) 2.1 it/s ETA 2m47s loss 5.31 gnorm 281 ratio 0.999 lr 1e-04``."""
     done, total = run.iteration - run.start_iteration, run.cfg.iterations
     eta = (total - done) / rate if rate > 0 else float("nan")
     parts = [f"{run.mode} it {run.iteration}/{run.end_iteration} ({done / max(total, 1):.0%})",
-             f"{rate:.2f} it/s", f"ETA {format_duration(eta) if eta == eta else '?'}"]
+             f"{rate:.2f} it/s", f"ETA {format_duration(eta)}"]
     if "loss" in metrics:
         parts += [f"loss {metrics['loss']:.4g}", f"gnorm {metrics['grad_norm']:.3g}"]
     if stats.ratio is not None:

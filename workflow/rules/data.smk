@@ -87,5 +87,5 @@ rule reference_stats:
         device=P["device"],
     shell:
         "OMP_NUM_THREADS={threads} python -m tcm_core reference-stats --data {input.data}"
-        " {params.features} --device {params.device} --no-progress --no-cache"
+        " {params.features} --device {params.device} --no-cache"
         " --out {output.stats} > {log} 2>&1"

@@ -31,7 +31,7 @@ rule fid:
     shell:
         "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate fid --ckpt {input.ckpt}"
         " --steps {params.steps} --num {params.num} --seeds {params.seeds} {params.features}"
-        " --ref-stats {input.ref} --out {output.json} --device {params.device} --no-progress"
+        " --ref-stats {input.ref} --out {output.json} --device {params.device}"
         " {params.tracking} > {log} 2>&1"
 
 
@@ -64,7 +64,7 @@ rule dfid:
     shell:
         "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate dfid --ckpt {input.ckpt}"
         " --data {input.data} --ts {params.ts} --num {params.num} {params.features}"
-        " --ref-stats {input.ref} --out {output.json} --device {params.device} --no-progress"
+        " --ref-stats {input.ref} --out {output.json} --device {params.device}"
         " {params.tracking} > {log} 2>&1"
 
 
@@ -99,4 +99,4 @@ rule sample_grid:
     shell:
         "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate grid --ckpt {input.ckpt}"
         " --steps {params.steps} --num {params.num} --seed 0 --out {output.png}"
-        " --device {params.device} --no-progress {params.tracking} > {log} 2>&1"
+        " --device {params.device} {params.tracking} > {log} 2>&1"
