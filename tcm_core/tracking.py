@@ -24,6 +24,23 @@ PERIODIC_PREFIX = "periodic/"
 COMPARED_PARAMS = ("mode", "t_prime", "rho", "w_b", "student_nu", "student_sigma", "seed", "init")
 #: MLflow 3's experiment type: the UI opens a model-training experiment on its runs table, not on traces.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+#: A saved view of the runs table (MLflow's own "share view" record, an experiment tag read by the UI's
+#: ``viewStateShareKey`` URL parameter): the training runs of the main grid with their FIDs and compared params.
+COMPARE_VIEW = "tcm-compare"
+COMPARE_VIEW_STATE = {
+    "searchFilter": "tags.`tcm.stage` LIKE 'stage%' AND tags.`tcm.grid` = 'main'",
+    "orderByKey": "attributes.start_time",
+    "orderByAsc": True,
+    "selectedColumns": [*(f"metrics.`{m}`" for m in ("fid_1step", "fid_2step")),
+                        *(f"params.`{p}`" for p in COMPARED_PARAMS)],
+    "columnWidths": {"attributes.`Run Name`": 330},
+}
+
+
+def compare_view_url(server: str, experiment_id: str) -> str:
+    """The UI address of the compare view in the model-training workflow, e.g. for ``http://127.0.0.1:5000``."""
+    return (f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={COMPARE_VIEW}")
 
 
 class Tracker(Protocol):
@@ -209,7 +226,8 @@ def init_study(tracking_uri: str, experiment: str, study: str) -> dict[str, str]
 
 
 def _experiment(client, tracking_uri: str, name: str):
-    """The experiment ``name`` (created, or restored when deleted), tagged as a model-training experiment."""
+    """The experiment ``name`` (created, or restored when deleted), tagged as a model-training experiment with the
+    compare view."""
     from mlflow.exceptions import MlflowException
 
     exp = with_retry(client.get_experiment_by_name, name)
@@ -223,7 +241,8 @@ def _experiment(client, tracking_uri: str, name: str):
         exp = with_retry(client.get_experiment_by_name, name)
     if exp.lifecycle_stage == "deleted":
         with_retry(client.restore_experiment, exp.experiment_id)
-    for key, value in EXPERIMENT_KIND.items():
+    tags = {**EXPERIMENT_KIND, f"mlflow.sharedViewState.{COMPARE_VIEW}": json.dumps(COMPARE_VIEW_STATE)}
+    for key, value in tags.items():
         if exp.tags.get(key) != value:
             with_retry(client.set_experiment_tag, exp.experiment_id, key, value)
     return exp

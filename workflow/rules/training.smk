@@ -33,8 +33,8 @@ rule stage2:
         TRAIN_SHELL
 
 
-# {seed}: "" for the run of `all`, "/seed~j" for training seed j (training_seeds; Stage 1's state continued
-# with seed + j).
+# {seed}: empty for the run of `all`; for training seed j (training_seeds) the subfolder seed~j, Stage 1's
+# state continued with seed + j.
 use rule stage2 as stage1_continued with:
     input:
         init=stage1_network(),
