@@ -33,7 +33,8 @@ COMPARE_VIEW_STATE = {
     "orderByAsc": True,
     "selectedColumns": [*(f"metrics.`{m}`" for m in ("fid_1step", "fid_2step")),
                         *(f"params.`{p}`" for p in COMPARED_PARAMS)],
-    "columnWidths": {"attributes.`Run Name`": 330},
+    "columnOrder": ["attributes.`Run Name`"],
+    "columnWidths": {"attributes.`Run Name`": 340},  # applied to the columns of columnOrder: the run keys are long
 }
 
 

@@ -22,6 +22,7 @@ from tcm_core.report.cli import build_report, format_summary, output_files
 from tcm_core.report.paper import load_paper_values
 from tcm_core.report.tables import DELTA
 from tcm_core.report.values import MISSING
+from tcm_core.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_TEXT = REPO.parent / "shared" / "paper" / "tcm-paper.txt"
@@ -348,6 +349,9 @@ SMALL_GRID = """presets:
 """
 
 
+_CI_COLUMN = "mean difference [95% interval]"
+
+
 @pytest.fixture
 def ci_workdir(request, tmp_path):
     """A workflow copy for the ci preset: a shared one when the workflow tests provide it (its main runs are
@@ -380,16 +384,32 @@ def test_ci_paper_tables_builds_every_file_and_the_report(ci_workdir):
 
     md1 = (out / "tables" / "table1_cifar10.md").read_text()
     tcm = _row(md1, "TCM (Stage 2)", "1")
-    assert float(tcm[2]) > 0 and tcm[3] == "2.46" and tcm[7].startswith("FID (LeNet features, 32")
+    assert float(tcm[2]) > 0 and tcm[3] == "2.46" and tcm[6].startswith("FID (LeNet features, 32")
     md3 = (out / "tables" / "table3_tprime.md").read_text()
     assert float(_row(md3, "t' = 0.8")[1]) > 0 and float(_row(md3, "t' = 1")[1]) > 0
     assert _row(md3, "t' = 0.17")[1] == MISSING  # in the paper, not in this grid
     assert float(_row((out / "tables" / "table4_stages.md").read_text(), "Stage 3")[1]) > 0
-    claims = {r["claim"]: r["verdict"] for r in _csv(out / "tables" / "claims.csv")}
+    claims = {r["claim"]: r for r in _csv(out / "tables" / "claims.csv")}
     assert set(claims) == {"S1", "S2", "S3", "S4"}
-    assert all(v in ("holds", "does not hold") for v in claims.values()), claims  # every claim measured
+    for row in claims.values():  # every claim measured on ci's 2 training seeds, with its interval
+        assert row["verdict"] in ("holds", "does not hold", "inconclusive") and row["seeds"] == "2", row
+        assert "seed 0: " in row["measured"] and "seed 1: " in row["measured"] and "[" in row[_CI_COLUMN], row
+    for run in ("stage1", "stage1_continued", "stage2/main", "stage2/main/seed~1"):  # ci: 3 periodic points
+        records = read_metrics(out / run / "metrics.jsonl")
+        for key in ("periodic/fid_1step", "periodic/dfid_t0.5", "periodic/dfid_t4"):
+            steps = [r["step"] for r in records if key in r]
+            assert len(steps) == 3 and steps[0] == (0 if run == "stage1" else 6), (run, key, steps)
     crosscheck = _csv(out / "tables" / "crosscheck.csv")
     assert crosscheck and all(r["agree"] == "True" for r in crosscheck)
+
+    from mlflow.tracking import MlflowClient
+
+    record = json.loads((out / "mlflow.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{(out / 'mlflow.db').resolve()}")
+    parent = record["parent_run_id"]
+    logged = {a.path for folder in ("tables", "figures") for a in client.list_artifacts(parent, folder)}
+    assert "tables/claims.md" in logged and "figures/fig1b_fid_stages.png" in logged  # on the study's parent
+    assert client.get_run(parent).info.status == "FINISHED"
 
     # the report holds the outputs of the target's DAG: name paper_tables (the default target is `all`)
     snakemake(ci_workdir, *args, "--report", "report.zip", "--", "paper_tables", check=True, timeout=600)
