@@ -188,9 +188,8 @@ def _client(tracking_uri: str):
 
 @contextlib.contextmanager
 def store_lock(tracking_uri: str):
-    """An exclusive lock on a SQLite store (``<db>.lock`` beside it, flock), held by the processes that read and
-    then write what must exist once: the schema and the study parent (``mlflow-init``), metrics logged on another
-    job's run. A tracking server needs none: it creates its schema once itself (see ``init_study`` for the rest)."""
+    """An exclusive lock on a SQLite store (``<db>.lock`` beside it, flock) for read-then-write of what must exist
+    once: the schema and study parent (``mlflow-init``), metrics on another job's run. None for a server."""
     import fcntl
 
     db = _sqlite_path(tracking_uri)
@@ -207,12 +206,9 @@ def store_lock(tracking_uri: str):
 
 
 def init_study(tracking_uri: str, experiment: str, study: str) -> dict[str, str]:
-    """Create (or reuse) the experiment and the study's parent run; return the parent record.
-
-    Idempotent and safe to start concurrently: on SQLite the store is locked for the whole call (schema creation
-    included); on a tracking server every starter that created a parent keeps only the earliest one. The parent
-    stays open (RUNNING): its children re-open it when they start and close it when the last of them ends.
-    """
+    """Create (or reuse) the experiment and the study's parent run; return the parent record. Idempotent and safe
+    concurrently: SQLite is locked for the whole call (schema included); through a server the earliest parent wins.
+    The parent stays RUNNING: its children reopen it when they start and close it when the last of them ends."""
     with store_lock(tracking_uri):
         client = _client(tracking_uri)
         exp = _experiment(client, tracking_uri, experiment)
@@ -284,11 +280,8 @@ def reopen_parent(client, parent_run_id: str) -> None:
 
 
 def close_parent_if_idle(client, experiment_id: str, parent_run_id: str) -> bool:
-    """A job ended (its run already terminated): the parent ends now unless another child still runs.
-
-    Each job terminates its own run BEFORE looking, so of two jobs ending at once the later look sees both ended.
-    A job killed without closing its run keeps the parent RUNNING until it is rerun (its run is then continued or
-    superseded and closed)."""
+    """A job ended (its run already terminated): the parent ends now unless another child still runs. Each job
+    terminates its own run BEFORE looking, so of two jobs ending at once the later look sees both ended."""
     running = with_retry(
         client.search_runs,
         [experiment_id],
@@ -459,13 +452,10 @@ def log_on_run(tracking_uri: str, parent: str | Path | dict, run_key: str, metri
     """Log ``metrics`` at ``step`` on ANOTHER job's run (an evaluation's result on the training run it evaluated);
     return that run's id, or None when the store has no such run.
 
-    Idempotent: a point already there (same key, step and value) is not logged again. Concurrent evaluation jobs
-    writing one training run read and write under the store lock (SQLite); through a tracking server, two jobs
-    logging the same value at once (e.g. dFID at a t both dFID sweeps contain) log the same (key, value, step,
-    ``timestamp_ms``) row, which MLflow's store keeps once. A different value at a step that has one (the
-    evaluation reran with other settings) is logged with the current time, so it is the run's latest value, and
-    the run gets a ``tcm.metric_replaced.<key>`` tag naming the old value.
-    """
+    Idempotent: a point already there (same key, step, value) is not logged again; concurrent jobs read and write
+    under the store lock (SQLite), and through a server two jobs logging one value at once write the same (key,
+    value, step, ``timestamp_ms``) row, which MLflow keeps once. A changed value at a step is logged with the
+    current time (so it is the latest) and flagged by a ``tcm.metric_replaced.<key>`` tag."""
     import time
 
     from mlflow.entities import Metric, RunTag
