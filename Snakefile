@@ -3,10 +3,14 @@
 #   snakemake --cores 2 --config preset=ci all_ablations every grid point, seconds-scale settings
 #   snakemake --profile profiles/slurm --config preset=cifar10 all_ablations
 # Settings: config.yaml (validated by workflow/schemas/config.schema.yaml before any job runs).
+import json
 import os
 import sys
+from pathlib import Path
 
 from snakemake.utils import min_version
+
+from tcm_core.tracking import compare_view_url
 
 min_version("9.0")
 
@@ -73,10 +77,17 @@ onsuccess:
     where = os.path.abspath(RESULTS)
     print(f"\nTCM workflow finished. Results: {where}")
     print(f"MLflow runs: experiment {EXPERIMENT!r}, parent run {STUDY!r} in {TRACKING_URI}")
+    record = Path(RESULTS) / "mlflow.json"
+    server = "http://127.0.0.1:5000" if TRACKING_URI.startswith("sqlite:///") else TRACKING_URI
     if TRACKING_URI.startswith("sqlite:///"):
         print(
             f"Open the UI: mlflow ui --backend-store-uri {TRACKING_URI} "
-            "--host 127.0.0.1 --port 5000 --workers 1   (then http://127.0.0.1:5000)"
+            "--host 127.0.0.1 --port 5000 --workers 1"
+        )
+    if record.exists():
+        experiment_id = json.loads(record.read_text())["experiment_id"]
+        print(
+            f"Training runs with their FIDs (docs/MLFLOW.md): {compare_view_url(server, experiment_id)}"
         )
     from tcm_core.report.headline import headline_lines
 

@@ -211,8 +211,24 @@ def _open_tracker(args: argparse.Namespace, out: Path):
                                  run_key=args.run_key, tags=tags)
 
 
+def compared_params(meta: dict[str, Any]) -> dict[str, Any]:
+    """The evaluated network's ``tracking.COMPARED_PARAMS`` (mode, t_prime, ..., seed, init) from its provenance,
+    so an evaluation run carries them under the names and values of the training run; none for a foreign file."""
+    from tcm_core.tracking import COMPARED_PARAMS
+
+    provenance = meta.get("provenance") or {}
+    config = provenance.get("config") if isinstance(provenance.get("config"), dict) else {}
+    found = {}
+    for name in COMPARED_PARAMS:
+        if name in provenance or name in config:
+            found[name] = provenance[name] if name in provenance else config[name]
+    return found
+
+
 def _track(args: argparse.Namespace, out: Path, params: dict, values: dict[str, float], step: int,
            artifacts: Sequence[Path]) -> None:
+    """The evaluation's own run (params, values, output files), then its values on the training run evaluated
+    (``--target-run-key``) at the checkpoint's iteration, so comparing training runs shows their FIDs."""
     tracker = _open_tracker(args, out)
     if tracker is None:
         return
@@ -225,6 +241,11 @@ def _track(args: argparse.Namespace, out: Path, params: dict, values: dict[str, 
         tracker.close("FAILED")
         raise
     tracker.close("FINISHED")
+    if values and args.mlflow_uri and args.mlflow_parent and args.target_run_key:
+        from tcm_core.tracking import log_on_run
+
+        written = int(os.stat(args.ckpt).st_mtime * 1000)  # the same for every evaluation of this checkpoint
+        log_on_run(args.mlflow_uri, args.mlflow_parent, args.target_run_key, values, step, written)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -378,8 +399,9 @@ def _run_fid(args: argparse.Namespace) -> int:
     if args.grid and grid_images is not None:
         save_grid(grid_images, args.grid)
         artifacts.append(args.grid)
-    _track(args, args.out, {"ckpt": str(args.ckpt), "steps": steps, "num": args.num, "seeds": args.seeds,
-                            "extractor": extractor.name}, {metric: record["min"]}, record["iteration"], artifacts)
+    params = {**compared_params(meta), "ckpt": str(args.ckpt), "steps": steps, "num": args.num, "seeds": args.seeds,
+              "extractor": extractor.name, "label": record["label"]}
+    _track(args, args.out, params, {metric: record["min"]}, record["iteration"], artifacts)
     print(json.dumps({k: record[k] for k in ("metric", "label", "per_seed", "min", "images_per_second")}))
     return 0
 
@@ -413,8 +435,9 @@ def _run_dfid(args: argparse.Namespace) -> int:
         "device": str(device), "seconds": seconds, "images_per_second": args.num * len(ts) / max(seconds, 1e-9),
     }
     write_json(args.out, record)
-    _track(args, args.out, {"ckpt": str(args.ckpt), "ts": ts, "num": args.num, "extractor": extractor.name},
-           {f"dfid_t{t:g}": v for t, v in values.items()}, record["iteration"], [args.out])
+    params = {**compared_params(meta), "ckpt": str(args.ckpt), "ts": ts, "num": args.num,
+              "extractor": extractor.name, "label": record["label"]}
+    _track(args, args.out, params, {f"dfid_t{t:g}": v for t, v in values.items()}, record["iteration"], [args.out])
     print(json.dumps({"metric": "dfid", "values": record["values"]}))
     return 0
 
@@ -430,7 +453,7 @@ def _run_grid(args: argparse.Namespace) -> int:
     images = torch.cat([b.cpu() for b in sample_batches(net, num=args.num, seed=args.seed, steps=steps,
                                                         batch_size=args.batch, device=device)])
     save_grid(images, args.out)
-    _track(args, args.out, {"ckpt": str(args.ckpt), "steps": steps, "num": args.num}, {},
+    _track(args, args.out, {**compared_params(meta), "ckpt": str(args.ckpt), "steps": steps, "num": args.num}, {},
            int(meta.get("iteration", 0)), [args.out])
     return 0
 
@@ -442,7 +465,8 @@ def make_periodic_evaluator(*, extractor, ref_stats, feature_net=None, data=None
                             mid_t: float | None = None, dfid_ts: Sequence[float] = (), device="cpu",
                             batch_size: int = 64, seed: int = 0, inception_path=None,
                             fid_method: str = "sqrtm") -> Callable[[torch.nn.Module, int], dict[str, float]]:
-    """A function ``(net, iteration) -> {"fid_1step", "fid_2step" (if mid_t), "dfid_t{t:g}" ...}``.
+    """A function ``(net, iteration) -> {"fid_1step", "fid_2step" (if mid_t), "dfid_t{t:g}" ...}``, with a
+    ``label`` attribute naming the extractor and sample count.
 
     ``extractor``: "lenet" | "inception" or an already loaded extractor; ``ref_stats``: a path or
     (mu, sigma); ``data``: path or dataset, needed for dFID (its subset is min(num, len(data)) images).
@@ -489,4 +513,5 @@ def make_periodic_evaluator(*, extractor, ref_stats, feature_net=None, data=None
             out.update({f"dfid_t{t:g}": v for t, v in values.items()})
         return out
 
+    evaluate.label = fid_label(feat, num)  # e.g. "FID (LeNet features, 256)": what every value measures
     return evaluate

@@ -6,9 +6,18 @@ Resolution of a mode's keys from ``presets[P]`` (see docs/ARCHITECTURE.md "confi
 * ``stage1_continued`` (the control) takes the ``stage1`` keys with the ``iterations`` of ``stage2``: it is Stage 1
   going on for as long as Stage 2 runs;
 * ``stage3`` merges ``stage3`` over ``stage2``; ``pretrain`` also takes the preset's ``arch``;
-* every mode takes the preset's ``eval`` block (``every, num, mid_t, dfid_ts`` -> ``eval_every, eval_num,
-  eval_mid_t, eval_dfid_ts``) unless its section sets those keys itself;
-* an ablation point overrides ``stage2`` with its factor values and the ablation's ``batch`` and ``iterations``.
+* every mode but pretrain takes the preset's ``eval`` block for its periodic evaluation (``every, points`` ->
+  ``eval_every, eval_points``; ``periodic_num`` (else ``num``) -> ``eval_num``; ``periodic_mid_t`` (else ``mid_t``;
+  null: no 2-step FID) -> ``eval_mid_t``; ``periodic_dfid_ts`` (else ``dfid_ts``) -> ``eval_dfid_ts``) unless its
+  section sets those keys itself;
+* an ablation point overrides ``stage2`` with its factor values and the ablation's ``batch`` and ``iterations``;
+  its periodic evaluation measures the 1-step FID only (Fig. 4b draws it; nothing draws its dFID);
+* training seed j of a run (``training_seeds``) is the run's keys with ``seed`` + j (:func:`seeded_keys`).
+
+Training seeds: ``training_seeds: {all: K0, paper_tables: K}`` gives the claim-bearing arms (the control and the
+main Stage 2, both from the one Stage-1 run, and :func:`seeded_ablation_points`) K independent training seeds for
+the target ``paper_tables`` (K0 for ``all``). Seed j > 0 of run folder R is the folder ``R/seed~j``; seed 0 is R
+itself (the run of ``all``).
 
 A flat YAML (no ``presets``) is taken as the TrainConfig keys directly.
 """
@@ -23,7 +32,11 @@ import yaml
 from tcm_core.errors import ConfigError, MissingFileError
 from tcm_core.train_config import MODES, TrainConfig, build_config, parse_overrides, validate_config
 
-EVAL_BLOCK_KEYS = {"every": "eval_every", "num": "eval_num", "mid_t": "eval_mid_t", "dfid_ts": "eval_dfid_ts"}
+# eval-block key(s) -> TrainConfig key of the periodic evaluation (the first key present wins)
+EVAL_BLOCK_KEYS = {"eval_every": ("every",), "eval_points": ("points",), "eval_num": ("periodic_num", "num"),
+                   "eval_mid_t": ("periodic_mid_t", "mid_t"), "eval_dfid_ts": ("periodic_dfid_ts", "dfid_ts")}
+SEED_FOLDER = "seed~"  # training seed j > 0 of run folder R lives in R/seed~j
+EXPLODING_W_B = 0.01  # claim S3 (paper Sec. 4.4): the boundary-loss weight at which the FID explodes
 ABLATION_FACTORS = ("t_prime", "rho", "w_b", "student_sigma", "student_nu")  # the Stage-2 keys the grids vary
 MAX_PARAMETERS = 4_000_000_000  # refuse architectures beyond this (EDM2-XL has 1.12e9): a typo, not a model
 
@@ -77,10 +90,11 @@ def section_keys(preset: dict[str, Any], mode: str) -> dict[str, Any]:
         keys = _section(preset, mode)
     if mode == "pretrain" and "arch" not in keys and preset.get("arch") is not None:
         keys["arch"] = dict(preset["arch"])
-    evaluation = _section(preset, "eval")
-    for eval_key, cfg_key in EVAL_BLOCK_KEYS.items():
-        if cfg_key not in keys and eval_key in evaluation:
-            keys[cfg_key] = evaluation[eval_key]
+    evaluation = _section(preset, "eval") if mode != "pretrain" else {}  # pretraining evaluates nothing
+    for cfg_key, eval_keys in EVAL_BLOCK_KEYS.items():
+        present = [k for k in eval_keys if k in evaluation]
+        if cfg_key not in keys and present:
+            keys[cfg_key] = evaluation[present[0]]
     return keys
 
 
@@ -108,7 +122,51 @@ def ablation_keys(preset: dict[str, Any], point: dict[str, Any]) -> dict[str, An
     keys = section_keys(preset, "stage2")
     keys.update({k: float(v) for k, v in point.items()})
     keys.update({k: grid[k] for k in ("batch", "iterations") if k in grid})
+    keys.update(eval_mid_t=None, eval_dfid_ts=[])  # periodic evaluation: the 1-step FID only
     return keys
+
+
+# ---------------------------------------------------------------------------------------------------------- seeds
+
+
+def training_seeds(preset: dict[str, Any], target: str) -> int:
+    """K: the training seeds of the claim-bearing arms for ``target`` (all | paper_tables); 1 when unset."""
+    return int((preset.get("training_seeds") or {}).get(target, 1))
+
+
+def split_seed(run: str) -> tuple[str, int]:
+    """``"stage2/main/seed~2"`` -> ``("stage2/main", 2)``; a run without the suffix is seed 0."""
+    head, _, last = run.rpartition("/")
+    if head and last.startswith(SEED_FOLDER) and last[len(SEED_FOLDER):].isdigit():
+        return head, int(last[len(SEED_FOLDER):])
+    return run, 0
+
+
+def seed_run(run: str, index: int) -> str:
+    """The run folder of training seed ``index`` of ``run`` (seed 0: ``run`` itself)."""
+    return run if index == 0 else f"{run}/{SEED_FOLDER}{index}"
+
+
+def seeded_keys(keys: dict[str, Any], index: int) -> dict[str, Any]:
+    """The keys of training seed ``index``: ``seed`` + index (seed 0 is the preset's run unchanged)."""
+    if index == 0:
+        return keys
+    return {**keys, "seed": int(keys.get("seed", TrainConfig.seed)) + index}
+
+
+def seeded_ablation_points(preset: dict[str, Any]) -> list[dict[str, float]]:
+    """The ablation points the claims read: the grid centre, every t' of the t' grid (S4) and w_b =
+    EXPLODING_W_B at the centre's rho (S3)."""
+    points = ablation_points(preset)
+    if not points:
+        return []
+    centre = points[0]
+
+    def others_at_centre(point: dict[str, float], factor: str) -> bool:
+        return all(point[k] == centre[k] for k in ABLATION_FACTORS if k != factor)
+
+    return [p for p in points if p == centre or others_at_centre(p, "t_prime")
+            or (others_at_centre(p, "w_b") and p["w_b"] == EXPLODING_W_B)]
 
 
 def resolve_config(config_path: str | Path | None, mode: str, preset: str | None = None,
@@ -198,11 +256,12 @@ def check_architecture(arch: dict[str, Any], where: str) -> None:
 
 def check_times(preset: dict[str, Any], stage2: TrainConfig, where: str) -> None:
     evaluation = _section(preset, "eval")
-    mid_t = evaluation.get("mid_t")
-    if mid_t is not None and not stage2.t_min < mid_t < stage2.t_max:
-        raise ConfigError(f"mid_t {mid_t} is outside (t_min, t_max) = ({stage2.t_min}, {stage2.t_max})",
-                          f"{where}.eval.mid_t", "choose a time inside the range")
-    for key in ("dfid_ts", "dfid_ts_wide"):
+    for key in ("mid_t", "periodic_mid_t"):
+        mid_t = evaluation.get(key)
+        if mid_t is not None and not stage2.t_min < mid_t < stage2.t_max:
+            raise ConfigError(f"{key} {mid_t} is outside (t_min, t_max) = ({stage2.t_min}, {stage2.t_max})",
+                              f"{where}.eval.{key}", "choose a time inside the range")
+    for key in ("dfid_ts", "dfid_ts_wide", "periodic_dfid_ts"):
         outside = [t for t in evaluation.get(key, []) if not stage2.t_min <= t <= stage2.t_max]
         if outside:
             raise ConfigError(f"dFID times {outside} are outside [t_min, t_max] = [{stage2.t_min}, {stage2.t_max}]",

@@ -6,6 +6,7 @@ A :class:`Tracker` appends every metric record to ``metrics.jsonl`` and may mirr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,6 +15,33 @@ from typing import Any, Protocol
 
 # Telemetry posts to a public endpoint; this project runs offline and never wants it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+#: Prefix of the metrics a training run's periodic evaluation logs (``periodic/fid_1step``, ``periodic/dfid_t0.5``):
+#: cheaper than the evaluation jobs, which log ``fid_1step``, ``fid_2step``, ``dfid_t<t>`` on the same run at the
+#: checkpoint's iteration, so one metric history never mixes two sample counts.
+PERIODIC_PREFIX = "periodic/"
+#: The params that tell runs apart, logged under these names on every training AND evaluation run.
+COMPARED_PARAMS = ("mode", "t_prime", "rho", "w_b", "student_nu", "student_sigma", "seed", "init")
+#: MLflow 3's experiment type: the UI opens a model-training experiment on its runs table, not on traces.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+#: A saved view of the runs table (MLflow's own "share view" record, an experiment tag read by the UI's
+#: ``viewStateShareKey`` URL parameter): the training runs of the main grid with their FIDs and compared params.
+COMPARE_VIEW = "tcm-compare"
+COMPARE_VIEW_STATE = {
+    "searchFilter": "tags.`tcm.stage` LIKE 'stage%' AND tags.`tcm.grid` = 'main'",
+    "orderByKey": "attributes.start_time",
+    "orderByAsc": True,
+    "selectedColumns": [*(f"metrics.`{m}`" for m in ("fid_1step", "fid_2step")),
+                        *(f"params.`{p}`" for p in COMPARED_PARAMS)],
+    "columnOrder": ["attributes.`Run Name`"],
+    "columnWidths": {"attributes.`Run Name`": 340},  # applied to the columns of columnOrder: the run keys are long
+}
+
+
+def compare_view_url(server: str, experiment_id: str) -> str:
+    """The UI address of the compare view in the model-training workflow, e.g. for ``http://127.0.0.1:5000``."""
+    return (f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={COMPARE_VIEW}")
 
 
 class Tracker(Protocol):
@@ -158,47 +186,33 @@ def _client(tracking_uri: str):
     return with_retry(MlflowClient, tracking_uri=tracking_uri)
 
 
-def init_study(tracking_uri: str, experiment: str, study: str) -> dict[str, str]:
-    """Create (or reuse) the experiment and the study's parent run; return the parent record.
+@contextlib.contextmanager
+def store_lock(tracking_uri: str):
+    """An exclusive lock on a SQLite store (``<db>.lock`` beside it, flock) for read-then-write of what must exist
+    once: the schema and study parent (``mlflow-init``), metrics on another job's run. None for a server."""
+    import fcntl
 
-    Idempotent: a second call returns the same experiment and parent run ids.
-    """
-    from mlflow.exceptions import MlflowException
-
-    client = _client(tracking_uri)
-    exp = with_retry(client.get_experiment_by_name, experiment)
-    if exp is None:
+    db = _sqlite_path(tracking_uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            with_retry(
-                client.create_experiment,
-                experiment,
-                artifact_location=default_artifact_location(tracking_uri),
-                tags={"tcm.project": "tcm-pipeline"},
-            )
-        except MlflowException as exc:  # created concurrently by someone else
-            if "already exists" not in str(exc).lower():
-                raise
-        exp = with_retry(client.get_experiment_by_name, experiment)
-    if exp.lifecycle_stage == "deleted":
-        with_retry(client.restore_experiment, exp.experiment_id)
-    parents = with_retry(
-        client.search_runs,
-        [exp.experiment_id],
-        filter_string=f"tags.`tcm.study` = {_quote(study)} AND tags.`tcm.role` = 'parent'",
-        order_by=["attributes.start_time ASC"],
-    )
-    if parents:
-        parent_id = parents[0].info.run_id
-    else:
-        run = with_retry(
-            client.create_run,
-            exp.experiment_id,
-            run_name=study,
-            tags={"tcm.study": study, "tcm.role": "parent", "mlflow.note.content": f"TCM study {study}"},
-        )
-        parent_id = run.info.run_id
-        # The parent only groups the jobs; it has nothing to wait for.
-        with_retry(client.set_terminated, parent_id, "FINISHED")
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def init_study(tracking_uri: str, experiment: str, study: str) -> dict[str, str]:
+    """Create (or reuse) the experiment and the study's parent run; return the parent record. Idempotent and safe
+    concurrently: SQLite is locked for the whole call (schema included); through a server the earliest parent wins.
+    The parent stays RUNNING: its children reopen it when they start and close it when the last of them ends."""
+    with store_lock(tracking_uri):
+        client = _client(tracking_uri)
+        exp = _experiment(client, tracking_uri, experiment)
+        parent_id = _study_parent(client, exp.experiment_id, study)
     return {
         "tracking_uri": tracking_uri,
         "experiment_name": experiment,
@@ -206,6 +220,78 @@ def init_study(tracking_uri: str, experiment: str, study: str) -> dict[str, str]
         "study": study,
         "parent_run_id": parent_id,
     }
+
+
+def _experiment(client, tracking_uri: str, name: str):
+    """The experiment ``name`` (created, or restored when deleted), tagged as a model-training experiment with the
+    compare view."""
+    from mlflow.exceptions import MlflowException
+
+    exp = with_retry(client.get_experiment_by_name, name)
+    if exp is None:
+        try:
+            with_retry(client.create_experiment, name, artifact_location=default_artifact_location(tracking_uri),
+                       tags={"tcm.project": "tcm-pipeline", **EXPERIMENT_KIND})
+        except MlflowException as exc:  # created concurrently through a tracking server
+            if "already exists" not in str(exc).lower():
+                raise
+        exp = with_retry(client.get_experiment_by_name, name)
+    if exp.lifecycle_stage == "deleted":
+        with_retry(client.restore_experiment, exp.experiment_id)
+    tags = {**EXPERIMENT_KIND, f"mlflow.sharedViewState.{COMPARE_VIEW}": json.dumps(COMPARE_VIEW_STATE)}
+    for key, value in tags.items():
+        if exp.tags.get(key) != value:
+            with_retry(client.set_experiment_tag, exp.experiment_id, key, value)
+    return exp
+
+
+def _parents(client, experiment_id: str, study: str) -> list:
+    runs = with_retry(
+        client.search_runs,
+        [experiment_id],
+        filter_string=f"tags.`tcm.study` = {_quote(study)} AND tags.`tcm.role` = 'parent'",
+        order_by=["attributes.start_time ASC"],
+    )
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+
+def _study_parent(client, experiment_id: str, study: str) -> str:
+    """The study's parent run id: the earliest one; a parent this call created is deleted again when another
+    starter's is earlier (concurrent starts through a tracking server converge on one parent)."""
+    parents = _parents(client, experiment_id, study)
+    if parents:
+        return parents[0].info.run_id
+    run = with_retry(
+        client.create_run,
+        experiment_id,
+        run_name=study,
+        tags={"tcm.study": study, "tcm.role": "parent", "mlflow.note.content": f"TCM study {study}"},
+    )
+    earliest = _parents(client, experiment_id, study)[0].info.run_id
+    if earliest != run.info.run_id:
+        with_retry(client.delete_run, run.info.run_id)
+    return earliest
+
+
+def reopen_parent(client, parent_run_id: str) -> None:
+    """A job starts: the study's parent run is RUNNING while any child runs."""
+    if with_retry(client.get_run, parent_run_id).info.status != "RUNNING":
+        with_retry(client.update_run, parent_run_id, status="RUNNING")
+
+
+def close_parent_if_idle(client, experiment_id: str, parent_run_id: str) -> bool:
+    """A job ended (its run already terminated): the parent ends now unless another child still runs. Each job
+    terminates its own run BEFORE looking, so of two jobs ending at once the later look sees both ended."""
+    running = with_retry(
+        client.search_runs,
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = {_quote(parent_run_id)} AND attributes.status = 'RUNNING'",
+        max_results=1,
+    )
+    if running:
+        return False
+    with_retry(client.set_terminated, parent_run_id, "FINISHED")
+    return True
 
 
 class MlflowTracker:
@@ -276,6 +362,7 @@ class MlflowTracker:
         if resume_step is not None:
             extra["tcm.resumed_from_step"] = str(int(resume_step))
         with_retry(self.client.log_batch, self.run_id, tags=[RunTag(k, v) for k, v in extra.items()])
+        reopen_parent(self.client, self.parent_run_id)
 
     def _find_run(self):
         runs = with_retry(
@@ -353,6 +440,63 @@ class MlflowTracker:
         self.flush(raise_errors=True)
         with_retry(self.client.set_terminated, self.run_id, status)
         self._closed = True
+        close_parent_if_idle(self.client, self.experiment_id, self.parent_run_id)
+
+
+def _same_value(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b or math.isclose(a, b, rel_tol=1e-9)
+
+
+def log_on_run(tracking_uri: str, parent: str | Path | dict, run_key: str, metrics: dict[str, float], step: int,
+               timestamp_ms: int) -> str | None:
+    """Log ``metrics`` at ``step`` on ANOTHER job's run (an evaluation's result on the training run it evaluated);
+    return that run's id, or None when the store has no such run.
+
+    Idempotent: a point already there (same key, step, value) is not logged again; concurrent jobs read and write
+    under the store lock (SQLite), and through a server two jobs logging one value at once write the same (key,
+    value, step, ``timestamp_ms``) row, which MLflow keeps once. A changed value at a step is logged with the
+    current time (so it is the latest) and flagged by a ``tcm.metric_replaced.<key>`` tag."""
+    import time
+
+    from mlflow.entities import Metric, RunTag
+
+    record = parent if isinstance(parent, dict) else json.loads(Path(parent).read_text())
+    client = _client(tracking_uri)
+    with store_lock(tracking_uri):
+        runs = with_retry(
+            client.search_runs,
+            [record["experiment_id"]],
+            filter_string=(f"tags.`tcm.run_key` = {_quote(run_key)} "
+                           f"AND tags.`mlflow.parentRunId` = {_quote(record['parent_run_id'])}"),
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not runs:
+            return None
+        run_id = runs[0].info.run_id
+        new, replaced = [], []
+        for key, value in metrics.items():
+            at_step = [m.value for m in with_retry(client.get_metric_history, run_id, key) if m.step == int(step)]
+            if any(_same_value(v, float(value)) for v in at_step):
+                continue
+            when = int(time.time() * 1000) if at_step else int(timestamp_ms)
+            new.append(Metric(key, float(value), when, int(step)))
+            if at_step:
+                replaced.append(RunTag(f"tcm.metric_replaced.{key}"[:250], f"step {step}: was {at_step[-1]}"))
+        if new or replaced:
+            with_retry(client.log_batch, run_id, metrics=new, tags=replaced)
+    return run_id
+
+
+def log_on_parent(tracking_uri: str, parent: str | Path | dict, files: list[Path]) -> str:
+    """Files as artifacts of the study's parent run (under their folder's name, e.g. ``tables/``, ``figures/``);
+    the parent then ends unless a job still runs. Returns the parent's run id."""
+    record = parent if isinstance(parent, dict) else json.loads(Path(parent).read_text())
+    client = _client(tracking_uri)
+    for path in files:
+        with_retry(client.log_artifact, record["parent_run_id"], str(path), Path(path).parent.name)
+    close_parent_if_idle(client, record["experiment_id"], record["parent_run_id"])
+    return record["parent_run_id"]
 
 
 class _MirroredTracker:
@@ -439,15 +583,9 @@ def add_mlflow_init_arguments(parser) -> None:
 
 
 def run_mlflow_init(args) -> int:
-    import fcntl
+    from tcm_core.atomic import write_text_atomic
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    # One initialiser at a time on this machine: experiment creation and parent search are not atomic.
-    with open(args.out.with_suffix(args.out.suffix + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        record = init_study(args.tracking_uri, args.experiment, args.study)
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, args.out)
+    record = init_study(args.tracking_uri, args.experiment, args.study)  # locks the store, not the output file
+    write_text_atomic(args.out, json.dumps(record, indent=2) + "\n")
     print(json.dumps(record))
     return 0

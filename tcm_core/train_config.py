@@ -95,6 +95,7 @@ class TrainConfig:
     log_every: int = 10
     state_every: int = 1000
     eval_every: int = 0  # 0: off (FID/dFID needs --eval-ref-stats)
+    eval_points: int = 0  # > 0: that many evaluations, evenly spaced from the run's first to its last iteration
     grid_every: int = 0  # 0: off
     eval_num: int = 1000
     eval_mid_t: float | None = None
@@ -109,8 +110,8 @@ class TrainConfig:
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
 _INT_KEYS = {"iterations", "batch", "batch_gpu", "seed", "lr_decay_iters", "lr_rampup_iters", "double_iters",
-             "loss_scale_growth", "nonfinite_patience", "log_every", "state_every", "eval_every", "grid_every",
-             "eval_num", "grid_num"}
+             "loss_scale_growth", "nonfinite_patience", "log_every", "state_every", "eval_every", "eval_points",
+             "grid_every", "eval_num", "grid_num"}
 _BOOL_KEYS = {"tf32", "deterministic"}
 _STR_KEYS = set(CHOICES)
 _DICT_KEYS = {"arch"}
@@ -229,6 +230,8 @@ def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
     _require(cfg.log_every >= 1, "log_every", ">= 1", cfg.log_every)
     _require(cfg.state_every >= 1, "state_every", ">= 1", cfg.state_every)
     _require(cfg.eval_every >= 0, "eval_every", ">= 0 (0 = off)", cfg.eval_every)
+    _require(cfg.eval_points == 0 or cfg.eval_points >= 2, "eval_points", "0 (off) or >= 2 (first and last iteration)",
+             cfg.eval_points)
     _require(cfg.grid_every >= 0, "grid_every", ">= 0 (0 = off)", cfg.grid_every)
     _require(cfg.eval_num >= 1, "eval_num", ">= 1", cfg.eval_num)
     _require(cfg.grid_num >= 1, "grid_num", ">= 1", cfg.grid_num)

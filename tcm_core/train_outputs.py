@@ -4,7 +4,13 @@ the EMA network (``network.safetensors`` + ``.json``) and, for Stage 1, its fina
 
 Metric names (step = global iteration): ``loss``, ``loss_regular``, ``loss_boundary`` (Stage 2/3), ``grad_norm``
 (means over the log window), and the last step's ``lr`` (as applied), ``ratio`` (curriculum), ``ema_beta``,
-``nonfinite_skipped``; periodic evaluation ``fid_1step``, ``fid_2step``, ``dfid_t{t:g}``.
+``nonfinite_skipped``; periodic evaluation ``periodic/fid_1step``, ``periodic/fid_2step``, ``periodic/dfid_t{t:g}``
+(``tracking.PERIODIC_PREFIX``: a cheaper measurement than the evaluation jobs', whose ``fid_1step`` ... the
+evaluation jobs log on the same run, see ``evaluation``; one metric history never mixes two setups).
+
+When the periodic evaluation runs (:func:`evaluation_iterations`): with ``eval_points`` = P > 0 at P iterations
+evenly spaced from the run's first iteration to its last (both included); else every ``eval_every`` global
+iterations, plus the first iteration of the stages in ``CURVE_START_MODES``.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +28,14 @@ import torch
 from tcm_core.atomic import write_text_atomic
 from tcm_core.errors import NonFiniteTrainingError
 from tcm_core.progress import format_duration
+from tcm_core.tracking import PERIODIC_PREFIX
 from tcm_core.train_config import CONSISTENCY_MODES
 from tcm_core.train_setup import Run
 from tcm_core.train_state import save_final_state, save_state, state_of, tensors_finite
 from tcm_core.train_step import StepStats
 
-CURVE_START_MODES = ("stage1_continued", "stage2", "stage3")  # curves start at the stage's first iteration
+# curves start at the stage's first iteration (Stage 1 at 0, the others at the split point)
+CURVE_START_MODES = ("stage1", "stage1_continued", "stage2", "stage3")
 
 
 @dataclass
@@ -71,6 +80,7 @@ class RunOutputs:
         self.writes = run.dist.is_main
         self.tracker: Any = None
         self.evaluator: Any = None
+        self.schedule: Callable[[int], bool] = lambda iteration: False
         self.started = time.perf_counter()
         self.started_at = run.iteration
 
@@ -79,16 +89,17 @@ class RunOutputs:
         if not self.writes:
             return
         run = self.run
+        if self.periodic.ref_stats:
+            self.evaluator = self._periodic_evaluator()
+            run.info["eval_label"] = self.evaluator.label  # what the periodic curves measure (figures say it)
+        self.schedule = evaluation_iterations(run.cfg, run.mode, run.start_iteration)
         cfg_dict = run.cfg.to_dict()
         write_text_atomic(run.paths.out / "config.json", json.dumps(
             {**cfg_dict, **run.info, "arch": getattr(run.net, "arch", None)}, indent=2, sort_keys=True, default=str))
         self.tracker = self._open_tracker()
         if run.resumed_from is None:
             self.tracker.log_params({**cfg_dict, **run.info})
-        if self.periodic.ref_stats:
-            self.evaluator = self._periodic_evaluator()
-        if run.resumed_from is None and run.mode in CURVE_START_MODES:
-            self.evaluate(run.iteration, force=True)
+            self.evaluate(run.iteration)
         if self.progress:
             print(f"{run.mode}: iterations {run.iteration} -> {run.end_iteration}"
                   + (f" (resumed from {run.resumed_from})" if run.resumed_from else ""), file=sys.stderr, flush=True)
@@ -150,20 +161,22 @@ class RunOutputs:
             rate = (run.iteration - self.started_at) / elapsed if elapsed > 0 else 0.0
             print(progress_line(run, stats, metrics, rate), file=sys.stderr, flush=True)
 
-    def evaluate(self, at: int, force: bool = False) -> None:
+    def evaluate(self, at: int) -> None:
         """Periodic sample grids and FID/dFID of the EMA at global iteration ``at`` (RNG untouched)."""
         run, cfg = self.run, self.run.cfg
         if not self.writes:
             return
-        if cfg.grid_every and (force or at % cfg.grid_every == 0):
+        due = run.mode in CURVE_START_MODES if at == run.start_iteration else at % max(cfg.grid_every, 1) == 0
+        if cfg.grid_every and due:
             write_grids(run, at)
-        if self.evaluator is not None and (force or (cfg.eval_every and at % cfg.eval_every == 0)):
-            if self.progress:
-                print(f"{run.mode}: evaluating the EMA at iteration {at} ({cfg.eval_num} samples)", file=sys.stderr,
-                      flush=True)
+        if self.evaluator is not None and self.schedule(at):
+            started = time.perf_counter()
             with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
                 metrics = self.evaluator(run.ema, at)
-            self.tracker.log_metrics({k: float(v) for k, v in metrics.items()}, step=at)
+            self.tracker.log_metrics({PERIODIC_PREFIX + k: float(v) for k, v in metrics.items()}, step=at)
+            if self.progress:
+                print(f"{run.mode}: evaluated the EMA at iteration {at} ({self.evaluator.label}) in "
+                      f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
 
     # ---- end
     def finish(self) -> Path | None:
@@ -187,6 +200,22 @@ class RunOutputs:
     def close(self, status: str) -> None:
         if self.tracker is not None:
             self.tracker.close(status)
+
+
+def evaluation_iterations(cfg: Any, mode: str, start: int) -> Callable[[int], bool]:
+    """Whether the periodic evaluation runs at a global iteration (see the module docstring)."""
+    if cfg.eval_points:
+        span, points = cfg.iterations, cfg.eval_points
+        chosen = {start + round(k * span / (points - 1)) for k in range(points)}
+        return chosen.__contains__
+    every = cfg.eval_every
+
+    def due(iteration: int) -> bool:
+        if iteration == start:
+            return mode in CURVE_START_MODES
+        return bool(every and iteration % every == 0)
+
+    return due
 
 
 def write_grids(run: Run, iteration: int) -> None:

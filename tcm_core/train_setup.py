@@ -338,9 +338,13 @@ def restore(run: Run) -> int:
 
 
 def continuation_state(run: Run) -> dict[str, Any]:
-    """Stage 1's final training state, checked to be the run the control continues."""
+    """Stage 1's final training state, checked to be the run the control continues.
+
+    ``seed`` may differ: the control of training seed j > 0 (``presets.seeded_keys``) is Stage 1's state continued
+    with another random stream (data order, times, noise, dropout from iteration i on); seed 0 is Stage 1's own
+    seed, so that control is Stage 1 continued bit for bit."""
     state = load_state_file(run.paths.init_state)
-    free = {"control", "curriculum"}
+    free = {"control", "curriculum", "seed"}
     check_compatible(state, run.cfg.to_dict(), "stage1", None, run.paths.init_state, extra_free=free)
     if run.info["init_iteration"] is not None and int(state["iteration"]) != run.info["init_iteration"]:
         raise RefusedFileError(f"the training state is at iteration {state['iteration']} but the Stage-1 network "

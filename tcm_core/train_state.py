@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 STATE_PATTERN = re.compile(r"^state-(\d{9})\.pt$")
 REQUIRED_KEYS = ("net", "ema", "optimizer", "iteration", "sampler_position")
 # keys that may change between an interrupted attempt and its resumption (observability, run length)
-RESUME_FREE_KEYS = frozenset({"iterations", "log_every", "state_every", "eval_every", "grid_every", "eval_num",
-                              "eval_mid_t", "eval_dfid_ts", "grid_num", "nonfinite", "nonfinite_patience",
+RESUME_FREE_KEYS = frozenset({"iterations", "log_every", "state_every", "eval_every", "eval_points", "grid_every",
+                              "eval_num", "eval_mid_t", "eval_dfid_ts", "grid_num", "nonfinite", "nonfinite_patience",
                               "nonfinite_max_share"})
 
 

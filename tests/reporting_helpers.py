@@ -16,6 +16,8 @@ from pathlib import Path
 from tcm_core.networks import arch_preset
 
 LABEL = "FID (LeNet features, 5k, min of 3)"  # as evaluation.fid_label writes it
+PERIODIC_LABEL = "FID (LeNet features, 256)"  # the periodic evaluation's (config.json: eval_label)
+PERIODIC = "periodic/"  # tracking.PERIODIC_PREFIX
 DFID_TS = (0.2, 0.5, 2.0, 4.0, 80.0)
 BASELINE = {"t_prime": 1.0, "rho": 0.25, "w_b": 0.1, "student_sigma": 0.2, "student_nu": 0.01}
 
@@ -31,7 +33,8 @@ class Scenario:
     dfid_below_rises: bool = True
     skip_stages: tuple[str, ...] = ()  # main-grid stages with no run at all
     ablations: bool = True
-    histories: bool = True  # periodic evaluation during training (config eval.every > 0)
+    histories: bool = True  # periodic evaluation during training (config eval.points > 0)
+    seeds: int = 3  # training seeds of the claim-bearing arms (seed j > 0 in <run>/seed~j)
 
 
 @dataclass
@@ -45,6 +48,7 @@ class RunSpec:
     first_fid: float
     final_fid: float
     folder: Path
+    jitter: float = 0.0  # what this training seed adds to the run's final values
     records: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     evals: list[dict] = field(default_factory=list)
@@ -70,9 +74,9 @@ def _training_records(spec: RunSpec, scenario: Scenario) -> list[dict]:
         record = {"step": step, "loss": 1.0 / (1 + step / 100), "grad_norm": grad, "lr": 1e-4}
         if scenario.histories and (step - spec.start) % 100 == 0:
             frac = (step - spec.start) / span
-            record["fid_1step"] = spec.first_fid + (spec.final_fid - spec.first_fid) * frac
+            record[PERIODIC + "fid_1step"] = spec.first_fid + (spec.final_fid - spec.first_fid) * frac
             for t in DFID_TS:
-                record[f"dfid_t{t:g}"] = _dfid(spec, scenario, t, frac)
+                record[f"{PERIODIC}dfid_t{t:g}"] = _dfid(spec, scenario, t, frac) + 0.1 * spec.jitter * frac
         records.append(record)
     return records
 
@@ -82,10 +86,14 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
     scenario = scenario or Scenario()
     specs: list[RunSpec] = []
 
-    def add(run, stage, grid, params, start, end, first, final):
-        spec = RunSpec(f"{stage}:{preset}:{run}", stage, grid, params, start, end, first, final, root / run)
-        spec.records = _training_records(spec, scenario)
-        specs.append(spec)
+    def add(run, stage, grid, params, start, end, first, final, seeded=False):
+        for j in range(scenario.seeds if seeded else 1):
+            folder = run if j == 0 else f"{run}/seed~{j}"
+            jitter = 0.2 * j if stage == "stage2" else -0.1 * j  # the arms' seeds differ a little, differently
+            spec = RunSpec(f"{stage}:{preset}:{folder}", stage, grid, {**params, "seed": 101 + j}, start, end, first,
+                           final + jitter, root / folder, jitter)
+            spec.records = _training_records(spec, scenario)
+            specs.append(spec)
 
     s2_final, s1c_final = scenario.stage2_final, scenario.stage1_continued_final
     main = [
@@ -96,7 +104,7 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
     ]
     for run, stage, params, start, end, first, final in main:
         if stage not in scenario.skip_stages:
-            add(run, stage, "main", params, start, end, first, final)
+            add(run, stage, "main", params, start, end, first, final, seeded=run in ("stage1_continued", "stage2/main"))
     if scenario.ablations:
         grid: list[tuple[dict, float]] = [({**BASELINE, "t_prime": t}, f) for t, f in scenario.tprime_fids.items()]
         grid += [({**BASELINE, "rho": rho}, 26.0 + rho) for rho in (0.1, 0.5)]
@@ -107,7 +115,8 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
             name = "/".join(f"{k}~{point[k]}" for k in BASELINE)  # a Paramspace instance pattern
             if name not in seen:
                 seen.add(name)
-                add(f"stage2/ablation/{name}", "stage2", "ablation", point, 400, 600, 40.0, fid)
+                claimed = [k for k in BASELINE if point[k] != BASELINE[k]] in ([], ["t_prime"]) or point["w_b"] == 0.01
+                add(f"stage2/ablation/{name}", "stage2", "ablation", point, 400, 600, 40.0, fid, seeded=claimed)
 
     for spec in specs:
         spec.folder.mkdir(parents=True, exist_ok=True)
@@ -118,6 +127,7 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
             "end_iteration": spec.end,
             **{"rho": 0.25, "w_b": 0.1, "student_sigma": 0.2, "student_nu": 0.01, "student_mu": 0.0, "t_max": 80.0},
             **spec.params,
+            "eval_label": PERIODIC_LABEL,
         }
         (spec.folder / "config.json").write_text(json.dumps(spec.config))
         (spec.folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in spec.records))
@@ -129,7 +139,9 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
             (spec.folder / "network.json").write_text(json.dumps(meta))
         evals = spec.folder / "eval"
         evals.mkdir()
-        for metric, value in (("fid_1step", spec.final_fid), ("fid_2step", spec.final_fid * 0.8)):
+        seed_run = "/seed~" in spec.run_key
+        finals = [("fid_1step", spec.final_fid)] + ([] if seed_run else [("fid_2step", spec.final_fid * 0.8)])
+        for metric, value in finals:
             data = {
                 "metric": metric,
                 "label": LABEL,
@@ -152,7 +164,7 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
             (tracking / "metrics.jsonl").write_text(json.dumps({"step": spec.end, metric: value}) + "\n")
             (tracking / "params.json").write_text(json.dumps({"ckpt": data["ckpt"], "num": 5000, "seeds": 3}))
         if spec.grid == "main":
-            values = {f"{t:g}": _dfid(spec, scenario, t, 1.0) for t in DFID_TS}
+            values = {f"{t:g}": _dfid(spec, scenario, t, 1.0) + 0.1 * spec.jitter for t in DFID_TS}
             data = {
                 "metric": "dfid",
                 "label": "dFID (LeNet features, 1k)",

@@ -20,7 +20,9 @@ from reporting_helpers import LABEL, Scenario, build_synthetic, mirror_to_mlflow
 from tcm_core.report import figures, measurements
 from tcm_core.report.cli import build_report, format_summary, output_files
 from tcm_core.report.paper import load_paper_values
+from tcm_core.report.tables import DELTA
 from tcm_core.report.values import MISSING
+from tcm_core.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_TEXT = REPO.parent / "shared" / "paper" / "tcm-paper.txt"
@@ -115,13 +117,15 @@ def test_paper_values_have_a_source_and_the_compared_rows():
 # ------------------------------------------------------------------------------------------ tables
 
 
-def test_table1_shows_ours_paper_and_difference(full):
+def test_table1_shows_ours_and_the_paper_without_a_difference_of_other_metrics(full):
     md = (full.out / "tables" / "table1_cifar10.md").read_text()
+    assert DELTA not in md.split("## Baselines")[0].replace("No " + DELTA, "")  # LeNet on MNIST vs Inception
+    assert f"No {DELTA} column" in md
     tcm1 = _row(md, "TCM (Stage 2)", "1")
-    assert tcm1[2:5] == [f"{Scenario().stage2_final:.2f}", "2.46", f"{Scenario().stage2_final - 2.46:+.2f}"]
-    assert tcm1[7] == FULL_LABEL
+    assert tcm1[2:4] == [f"{Scenario().stage2_final:.2f}", "2.46"]
+    assert tcm1[6] == FULL_LABEL
     tcm2 = _row(md, "TCM (Stage 2)", "2")
-    assert tcm2[2:5] == [f"{Scenario().stage2_final * 0.8:.2f}", "2.05", f"{Scenario().stage2_final * 0.8 - 2.05:+.2f}"]
+    assert tcm2[2:4] == [f"{Scenario().stage2_final * 0.8:.2f}", "2.05"]
     assert _row(md, "Stage 1 (standard consistency training)", "1")[3] == "2.77"  # Table 4's Stage 1
     assert f"Our metric: **{FULL_LABEL}**" in md
     # baselines are quoted and labelled as such
@@ -136,20 +140,20 @@ def test_table1_counts_our_parameters_from_the_checkpoint_arch(full):
     expected = count_parameters(build_precond(arch_preset("tiny")))
     assert 1e5 < expected < 1e7
     md = (full.out / "tables" / "table1_cifar10.md").read_text()
-    assert _row(md, "TCM (Stage 2)", "1")[5] == f"{expected / 1e6:.2f}"
-    assert _row(md, "TCM (Stage 2)", "1")[6] == "55.7"
+    assert _row(md, "TCM (Stage 2)", "1")[4] == f"{expected / 1e6:.2f}"
+    assert _row(md, "TCM (Stage 2)", "1")[5] == "55.7"
 
 
 def test_table2_on_a_non_imagenet_preset_has_no_measured_value(full):
     md = (full.out / "tables" / "table2_imagenet64.md").read_text()
     row = _row(md, "TCM (EDM2-S)", "1")
-    assert row[2] == MISSING and row[3] == "2.88" and row[4] == MISSING
+    assert row[2] == MISSING and row[3] == "2.88" and row[4] == MISSING and DELTA not in _rows(md)[0]
     assert _row(md, "TCM (EDM2-XL)", "2")[3] == "1.62"
 
 
 def test_tables_3_and_4(full):
     md3 = (full.out / "tables" / "table3_tprime.md").read_text()
-    assert _row(md3, "t' = 1")[1:4] == ["25.00", "2.56", "+22.44"]
+    assert _row(md3, "t' = 1")[1:3] == ["25.00", "2.56"] and DELTA not in _rows(md3)[0]
     assert _row(md3, "t' = 0.17")[1:3] == [MISSING, "2.70"]  # paper value, not run here
     assert _row(md3, "t' = 2")[1:3] == ["27.00", MISSING]  # run here, not in the paper
     md4 = (full.out / "tables" / "table4_stages.md").read_text()
@@ -165,7 +169,7 @@ def test_missing_runs_show_a_dash_and_no_invented_number(tmp_path):
     md = (tmp_path / "out" / "tables" / "table1_cifar10.md").read_text()
     for nfe in ("1", "2"):
         row = _row(md, "TCM (Stage 2)", nfe)
-        assert row[2] == MISSING and row[4] == MISSING and row[7] == MISSING and row[9] == MISSING
+        assert row[2] == MISSING and row[4] == MISSING and row[6] == MISSING and row[8] == MISSING
     md3 = (tmp_path / "out" / "tables" / "table3_tprime.md").read_text()
     assert all(r[1] == MISSING for r in _rows(md3)[2:])
     assert {c.cid: c.verdict for c in report.claims} == {f"S{i}": "not measured" for i in range(1, 5)}
@@ -230,14 +234,14 @@ def test_claims_hold_on_the_default_scenario(full):
     verdicts = {c.cid: c.verdict for c in full.report.claims}
     assert verdicts == {"S1": "holds", "S2": "holds", "S3": "holds", "S4": "holds"}
     md = (full.out / "tables" / "claims.md").read_text()
-    assert "ratio 3.60" in _row(md, "S3")[3]
+    assert "ratio 3.60" in _row(md, "S3")[4]
     assert "> 2x the FID" in _row(md, "S3")[2]  # "explodes" is defined in the table itself
 
 
 def test_claims_that_do_not_hold_are_reported(tmp_path):
     scenario = Scenario(
         stage2_final=35.0,  # worse than Stage 1 continued (30)
-        wb001_final=50.0,  # exactly 2x the centre (25): not "> 2x", so no explosion
+        wb001_final=45.0,  # 1.8x the centre (25): not "> 2x", so no explosion
         tprime_fids={0.5: 22.0, 1.0: 25.0, 2.0: 27.0},  # t' = 0.5 best
         dfid_below_rises=False,
     )
@@ -248,7 +252,7 @@ def test_claims_that_do_not_hold_are_reported(tmp_path):
     assert verdicts == {f"S{i}": "does not hold" for i in range(1, 5)}
     rows = {r["claim"]: r for r in _csv(tmp_path / "out" / "tables" / "claims.csv")}
     assert rows["S4"]["verdict"] == "does not hold" and "best t' = 0.5" in rows["S4"]["measured"]
-    assert "ratio 2.00" in rows["S3"]["measured"]
+    assert "ratio 1.80" in rows["S3"]["measured"]
 
 
 def test_without_periodic_evaluation_curves_come_from_the_checkpoint_evaluations(tmp_path):
@@ -288,19 +292,19 @@ def test_mlflow_fills_in_missing_files_and_is_cross_checked(synthetic, tmp_path)
     shutil.rmtree(results / "stage2" / "main")  # only MLflow knows this run now
     metrics = results / "stage1" / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    records[-1]["fid_1step"] += 1.0  # the files disagree with MLflow on one value
+    records[-1]["periodic/fid_1step"] += 1.0  # the files disagree with MLflow on one value
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     report = build_report("tiny", results, tmp_path / "out", synthetic.uri, figures=False)
     md = (tmp_path / "out" / "tables" / "table1_cifar10.md").read_text()
     row = _row(md, "TCM (Stage 2)", "1")
     assert row[2] == f"{Scenario().stage2_final:.2f}"
-    assert row[7] == "FID (lenet, 5000 samples, min of 3)"  # rebuilt from the eval run's params
+    assert row[6] == "FID (lenet, 5000 samples, min of 3)"  # rebuilt from the eval run's params
     stage2 = report.results.main_run("stage2")
     assert stage2.sources == {"mlflow"} and stage2.key == "stage2:tiny:stage2/main"
     crosscheck = _csv(tmp_path / "out" / "tables" / "crosscheck.csv")
     differ = [r for r in crosscheck if r["agree"] == "False"]
-    assert [(r["run"], r["metric"], r["step"]) for r in differ] == [("stage1:tiny:stage1", "fid_1step", "400")]
+    assert [(r["run"], r["metric"], r["step"]) for r in differ] == [("stage1:tiny:stage1", "periodic/fid_1step", "400")]
     assert sum(r["agree"] == "True" for r in crosscheck) > 50
     assert "1 differ" in format_summary(report, 0.0)
 
@@ -345,6 +349,9 @@ SMALL_GRID = """presets:
 """
 
 
+_CI_COLUMN = "mean difference [95% interval]"
+
+
 @pytest.fixture
 def ci_workdir(request, tmp_path):
     """A workflow copy for the ci preset: a shared one when the workflow tests provide it (its main runs are
@@ -377,16 +384,32 @@ def test_ci_paper_tables_builds_every_file_and_the_report(ci_workdir):
 
     md1 = (out / "tables" / "table1_cifar10.md").read_text()
     tcm = _row(md1, "TCM (Stage 2)", "1")
-    assert float(tcm[2]) > 0 and tcm[3] == "2.46" and tcm[7].startswith("FID (LeNet features, 32")
+    assert float(tcm[2]) > 0 and tcm[3] == "2.46" and tcm[6].startswith("FID (LeNet features, 32")
     md3 = (out / "tables" / "table3_tprime.md").read_text()
     assert float(_row(md3, "t' = 0.8")[1]) > 0 and float(_row(md3, "t' = 1")[1]) > 0
     assert _row(md3, "t' = 0.17")[1] == MISSING  # in the paper, not in this grid
     assert float(_row((out / "tables" / "table4_stages.md").read_text(), "Stage 3")[1]) > 0
-    claims = {r["claim"]: r["verdict"] for r in _csv(out / "tables" / "claims.csv")}
+    claims = {r["claim"]: r for r in _csv(out / "tables" / "claims.csv")}
     assert set(claims) == {"S1", "S2", "S3", "S4"}
-    assert all(v in ("holds", "does not hold") for v in claims.values()), claims  # every claim measured
+    for row in claims.values():  # every claim measured on ci's 2 training seeds, with its interval
+        assert row["verdict"] in ("holds", "does not hold", "inconclusive") and row["seeds"] == "2", row
+        assert "seed 0: " in row["measured"] and "seed 1: " in row["measured"] and "[" in row[_CI_COLUMN], row
+    for run in ("stage1", "stage1_continued", "stage2/main", "stage2/main/seed~1"):  # ci: 3 periodic points
+        records = read_metrics(out / run / "metrics.jsonl")
+        for key in ("periodic/fid_1step", "periodic/dfid_t0.5", "periodic/dfid_t4"):
+            steps = [r["step"] for r in records if key in r]
+            assert len(steps) == 3 and steps[0] == (0 if run == "stage1" else 6), (run, key, steps)
     crosscheck = _csv(out / "tables" / "crosscheck.csv")
     assert crosscheck and all(r["agree"] == "True" for r in crosscheck)
+
+    from mlflow.tracking import MlflowClient
+
+    record = json.loads((out / "mlflow.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{(out / 'mlflow.db').resolve()}")
+    parent = record["parent_run_id"]
+    logged = {a.path for folder in ("tables", "figures") for a in client.list_artifacts(parent, folder)}
+    assert "tables/claims.md" in logged and "figures/fig1b_fid_stages.png" in logged  # on the study's parent
+    assert client.get_run(parent).info.status == "FINISHED"
 
     # the report holds the outputs of the target's DAG: name paper_tables (the default target is `all`)
     snakemake(ci_workdir, *args, "--report", "report.zip", "--", "paper_tables", check=True, timeout=600)

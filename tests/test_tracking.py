@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -196,3 +199,80 @@ def test_eight_concurrent_writers_lose_no_metric(tmp_path, study):
         assert {m.step: m.value for m in hist}[N_STEPS - 1] == pytest.approx(N_STEPS - 1 + index / 10)
         assert len(client.get_metric_history(run.info.run_id, "lr")) == N_STEPS
         assert run.info.status == "FINISHED"
+
+
+# ---------------------------------------------------------------------------------------------- the study's parent
+
+
+def test_parent_runs_while_a_child_runs_and_ends_with_the_last(tmp_path, study):
+    record, parent = study
+    uri = _uri(tmp_path)
+    client = _client(uri)
+
+    def status():
+        return client.get_run(record["parent_run_id"]).info.status
+
+    assert status() == "RUNNING"  # mlflow-init leaves the study open
+    a = open_tracker(tmp_path / "a", mlflow_uri=uri, parent=parent, run_key="job-a")
+    b = open_tracker(tmp_path / "b", mlflow_uri=uri, parent=parent, run_key="job-b")
+    a.close()
+    assert status() == "RUNNING"  # b still runs
+    b.close()
+    parent_run = client.get_run(record["parent_run_id"])
+    assert parent_run.info.status == "FINISHED"
+    ends = [client.get_run(t.run_id).info.end_time for t in (a, b)]
+    assert parent_run.info.end_time >= max(ends) and parent_run.info.start_time <= min(
+        client.get_run(t.run_id).info.start_time for t in (a, b))
+    c = open_tracker(tmp_path / "c", mlflow_uri=uri, parent=parent, run_key="job-c")  # a later job reopens it
+    assert status() == "RUNNING"
+    c.close()
+    assert status() == "FINISHED"
+
+
+def test_results_logged_on_another_run_are_idempotent(tmp_path, study):
+    from tcm_core.tracking import log_on_run
+
+    record, parent = study
+    uri = _uri(tmp_path)
+    train = open_tracker(tmp_path / "train", mlflow_uri=uri, parent=parent, run_key="stage2:ci:stage2/main")
+    train.log_metrics({"loss": 1.0}, step=10)
+    train.close()
+    for _ in range(2):  # a rerun of the evaluation logs nothing twice
+        run_id = log_on_run(uri, parent, "stage2:ci:stage2/main", {"fid_1step": 41.5, "dfid_t1": 3.0}, 10, 123)
+    assert run_id == train.run_id
+    client = _client(uri)
+    assert [(m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, "fid_1step")] == [(10, 41.5, 123)]
+    log_on_run(uri, parent, "stage2:ci:stage2/main", {"fid_1step": 40.0}, 10, 123)  # evaluated again, other value
+    history = client.get_metric_history(run_id, "fid_1step")
+    assert sorted(m.value for m in history) == [40.0, 41.5]
+    run = client.get_run(run_id)
+    assert run.data.metrics["fid_1step"] == 40.0  # the latest is the newest value
+    assert "was 41.5" in run.data.tags["tcm.metric_replaced.fid_1step"]
+    assert log_on_run(uri, parent, "no-such-run", {"fid_1step": 1.0}, 10, 123) is None
+
+
+def _init(uri: str, study: str, out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tcm_core", "mlflow-init", "--tracking-uri", uri, "--experiment", "tcm-race",
+           "--study", study, "--out", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+
+
+@pytest.mark.slow
+def test_eight_concurrent_mlflow_inits_make_one_study(tmp_path):
+    """8 real processes at once on a fresh SQLite store (each its own --out), then 8 more on the existing store:
+    every one succeeds and they all name one experiment and one parent run."""
+    uri = _uri(tmp_path)
+    for wave, study in (("fresh", "s1"), ("existing", "s2")):
+        procs = [_init(uri, study, tmp_path / wave / f"mlflow{i}.json") for i in range(8)]
+        outputs = [p.communicate(timeout=300) for p in procs]
+        assert [p.returncode for p in procs] == [0] * 8, [err[-500:] for _, err in outputs]
+        assert not any("alembic_version" in err or "Traceback" in err for _, err in outputs)
+        records = [json.loads((tmp_path / wave / f"mlflow{i}.json").read_text()) for i in range(8)]
+        assert len({(r["experiment_id"], r["parent_run_id"]) for r in records}) == 1
+        client = _client(uri)
+        parents = client.search_runs([records[0]["experiment_id"]],
+                                     filter_string=f"tags.`tcm.role` = 'parent' AND tags.`tcm.study` = '{study}'")
+        assert [p.info.run_id for p in parents] == [records[0]["parent_run_id"]]
+    exp = client.get_experiment(records[0]["experiment_id"])
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs, not on traces

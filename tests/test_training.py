@@ -325,9 +325,10 @@ def test_periodic_fid_dfid_and_grids_start_at_the_stage_start(data, tmp_path):
     train(cfg, mode="stage2", data=data, out=run, init=stage1, boundary_model=stage1, device="cpu",
           periodic=periodic, progress=False)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    evals = {r["step"]: r for r in records if "fid_1step" in r}
+    evals = {r["step"]: r for r in records if "periodic/fid_1step" in r}
     assert sorted(evals) == [10, 12]  # the stage's first iteration gives the curve its starting point
-    assert all(r["fid_1step"] > 0 and r["fid_2step"] > 0 and r["dfid_t2"] > 0 for r in evals.values())
+    assert all(r["periodic/fid_1step"] > 0 and r["periodic/fid_2step"] > 0 and r["periodic/dfid_t2"] > 0
+               for r in evals.values())
     grids = sorted(p.name for p in (run / "grids").iterdir())
     assert grids == [f"grid-0000000{i}-{k}step.png" for i in (10, 12) for k in (1, 2)]
 

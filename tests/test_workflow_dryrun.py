@@ -70,6 +70,22 @@ def test_planned_jobs(workdir, preset, target):
         assert f" batch={batch} " in out
 
 
+def test_paper_tables_trains_three_seeds_of_the_claim_bearing_arms(workdir):
+    """tiny's training_seeds {all: 1, paper_tables: 3}: the control and the main Stage 2 (both from the one Stage 1)
+    and the 5 ablation cells the claims read (centre, 3 other t', w_b = 0.01) get seeds 1 and 2 in R/seed~j."""
+    out = snakemake(workdir, "-n", "-p", "--", "paper_tables", check=True).stdout
+    counts = job_counts(out)
+    assert (counts["stage1"], counts["stage1_continued"], counts["stage2"]) == (1, 1 + 2, 15 + 2 * (1 + 5))
+    r = "results/tiny"
+    for j in (1, 2):
+        assert f"--out {r}/stage1_continued/seed~{j} " in out and f"--out {r}/stage2/main/seed~{j} " in out
+        assert f"{r}/stage2/ablation/t_prime~1.0/rho~0.25/w_b~0.01/student_sigma~0.2/student_nu~0.01/seed~{j}" in out
+    control = next(line for line in out.splitlines() if f"--out {r}/stage1_continued/seed~2 " in line)
+    assert " seed=103 " in control and f"--init-state {r}/stage1/train_state.pt" in control  # Stage 1's state
+    assert " eval_points=6 " in control and " eval_num=256 " in control  # periodic: 6 points, 256 samples
+    assert f"{r}/stage2/ablation/t_prime~1.0/rho~0.1/w_b~0.1/student_sigma~0.2/student_nu~0.01/seed~1" not in out
+
+
 def test_default_target_is_tiny_all(workdir):
     out = snakemake(workdir, "-n", check=True).stdout
     assert job_counts(out) == EXPECTED[("tiny", "all")]

@@ -1,5 +1,6 @@
-"""A real run of the ci preset through Snakemake: outputs, the MLflow store, a no-op second run, and a
-job killed in the middle of Stage 1 that resumes (same MLflow run, iteration > 0) instead of restarting."""
+"""A real run of the ci preset through Snakemake: outputs, the MLflow store, what a real `mlflow server` shows a
+person comparing the training runs (REST API), a no-op second run, and a job killed in the middle of Stage 1
+that resumes (same MLflow run, iteration > 0) instead of restarting."""
 
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ TARGETS = [
     f"{R}/stage2/main/eval/dfid.json",
     f"{R}/stage2/main/eval/grid_2step.png",
     f"{R}/stage1_continued/eval/fid_1step.json",
+    f"{R}/stage1/eval/fid_1step.json",
 ]
 EXPECTED_JOBS = {"mlflow_init": 1, "prepare_dataset": 1, "pretrain_edm": 1, "train_feature_net": 1,
-                 "reference_stats": 1, "stage1": 1, "stage1_continued": 1, "stage2": 1, "fid": 3, "dfid": 1,
+                 "reference_stats": 1, "stage1": 1, "stage1_continued": 1, "stage2": 1, "fid": 4, "dfid": 1,
                  "sample_grid": 1}
 
 
@@ -65,7 +67,7 @@ def test_outputs_and_mlflow_store(ran):
     assert [p.info.run_id for p in parents] == [record["parent_run_id"]]
     children = {r.data.tags["tcm.run_key"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
     # one child run per job that logs (training and evaluation), each under the study parent
-    assert len(children) == 4 + 5, sorted(children)
+    assert len(children) == 4 + 6, sorted(children)
     assert all(r.data.tags["mlflow.parentRunId"] == record["parent_run_id"] for r in children.values())
     assert all(r.info.status == "FINISHED" and r.data.tags["tcm.preset"] == "ci" for r in children.values())
     s2 = children["stage2:ci:stage2/main"]
@@ -80,6 +82,94 @@ def test_outputs_and_mlflow_store(ran):
     assert ev.data.metrics["fid_2step"] == pytest.approx(fid["min"])
     grid = children["sample_grid:ci:stage2/main:2step"]
     assert any(a.path.endswith(".png") for a in client.list_artifacts(grid.info.run_id))
+
+
+@pytest.fixture(scope="module")
+def server(ran):
+    """A real `mlflow server` on 127.0.0.1 over the finished run's store; yields its REST API address."""
+    import socket
+    import urllib.request
+
+    wd, _ = ran
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = f"sqlite:///{(wd / R / 'mlflow.db').resolve()}"
+    cmd = [str(Path(SNAKEMAKE).parent / "mlflow"), "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    proc = subprocess.Popen(cmd, cwd=wd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise AssertionError("mlflow server did not start") from None
+                time.sleep(1)
+        yield f"{base}/api/2.0/mlflow"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def _rest(api: str, path: str, body: dict | None = None) -> dict:
+    import urllib.request
+
+    if body is None:
+        return json.loads(urllib.request.urlopen(f"{api}/{path}", timeout=30).read())
+    request = urllib.request.Request(f"{api}/{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())
+
+
+def test_rest_api_compares_the_training_runs_with_their_fids(ran, server):
+    """What a person comparing Stage 1, the control and Stage 2 sees: each training run carries the FIDs of its
+    final network (at step = that network's iteration) beside its losses, and the params that tell the runs apart
+    have the same names (and values) on the training runs and on the evaluation runs of their networks."""
+    from tcm_core.tracking import COMPARE_VIEW, COMPARED_PARAMS
+
+    wd, _ = ran
+    experiment = _rest(server, "experiments/get-by-name?experiment_name=tcm-ci")["experiment"]
+    tags = {t["key"]: t["value"] for t in experiment["tags"]}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"  # the model-training view
+    view = json.loads(tags[f"mlflow.sharedViewState.{COMPARE_VIEW}"])
+    assert "metrics.`fid_1step`" in view["selectedColumns"]
+    runs = _rest(server, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000,
+                                         "filter": view["searchFilter"]})["runs"]
+
+    def values(run, kind):
+        return {item["key"]: item["value"] for item in run["data"].get(kind, [])}
+
+    training = {values(r, "tags")["tcm.stage"]: r for r in runs}
+    assert set(training) == {"stage1", "stage1_continued", "stage2"}  # exactly the three training runs
+    for stage, run in training.items():
+        metrics, params = values(run, "metrics"), values(run, "params")
+        folder = "stage2/main" if stage == "stage2" else stage
+        fid = json.loads((wd / R / folder / "eval" / "fid_1step.json").read_text())
+        assert metrics["fid_1step"] == pytest.approx(fid["min"]) and "loss" in metrics
+        assert set(COMPARED_PARAMS) <= set(params) and params["mode"] == stage
+        history = _rest(server, f"metrics/get-history?run_id={run['info']['run_id']}&metric_key=fid_1step")
+        iteration = json.loads((wd / R / folder / "network.json").read_text())["iteration"]
+        assert [(m["step"], m["value"]) for m in history["metrics"]] == [(iteration, pytest.approx(fid["min"]))]
+        assert len(values(run, "metrics")) > 5  # periodic/fid_1step, grad_norm, ... beside it
+    p1, p2 = values(training["stage1_continued"], "params"), values(training["stage2"], "params")
+    assert (p1["t_prime"], p2["t_prime"]) == ("null", "1.0") and p1["seed"] == p2["seed"] and p1["init"] == p2["init"]
+    evaluations = _rest(server, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000,
+                                                "filter": "tags.`tcm.run_key` = 'fid:ci:stage2/main:1step'"})["runs"]
+    assert [values(e, "params")[k] for e in evaluations for k in COMPARED_PARAMS] == [p2[k] for k in COMPARED_PARAMS]
+
+    parent_id = values(training["stage2"], "tags")["mlflow.parentRunId"]
+    parent = _rest(server, f"runs/get?run_id={parent_id}")["run"]["info"]
+    children = _rest(server, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000,
+                                             "filter": f"tags.`mlflow.parentRunId` = '{parent_id}'"})["runs"]
+    assert parent["status"] == "FINISHED"  # it ended with the last of its children, not 72 ms after it began
+    assert int(parent["start_time"]) <= min(int(c["info"]["start_time"]) for c in children)
+    assert int(parent["end_time"]) >= max(int(c["info"]["end_time"]) for c in children)
 
 
 def test_second_run_does_nothing(ran):

@@ -1,4 +1,9 @@
-"""The paper's claims S1-S4 checked on the runs of one preset, and the claims table."""
+"""The paper's claims S1-S4 checked on the runs of one preset over its training seeds, and the claims table.
+
+Each claim is a paired comparison per training seed j (``tcm_core.presets``: the arms of a claim train seed j with
+the same seed from the one Stage-1 run): a per-seed difference d_j, its mean with a 95 % interval and a verdict
+against a threshold (``confidence``). One seed gives no interval: its verdict is inconclusive.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tcm_core.presets import EXPLODING_W_B
+from tcm_core.report.confidence import CONFIDENCE, METHOD, NOT_MEASURED, all_of, paired_interval, verdict
 from tcm_core.report.measurements import ablation_baseline, ablation_slice, curve, dfid_curve, final_fid
-from tcm_core.report.results import Results, TrainingRun
+from tcm_core.report.results import Measured, Results, TrainingRun
 from tcm_core.report.tables import Table
-from tcm_core.report.values import MISSING, fmt_g, is_finite, same_value
+from tcm_core.report.values import MISSING, fmt_g, same_value
 
 EXPLODE_FACTOR = 2.0  # claim S3: "explodes" = final 1-step FID > EXPLODE_FACTOR x the baseline's, or non-finite
 
@@ -19,9 +26,12 @@ class Claim:
     cid: str
     statement: str
     criterion: str
-    measured: str
-    verdict: str  # holds | does not hold | not measured
+    measured: str  # each seed's values
+    interval: str  # the mean difference with its 95 % interval
+    verdict: str  # holds | does not hold | inconclusive | not measured
     paper: str
+    seeds: int = 0  # K: training seeds measured on every arm of the claim
+    metric: str = MISSING  # what the values measure (extractor, sample count)
 
 
 def claims(results: Results) -> list[Claim]:
@@ -29,147 +39,187 @@ def claims(results: Results) -> list[Claim]:
 
 
 def claims_table(results: Results, checked: Sequence[Claim]) -> Table:
-    rows = [[c.cid, c.statement, c.criterion, c.measured, c.verdict, c.paper] for c in checked]
+    rows = [[c.cid, c.statement, c.criterion, str(c.seeds), c.measured, c.interval, c.verdict, c.metric, c.paper]
+            for c in checked]
+    header = ["claim", "statement", "criterion", "seeds", "measured", f"mean difference [{CONFIDENCE:.0%} interval]",
+              "verdict", "our metric", "paper"]
     return Table(
         "claims",
         f"Claims check — preset {results.preset}",
-        ["claim", "statement", "criterion", "measured", "verdict", "paper"],
+        header,
         rows,
         intro=[
-            f"Preset: `{results.preset}`. Each claim of the paper is checked on the runs of this preset; a claim "
-            "that does not hold at this scale is reported as such.",
-            "Verdicts: holds / does not hold / not measured (the runs it needs are missing).",
+            f"Preset: `{results.preset}`. Each claim of the paper is checked on the runs of this preset, paired by "
+            "training seed (`training_seeds`: seed j of each arm trains with the same seed from the one Stage-1 run); "
+            "a claim that does not hold at this scale is reported as such.",
+            f"Interval: {METHOD}. Verdicts: holds (the interval lies on the claimed side of the threshold) / does "
+            "not hold (on the other side) / inconclusive (it contains the threshold, or one seed gives none) / not "
+            "measured (the runs it needs are missing).",
         ],
     )
 
 
-def _verdict(ok: bool | None) -> str:
-    return "not measured" if ok is None else ("holds" if ok else "does not hold")
+# ----------------------------------------------------------------------------------------------------------------
+# Shared pieces
 
 
-def _fmt_claim(value: float | None) -> str:
+def _fmt(value: float | None) -> str:
     """Six significant digits: claims compare values that may differ only in the third decimal."""
     return MISSING if value is None else f"{value:.6g}"
 
 
-def _lower(ours: float, other: float) -> bool:
-    """``ours`` < ``other``, where a non-finite value loses to any finite one."""
-    return ours < other if is_finite(ours) and is_finite(other) else is_finite(ours)
+def _worst_if_not_finite(value: float) -> float:
+    """A non-finite FID (a diverged run) counts as the worst possible: +inf."""
+    return value if math.isfinite(value) else math.inf
 
 
-def _value_at_common_step(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> tuple[int, float, float] | None:
-    common = sorted(set(dict(a)) & set(dict(b)))
-    if not common:
-        return None
-    step = common[-1]
-    return step, dict(a)[step], dict(b)[step]
+def _paired(results: Results, a: TrainingRun | None, b: TrainingRun | None) -> list[tuple[int, TrainingRun,
+                                                                                            TrainingRun]]:
+    """(seed index, seed j of a, seed j of b) for every seed both arms have."""
+    seeds_a, seeds_b = results.seeds_of(a), results.seeds_of(b)
+    return [(j, seeds_a[j], seeds_b[j]) for j in sorted(set(seeds_a) & set(seeds_b))]
+
+
+def _paired_fids(results: Results, a: TrainingRun | None, b: TrainingRun | None
+                 ) -> list[tuple[int, Measured, Measured]]:
+    """The final 1-step FIDs of both arms per seed, where both exist and come from the same evaluation setup."""
+    pairs = []
+    for j, run_a, run_b in _paired(results, a, b):
+        fa, fb = final_fid(results, run_a), final_fid(results, run_b)
+        if fa and fb and fa.setup == fb.setup:
+            pairs.append((j, fa, fb))
+    return pairs
+
+
+def _not_measured(cid: str, statement: str, criterion: str, paper: str, why: str = MISSING) -> Claim:
+    return Claim(cid, statement, criterion, why, MISSING, NOT_MEASURED, paper)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The claims
 
 
 def claim_s1(results: Results) -> Claim:
     statement = "Stage 2 (TCM) reaches a lower 1-step FID than Stage 1 continued for the same iterations"
-    criterion = "final 1-step FID of Stage 2 < that of Stage 1 continued (same evaluation, same iteration count)"
-    s2, s1c = results.main_run("stage2"), results.main_run("stage1_continued")
-    f2, f1c = final_fid(results, s2), final_fid(results, s1c)
-    measured, ok = MISSING, None
-    if f2 and f1c and f2.setup == f1c.setup:
-        measured = f"Stage 2 {_fmt_claim(f2.value)} vs Stage 1 continued {_fmt_claim(f1c.value)} ({f2.label})"
-        ok = _lower(f2.value, f1c.value)
-    elif s2 and s1c and s2.histories.get("fid_1step") and s1c.histories.get("fid_1step"):
-        common = _value_at_common_step(s2.histories["fid_1step"], s1c.histories["fid_1step"])
-        if common:
-            step, v2, v1c = common
-            measured = (
-                f"at iteration {step}: Stage 2 {_fmt_claim(v2)} vs Stage 1 continued {_fmt_claim(v1c)} "
-                "(fid_1step history)"
-            )
-            ok = _lower(v2, v1c)
-    return Claim("S1", statement, criterion, measured, _verdict(ok), "Fig. 1b, Table 4")
+    criterion = "d_j = final 1-step FID of Stage 2 − that of Stage 1 continued (seed j); holds if the interval < 0"
+    paper = "Fig. 1b, Table 4"
+    pairs = _paired_fids(results, results.main_run("stage2"), results.main_run("stage1_continued"))
+    if not pairs:
+        return _not_measured("S1", statement, criterion, paper)
+    diffs = [_worst_if_not_finite(f2.value) - _worst_if_not_finite(fc.value) for _, f2, fc in pairs]
+    measured = "; ".join(f"seed {j}: {_fmt(f2.value)} vs {_fmt(fc.value)}" for j, f2, fc in pairs)
+    interval = paired_interval(diffs)
+    return Claim("S1", statement, criterion, measured, interval.text(), verdict(interval, 0.0, "below"), paper,
+                 len(pairs), pairs[0][1].label)
 
 
-def _dfid_changes(
-    results: Results, run: TrainingRun | None, t_prime: float | None
-) -> tuple[dict[str, float], list[float], list[float]]:
-    """dFID_t at the end of the run − at its start, for each t (t = t' left out), and those below and above t'."""
+def _changes(results: Results, run: TrainingRun, t_prime: float) -> dict[str, float]:
+    """Value at the end of the run − at its start, per dFID_t (t = t' left out) and for the 1-step FID."""
     series, _ = dfid_curve(results, run)
-    changes: dict[str, float] = {}
-    below: list[float] = []
-    above: list[float] = []
-    for t, points in series.items():
-        if len(points) < 2 or t_prime is None or same_value(t, t_prime):
-            continue
-        delta = points[-1][1] - points[0][1]
-        changes[f"dFID_t{t:g}"] = delta
-        (below if t < t_prime else above).append(delta)
-    return changes, below, above
+    changes = {f"dFID_t{t:g}": points[-1][1] - points[0][1]
+               for t, points in series.items() if len(points) >= 2 and not same_value(t, t_prime)}
+    fid_points, _ = curve(results, run, "fid_1step")
+    if len(fid_points) >= 2:
+        changes["fid_1step"] = fid_points[-1][1] - fid_points[0][1]
+    return changes
+
+
+def _s2_side(name: str, t_prime: float) -> str:
+    """The side of 0 a change is claimed on: dFID below t' rises, dFID above t' and the 1-step FID fall."""
+    if name == "fid_1step":
+        return "below"
+    return "above" if float(name[len("dFID_t"):]) < t_prime else "below"
 
 
 def claim_s2(results: Results) -> Claim:
     statement = "During Stage 2, dFID below t' rises while dFID above t' and the 1-step FID fall"
     criterion = (
-        "change = value at the end of Stage 2 − value at its start (the Stage-1 checkpoint it starts from, or its "
-        "first periodic evaluation), each curve from one evaluation setup; holds if every dFID_t with t < t' "
-        "rises (> 0), every dFID_t with t > t' falls (< 0) and the 1-step FID falls (< 0)"
+        "per seed, change = value at the end of Stage 2 − at its start (its first periodic evaluation, or the "
+        "Stage-1 checkpoint it starts from), each curve from one evaluation setup; holds if the interval of every "
+        "dFID_t change with t < t' is > 0, with t > t' is < 0, and of the 1-step FID change is < 0"
     )
-    run = results.main_run("stage2")
-    t_prime = run.param("t_prime") if run else None
-    changes, below, above = _dfid_changes(results, run, t_prime)
-    fid_points, _ = curve(results, run, "fid_1step")
-    fid_delta = fid_points[-1][1] - fid_points[0][1] if len(fid_points) >= 2 else None
-    if fid_delta is not None:
-        changes["fid_1step"] = fid_delta
-    measured = ", ".join(f"{k} {v:+.3g}" for k, v in changes.items()) or MISSING
-    if t_prime is not None:
-        measured = f"t' = {t_prime:g}: {measured}"
-    ok = None
-    if below and above and fid_delta is not None:
-        ok = all(d > 0 for d in below) and all(d < 0 for d in above) and fid_delta < 0
-    elif changes:
-        missing = [n for n, v in (("dFID below t'", below), ("dFID above t'", above)) if not v]
-        missing += ["1-step FID at two iterations"] if fid_delta is None else []
-        measured += f" (not measured: {', '.join(missing)})"
-    return Claim("S2", statement, criterion, measured, _verdict(ok), "Fig. 3, Sec. 4.2")
+    paper = "Fig. 3, Sec. 4.2"
+    main = results.main_run("stage2")
+    t_prime = main.param("t_prime") if main else None
+    if main is None or t_prime is None:
+        return _not_measured("S2", statement, criterion, paper)
+    per_seed = {j: _changes(results, run, t_prime) for j, run in results.seeds_of(main).items()}
+    per_seed = {j: c for j, c in per_seed.items() if c}
+    names = sorted(set.intersection(*(set(c) for c in per_seed.values())), key=_change_order) if per_seed else []
+    dfid_times = [float(n[len("dFID_t"):]) for n in names if n != "fid_1step"]
+    measured = "; ".join(f"seed {j}: " + ", ".join(f"{n} {c[n]:+.3g}" for n in names) for j, c in per_seed.items())
+    missing = [what for what, there in (("dFID below t'", any(t < t_prime for t in dfid_times)),
+                                        ("dFID above t'", any(t > t_prime for t in dfid_times)),
+                                        ("1-step FID at two iterations", "fid_1step" in names)) if not there]
+    if missing:
+        return Claim("S2", statement, criterion, f"t' = {t_prime:g}: {measured or MISSING} (not measured: "
+                     f"{', '.join(missing)})", MISSING, NOT_MEASURED, paper, len(per_seed))
+    intervals = {n: paired_interval([c[n] for c in per_seed.values()]) for n in names}
+    verdicts = [verdict(intervals[n], 0.0, _s2_side(n, t_prime)) for n in names]
+    text = "; ".join(f"{n} {intervals[n].text()}" for n in names)
+    return Claim("S2", statement, criterion, f"t' = {t_prime:g}: {measured}", text, all_of(verdicts), paper,
+                 len(per_seed), dfid_curve(results, main)[1])
+
+
+def _change_order(name: str) -> tuple[int, float]:
+    return (1, 0.0) if name == "fid_1step" else (0, float(name[len("dFID_t"):]))
 
 
 def claim_s3(results: Results) -> Claim:
-    statement = "The FID explodes when w_b = 0.01"
+    statement = f"The FID explodes when w_b = {EXPLODING_W_B:g}"
     criterion = (
-        f"'explodes' = the final 1-step FID with w_b = 0.01 is > {EXPLODE_FACTOR:g}x the FID of the run at the grid "
-        "centre (same other hyperparameters), or is not finite"
+        f"'explodes' = the final 1-step FID with w_b = {EXPLODING_W_B:g} is > {EXPLODE_FACTOR:g}x the FID of the run "
+        f"at the grid centre (same other hyperparameters), or is not finite; d_j = FID(w_b = {EXPLODING_W_B:g}) − "
+        f"{EXPLODE_FACTOR:g} x FID(centre) (seed j); holds if the interval > 0"
     )
+    paper = "Fig. 4c, Sec. 4.4"
     runs = ablation_slice(results, ["w_b"])
     baseline = ablation_baseline(results)
-    small = next((r for r in runs if same_value(r.param("w_b"), 0.01)), None)
-    centre = next(
-        (r for r in runs if same_value(r.param("w_b"), baseline["w_b"]) and not same_value(baseline["w_b"], 0.01)),
-        None,
-    )
-    fs, fc = final_fid(results, small), final_fid(results, centre)
-    measured, ok = MISSING, None
-    if fs and fc and is_finite(fc.value) and fc.value > 0:
-        ratio = fs.value / fc.value if is_finite(fs.value) else math.inf
-        measured = (
-            f"w_b = 0.01: {_fmt_claim(fs.value)} vs w_b = {fmt_g(baseline['w_b'])}: {_fmt_claim(fc.value)} "
-            f"(ratio {ratio:.2f}; {fs.label})"
-        )
-        ok = ratio > EXPLODE_FACTOR
-    return Claim("S3", statement, criterion, measured, _verdict(ok), "Fig. 4c, Sec. 4.4")
+    small = next((r for r in runs if same_value(r.param("w_b"), EXPLODING_W_B)), None)
+    centre = next((r for r in runs if same_value(r.param("w_b"), baseline["w_b"])
+                   and not same_value(baseline["w_b"], EXPLODING_W_B)), None)
+    pairs = [(j, fs, fc) for j, fs, fc in _paired_fids(results, small, centre) if math.isfinite(fc.value)]
+    if not pairs:
+        return _not_measured("S3", statement, criterion, paper)
+    diffs = [_worst_if_not_finite(fs.value) - EXPLODE_FACTOR * fc.value for _, fs, fc in pairs]
+    measured = "; ".join(
+        f"seed {j}: {_fmt(fs.value)} vs w_b = {fmt_g(baseline['w_b'])}: {_fmt(fc.value)} (ratio "
+        f"{_worst_if_not_finite(fs.value) / fc.value:.2f})" for j, fs, fc in pairs)
+    interval = paired_interval(diffs)
+    return Claim("S3", statement, criterion, measured, interval.text(), verdict(interval, 0.0, "above"), paper,
+                 len(pairs), pairs[0][1].label)
 
 
 def claim_s4(results: Results) -> Claim:
     statement = "t' = 1 gives the best FID among the t' grid"
-    criterion = "the final 1-step FID at t' = 1 is the lowest over the t' values run (others at the grid centre)"
-    runs = ablation_slice(results, ["t_prime"])
-    fids = {r.param("t_prime"): final_fid(results, r) for r in runs if r.param("t_prime") is not None}
-    fids = {t: m for t, m in fids.items() if m is not None}
-    measured, ok = MISSING, None
-    if fids:
-        measured = ", ".join(f"t' = {t:g}: {_fmt_claim(m.value)}" for t, m in sorted(fids.items()))
-        one = next((m for t, m in fids.items() if same_value(t, 1.0)), None)
-        if one is not None and len(fids) >= 2:
-            finite = {t: m.value for t, m in fids.items() if is_finite(m.value)}
-            best = min(finite, key=finite.get) if finite else None
-            ok = best is not None and same_value(best, 1.0)
-            measured += f"; best t' = {fmt_g(best)}"
-        else:
-            measured += " (t' = 1 and at least one other t' are needed)"
-    return Claim("S4", statement, criterion, measured, _verdict(ok), "Table 3")
+    criterion = (
+        "d_j = final 1-step FID at t' = 1 − the lowest final 1-step FID of the other t' values run (seed j; others "
+        "at the grid centre); holds if the interval < 0"
+    )
+    paper = "Table 3"
+    runs = {r.param("t_prime"): r for r in ablation_slice(results, ["t_prime"]) if r.param("t_prime") is not None}
+    one = next((r for t, r in runs.items() if same_value(t, 1.0)), None)
+    others = {t: r for t, r in runs.items() if not same_value(t, 1.0)}
+    if one is None or not others:
+        listed = ", ".join(f"t' = {t:g}" for t in sorted(runs)) or MISSING
+        return _not_measured("S4", statement, criterion, paper,
+                             f"{listed} (t' = 1 and at least one other t' are needed)")
+    seeds = set(results.seeds_of(one))
+    for run in others.values():
+        seeds &= set(results.seeds_of(run))
+    rows = []
+    for j in sorted(seeds):
+        fids = {t: final_fid(results, results.seeds_of(r)[j]) for t, r in {1.0: one, **others}.items()}
+        if all(m is not None for m in fids.values()) and len({m.setup for m in fids.values()}) == 1:
+            rows.append((j, fids))
+    if not rows:
+        return _not_measured("S4", statement, criterion, paper)
+    diffs = [_worst_if_not_finite(f[1.0].value) - min(_worst_if_not_finite(m.value) for t, m in f.items() if t != 1.0)
+             for _, f in rows]
+    measured = "; ".join(f"seed {j}: " + ", ".join(f"t' = {t:g}: {_fmt(m.value)}" for t, m in sorted(f.items()))
+                         + f" (best t' = {fmt_g(min(f, key=lambda t: _worst_if_not_finite(f[t].value)))})"
+                         for j, f in rows)
+    interval = paired_interval(diffs)
+    return Claim("S4", statement, criterion, measured, interval.text(), verdict(interval, 0.0, "below"), paper,
+                 len(rows), rows[0][1][1.0].label)
+

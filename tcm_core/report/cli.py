@@ -102,7 +102,7 @@ def format_summary(report: Report, seconds: float) -> str:
         for c in mismatches[:10]
     ]
     lines.append("  claims:")
-    lines += [f"    {c.cid} {c.verdict}: {c.measured}" for c in report.claims]
+    lines += [f"    {c.cid} {c.verdict} ({c.seeds} seed(s)): {c.interval}; {c.measured}" for c in report.claims]
     lines.append("  files:")
     for path in report.files:
         flag = "  (no runs yet)" if path.stem in report.empty_figures else ""
@@ -136,6 +136,8 @@ def add_tables_arguments(parser: argparse.ArgumentParser) -> None:
         help="MLflow tracking URI (sqlite:///abs/path or http://host:port); 'none' to skip MLflow",
     )
     parser.add_argument("--out", required=True, type=Path, help="writes OUT/tables/*.md|csv and OUT/figures/*.png")
+    parser.add_argument("--mlflow-parent", type=Path, default=None,
+                        help="mlflow.json of the study: the tables and figures become artifacts of its parent run")
     parser.add_argument("--paper-values", type=Path, default=None, help="override of tcm_core/paper_values.csv")
     parser.add_argument("--no-figures", action="store_true", help="write the tables and claims only (quick look)")
 
@@ -146,4 +148,9 @@ def run_tables(args: argparse.Namespace) -> int:
         args.preset, args.results, args.out, args.tracking_uri, args.paper_values, figures=not args.no_figures
     )
     print(format_summary(report, time.perf_counter() - start), flush=True)
+    if args.mlflow_parent and args.tracking_uri and args.tracking_uri.lower() != "none":
+        from tcm_core.tracking import log_on_parent
+
+        parent = log_on_parent(args.tracking_uri, args.mlflow_parent, report.files)
+        print(f"  MLflow: {len(report.files)} files logged as artifacts of the study's parent run {parent}", flush=True)
     return 0

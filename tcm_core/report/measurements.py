@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from tcm_core.report.paper import PAPER_DEFAULTS
 from tcm_core.report.results import SWEPT_PARAMS, Measured, Results, TrainingRun, dfid_t
 from tcm_core.report.values import as_float, same_value
+from tcm_core.tracking import PERIODIC_PREFIX
 
 Points = list[tuple[int, float]]  # (global iteration, value), sorted by iteration
 # The run each stage starts from: its final checkpoint is the first point of the next stage's curves.
@@ -22,12 +23,18 @@ def final_fid(results: Results, run: TrainingRun | None, metric: str = "fid_1ste
     if evals:
         best = max(evals, key=lambda e: (e.iteration if e.iteration is not None else -1, e.source == "files"))
         return Measured(best.value, best.label, run.key, best.iteration, best.source, best.setup)
-    points = run.histories.get(metric)
+    points = run.periodic(metric)
     if points:
         step, value = points[-1]
-        label = f"{metric} (periodic evaluation during training)"
+        label = f"{periodic_label(run)} (periodic evaluation during training)"
         return Measured(value, label, run.key, step, "/".join(sorted(run.sources)), ("periodic",))
     return None
+
+
+def periodic_label(run: TrainingRun | None) -> str:
+    """What the run's periodic curves measure, e.g. "FID (LeNet features, 256)" (``eval_label`` param)."""
+    label = run.params.get("eval_label") if run else None
+    return str(label) if label else "periodic FID"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -43,7 +50,7 @@ def metric_series(
     if run is None:
         return []
     if source == "history":
-        points = dict(run.histories.get(metric, []))
+        points = dict(run.periodic(metric))
     else:
         evals = [e for e in results.evaluations_of(run, metric) if e.iteration is not None and e.value is not None]
         points = {e.iteration: e.value for e in sorted(evals, key=lambda e: e.source != "files")[::-1]}
@@ -55,10 +62,11 @@ def metric_series(
 
 
 def curve(results: Results, run: TrainingRun | None, metric: str) -> tuple[Points, str]:
-    """The periodic-evaluation curve when it has two points or more, else the evaluation JSONs' curve."""
+    """The periodic-evaluation curve when it has two points or more, else the evaluation JSONs' curve; and a
+    label of its source (with the sample count of the periodic evaluation)."""
     history = metric_series(results, run, metric, "history")
     if len(history) >= 2:
-        return history, "periodic evaluation"
+        return history, f"periodic, {periodic_label(run)}"
     return metric_series(results, run, metric, "evaluations"), "evaluation JSONs of checkpoints"
 
 
@@ -81,14 +89,14 @@ def dfid_series(
 def dfid_curve(results: Results, run: TrainingRun | None) -> tuple[dict[float, Points], str]:
     history = dfid_series(results, run, "history")
     if any(len(points) >= 2 for points in history.values()):
-        return history, "periodic evaluation"
+        return history, f"periodic, d{periodic_label(run)}"
     return dfid_series(results, run, "evaluations"), "evaluate dfid JSONs"
 
 
 def _dfid_history(run: TrainingRun) -> dict[float, dict[int, float]]:
     series: dict[float, dict[int, float]] = {}
     for key, points in run.histories.items():
-        t = dfid_t(key)
+        t = dfid_t(key[len(PERIODIC_PREFIX):]) if key.startswith(PERIODIC_PREFIX) else None
         if t is not None:
             series.setdefault(t, {}).update(dict(points))
     return series
@@ -130,7 +138,47 @@ def _with_start_point(
 
 
 def ablation_runs(results: Results, stage: str = "stage2") -> list[TrainingRun]:
+    """The ablation grid's runs, training seed 0 (the other seeds: ``results.seeds_of``)."""
     return results.runs_of(stage, "ablation")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training seeds
+
+
+def seed_curves(results: Results, run: TrainingRun | None, metric: str) -> tuple[dict[int, Points], str]:
+    """The ``curve`` of ``metric`` of every training seed of ``run``'s arm, by seed index, and its source."""
+    curves, source = {}, ""
+    for index, seed_run in results.seeds_of(run).items():
+        points, source_j = curve(results, seed_run, metric)
+        if points:
+            curves[index] = points
+            source = source or source_j
+    return curves, source
+
+
+def seed_dfid_curves(results: Results, run: TrainingRun | None) -> tuple[dict[int, dict[float, Points]], str]:
+    """``dfid_curve`` of every training seed of ``run``'s arm, by seed index, and its source."""
+    curves, source = {}, ""
+    for index, seed_run in results.seeds_of(run).items():
+        series, source_j = dfid_curve(results, seed_run)
+        if series:
+            curves[index] = series
+            source = source or source_j
+    return curves, source
+
+
+def mean_band(curves: Sequence[Points]) -> list[tuple[int, float, float, float]]:
+    """(step, mean, min, max) over the curves at every step all of them have (the seeds' common schedule)."""
+    if not curves:
+        return []
+    by_curve = [dict(points) for points in curves]
+    steps = sorted(set.intersection(*(set(c) for c in by_curve)))
+    rows = []
+    for step in steps:
+        values = [c[step] for c in by_curve]
+        rows.append((step, statistics.fmean(values), min(values), max(values)))
+    return rows
 
 
 def ablation_baseline(results: Results) -> dict[str, float | None]:

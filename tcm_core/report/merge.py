@@ -90,8 +90,8 @@ def _names_run_folder(params: dict[str, Any], run_dir: Path) -> bool:
 
 
 def _compatible(a: TrainingRun, b: TrainingRun) -> bool:
-    """Same stage and grid, and no swept hyperparameter known on both sides with different values."""
-    if (a.stage, a.grid) != (b.stage, b.grid):
+    """Same stage, grid and training seed, and no swept hyperparameter known on both sides with different values."""
+    if (a.stage, a.grid, a.seed_index) != (b.stage, b.grid, b.seed_index):
         return False
     for name in SWEPT_PARAMS:
         va, vb = a.param(name), b.param(name)

@@ -10,10 +10,16 @@ from typing import Any
 
 from tcm_core.report.results import TRAIN_STAGES, Evaluation, TrainingRun, dfid_t, full_label
 from tcm_core.report.values import as_float
+from tcm_core.tracking import PERIODIC_PREFIX
 
-# The metrics the report reads (their MLflow histories are fetched; dfid_t* as well).
+# The metrics the report reads (their MLflow histories are fetched; dfid_t* and the periodic ones as well).
 REPORTED_METRICS = ("fid_1step", "fid_2step", "grad_norm", "loss")
 FID_METRICS = ("fid_1step", "fid_2step")
+
+
+def _reported(key: str) -> bool:
+    base = key[len(PERIODIC_PREFIX):] if key.startswith(PERIODIC_PREFIX) else key
+    return base in REPORTED_METRICS or dfid_t(base) is not None
 
 
 @dataclass
@@ -84,7 +90,7 @@ def _row(record: dict[str, Any]) -> MlflowRow:
     tags = {k[len("tags.") :]: v for k, v in present.items() if k.startswith("tags.")}
     params = {k[len("params.") :]: v for k, v in present.items() if k.startswith("params.")}
     metric_keys = [k[len("metrics.") :] for k in present if k.startswith("metrics.")]
-    metric_keys = [k for k in metric_keys if k in REPORTED_METRICS or dfid_t(k) is not None]
+    metric_keys = [k for k in metric_keys if _reported(k)]
     run_key = tags.get("tcm.run_key") or record["run_id"]
     return MlflowRow(record["run_id"], run_key, tags, params, metric_keys)
 

@@ -12,6 +12,7 @@ from tcm_core.report.values import as_float
 
 PAPER_VALUES = Path(__file__).parents[1] / "paper_values.csv"
 PAPER_METRIC = "FID (Inception, 50k; paper)"
+PAPER_SETUP = ("inception", 50000)  # (extractor, samples) of the paper's FIDs: a Δ column needs ours to equal it
 # The paper's Stage-2 setting (Sec. 4.1 and 4.4); used only to break ties when guessing the ablation baseline.
 PAPER_DEFAULTS = {"t_prime": 1.0, "rho": 0.25, "w_b": 0.1, "student_sigma": 0.2, "student_nu": 0.01}
 # The three (sigma, nu) cases of the paper's Fig. 4a (drawn while a preset has no (sigma, nu) grid runs).

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tcm_core.presets import split_seed
 from tcm_core.report.values import as_float
+from tcm_core.tracking import PERIODIC_PREFIX
 
 TRAIN_STAGES = ("pretrain", "stage1", "stage1_continued", "stage2", "stage3")
 # the Stage-2 hyperparameters the ablation grid varies
@@ -32,6 +34,20 @@ class TrainingRun:
 
     def names(self) -> set[str]:
         return {self.key, *self.aliases}
+
+    @property
+    def seed_index(self) -> int:
+        """j of training seed j (the run key or folder ends in ``/seed~j``); 0 for the run of ``all``."""
+        return split_seed(self.key)[1]
+
+    @property
+    def arm(self) -> str:
+        """The key without the training-seed suffix: every seed of one arm shares it."""
+        return split_seed(self.key)[0]
+
+    def periodic(self, metric: str) -> list[tuple[int, float]]:
+        """The periodic-evaluation history of ``metric`` (e.g. ``fid_1step``: ``periodic/fid_1step``)."""
+        return self.histories.get(PERIODIC_PREFIX + metric, [])
 
 
 @dataclass
@@ -66,13 +82,22 @@ class Results:
     crosscheck: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def runs_of(self, stage: str, grid: str | None = None) -> list[TrainingRun]:
-        return [r for r in self.runs if r.stage == stage and (grid is None or r.grid == grid)]
+    def runs_of(self, stage: str, grid: str | None = None, all_seeds: bool = False) -> list[TrainingRun]:
+        """The runs of a stage (and grid): training seed 0 only, unless ``all_seeds``."""
+        return [r for r in self.runs if r.stage == stage and (grid is None or r.grid == grid)
+                and (all_seeds or r.seed_index == 0)]
 
     def main_run(self, stage: str) -> TrainingRun | None:
-        """The main-grid run of a stage (falling back to any grid when the main grid has none)."""
+        """The main-grid run of a stage, seed 0 (falling back to any grid when the main grid has none)."""
         runs = self.runs_of(stage, "main") or self.runs_of(stage)
         return runs[0] if runs else None
+
+    def seeds_of(self, run: TrainingRun | None) -> dict[int, TrainingRun]:
+        """Every training seed of ``run``'s arm, by seed index (``run`` itself among them)."""
+        if run is None:
+            return {}
+        same = [r for r in self.runs if r.stage == run.stage and r.grid == run.grid and r.arm == run.arm]
+        return {r.seed_index: r for r in sorted(same, key=lambda r: r.seed_index)}
 
     def evaluations_of(self, run: TrainingRun, metric: str) -> list[Evaluation]:
         names = run.names()

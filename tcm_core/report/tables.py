@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from tcm_core.report.measurements import ablation_baseline, ablation_slice, final_fid
-from tcm_core.report.paper import PAPER_METRIC, PaperRow, paper_row
+from tcm_core.report.paper import PAPER_METRIC, PAPER_SETUP, PaperRow, paper_row
 from tcm_core.report.results import Measured, Results, TrainingRun
 from tcm_core.report.values import MISSING, fmt, fmt_diff, fmt_g, same_value
 
@@ -20,12 +20,13 @@ TABLES = {
     "table4_stages": "Table 4: FID for training stages 1, 2, 3",
     "claims": "Claims check",
 }
+DELTA = "Δ (ours − paper)"  # only in a table where some measured FID is the paper's metric (_drop_delta)
 MAIN_HEADER = [
     "Method",
     "NFE",
     "FID (ours)",
     "FID (paper)",
-    "Δ (ours − paper)",
+    DELTA,
     "# param. (M, ours)",
     "# param. (M, paper)",
     "our metric",
@@ -33,7 +34,7 @@ MAIN_HEADER = [
     "run",
 ]
 QUOTED_HEADER = ["Method", "NFE", "FID (paper)", "# param. (M, paper)", "category", "paper source"]
-ABLATION_HEADER = ["setting", "FID (ours)", "FID (paper)", "Δ (ours − paper)", "our metric", "paper source", "run"]
+ABLATION_HEADER = ["setting", "FID (ours)", "FID (paper)", DELTA, "our metric", "paper source", "run"]
 RowSpec = tuple[str, str, str, str, str]  # method, stage, NFE, metric, key of the paper_values.csv row to compare
 TABLE1_ROWS: list[RowSpec] = [
     ("Stage 1 (standard consistency training)", "stage1", "1", "fid_1step", "t1_stage1_1"),
@@ -104,8 +105,42 @@ def _run_cell(measured: Measured | None) -> str:
     return f"{measured.run} @ it {measured.iteration}" if measured.iteration is not None else measured.run
 
 
+def paper_metric(measured: Measured | None, preset: str, paper: PaperRow | None) -> bool:
+    """Whether a measured FID is the paper's metric (same extractor and sample count, on the paper row's data
+    set): only then is a Δ shown."""
+    return (measured is not None and paper is not None and tuple(measured.setup[:2]) == PAPER_SETUP
+            and _same_dataset(preset, paper.dataset))
+
+
+def _same_dataset(preset: str, dataset: str) -> bool:
+    """Whether the preset trains on the data set a paper row was measured on (cifar10 | imagenet64)."""
+    return (preset, dataset) == ("cifar10", "cifar10") or (preset.startswith("imagenet64") and dataset == "imagenet64")
+
+
+def _delta(measured: Measured | None, paper: PaperRow | None, preset: str) -> str:
+    if not paper_metric(measured, preset, paper):
+        return MISSING
+    return fmt_diff(measured.value, paper.fid)
+
+
+def _drop_delta(table: Table) -> Table:
+    """Without one Δ that compares like with like, the column is left out (a Δ between a LeNet FID on MNIST and
+    the paper's Inception FID on CIFAR-10 would compare nothing)."""
+    if DELTA not in table.header:
+        return table
+    column = table.header.index(DELTA)
+    if any(row[column] != MISSING for row in table.rows):
+        table.intro.append(f"{DELTA} is shown only where our metric is the paper's (same extractor and samples).")
+        return table
+    table.header = [h for i, h in enumerate(table.header) if i != column]
+    table.rows = [[c for i, c in enumerate(row) if i != column] for row in table.rows]
+    table.intro.append(f"No {DELTA} column: no measured FID here is the paper's metric (extractor and sample count "
+                       "differ), so a difference would compare nothing.")
+    return table
+
+
 def _measured_row(
-    name: str, nfe: str, measured: Measured | None, paper: PaperRow | None, run: TrainingRun | None
+    name: str, nfe: str, measured: Measured | None, paper: PaperRow | None, run: TrainingRun | None, preset: str
 ) -> list[str]:
     ours = measured.value if measured else None
     return [
@@ -113,7 +148,7 @@ def _measured_row(
         nfe,
         fmt(ours),
         fmt(paper.fid if paper else None),
-        fmt_diff(ours, paper.fid if paper else None),
+        _delta(measured, paper, preset),
         _params_m(run.n_params if run else None),
         fmt(paper.params_m, 1) if paper and paper.params_m is not None else MISSING,
         measured.label if measured else MISSING,
@@ -122,13 +157,13 @@ def _measured_row(
     ]
 
 
-def _ablation_row(setting: str, m: Measured | None, p: PaperRow | None) -> list[str]:
+def _ablation_row(setting: str, m: Measured | None, p: PaperRow | None, preset: str) -> list[str]:
     ours = m.value if m else None
     return [
         setting,
         fmt(ours),
         fmt(p.fid if p else None),
-        fmt_diff(ours, p.fid if p else None),
+        _delta(m, p, preset),
         m.label if m else MISSING,
         p.source if p else MISSING,
         m.run if m else MISSING,
@@ -142,8 +177,8 @@ def _metric_intro(preset: str, measured: Iterable[Measured | None], dataset_note
         f"Preset: `{preset}`. {dataset_note}",
         "",
         f"Our metric: **{ours}**. Paper metric: **{PAPER_METRIC}**.",
-        "Δ = ours − paper; it compares like with like only when both metrics are the same.",
-        f"A cell with no run is shown as {MISSING}.",
+        f"Values are training seed 0 (the runs of `all`; the claims table reports every seed). A cell with no run "
+        f"is shown as {MISSING}.",
     ]
 
 
@@ -156,9 +191,9 @@ def _quoted(rows: Sequence[PaperRow], source: str) -> list[list[str]]:
 
 
 def _dataset_note(preset: str, table_dataset: str) -> str:
-    if preset == "cifar10" and table_dataset == "cifar10":
+    if _same_dataset(preset, table_dataset) and table_dataset == "cifar10":
         return "Dataset: CIFAR-10, as in the paper."
-    if preset.startswith("imagenet64") and table_dataset == "imagenet64":
+    if _same_dataset(preset, table_dataset):
         return "Dataset: ImageNet 64x64, as in the paper."
     return (
         f"This preset is a scaled-down stand-in for the paper's {table_dataset} setting "
@@ -175,7 +210,7 @@ def _main_rows(
         run = results.main_run(stage) if fills else None
         m = final_fid(results, run, metric)
         measured.append(m)
-        rows.append(_measured_row(name, nfe, m, paper_row(paper, key) if key else None, run))
+        rows.append(_measured_row(name, nfe, m, paper_row(paper, key) if key else None, run, results.preset))
     return rows, measured
 
 
@@ -190,7 +225,7 @@ def _main_table(
     notes: list[str],
 ) -> Table:
     """Table 1 or 2: the main runs' rows, then the paper's other baselines, quoted."""
-    return Table(
+    return _drop_delta(Table(
         name,
         f"{title} — preset {results.preset}",
         MAIN_HEADER,
@@ -199,7 +234,7 @@ def _main_table(
         quoted_header=QUOTED_HEADER,
         quoted=quoted,
         notes=notes,
-    )
+    ))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,19 +282,19 @@ def table3(results: Results, paper: Sequence[PaperRow]) -> Table:
         p = next((r for k, r in paper_rows.items() if same_value(float(k), t)), None)
         m = final_fid(results, ours.get(t), "fid_1step")
         measured.append(m)
-        rows.append(_ablation_row(f"t' = {t:g}", m, p))
+        rows.append(_ablation_row(f"t' = {t:g}", m, p, results.preset))
     baseline = ablation_baseline(results)
     fixed = ", ".join(f"{k} = {fmt_g(v)}" for k, v in baseline.items() if k != "t_prime" and v is not None)
     intro = _metric_intro(results.preset, measured, _dataset_note(results.preset, "cifar10"))
     intro.append(f"Ablation grid (Stage 2), other hyperparameters at the grid centre: {fixed or MISSING}.")
-    return Table(
+    return _drop_delta(Table(
         "table3_tprime",
         f"Table 3: FID vs the dividing time t' — preset {results.preset}",
         ABLATION_HEADER,
         rows,
         intro=intro,
         notes=["The paper uses batch 128 for this table (1024 in its default setting)."],
-    )
+    ))
 
 
 def table4(results: Results, paper: Sequence[PaperRow]) -> Table:
@@ -268,13 +303,14 @@ def table4(results: Results, paper: Sequence[PaperRow]) -> Table:
         # the main runs: Stage 3 continues from the main Stage 2, which starts from the main Stage 1
         m = final_fid(results, results.main_run(stage), "fid_1step")
         measured.append(m)
-        rows.append(_ablation_row(f"Stage {stage_number}", m, paper_row(paper, f"t4_stage_{stage_number}")))
+        rows.append(_ablation_row(f"Stage {stage_number}", m, paper_row(paper, f"t4_stage_{stage_number}"),
+                                  results.preset))
     intro = _metric_intro(results.preset, measured, _dataset_note(results.preset, "cifar10"))
     intro.append("Stage 3 continues from Stage 2 with t' = 4 (paper Sec. 4.4).")
-    return Table(
+    return _drop_delta(Table(
         "table4_stages",
         f"Table 4: FID for training stages 1, 2, 3 — preset {results.preset}",
         ABLATION_HEADER,
         rows,
         intro=intro,
-    )
+    ))

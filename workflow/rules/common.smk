@@ -53,7 +53,7 @@ wildcard_constraints:
     steps="1step|2step",
     sweep="dfid|dfid_wide",
     extractor=P["eval"]["extractor"],
-    run="stage1|stage1_continued|stage2/main|stage3/main|stage2/ablation/.+",
+    run="stage1|stage1_continued(/seed~[1-9][0-9]*)?|stage2/main(/seed~[1-9][0-9]*)?|stage3/main|stage2/ablation/.+",
 
 
 # MLflow: the tracking URI is infrastructure, not an experiment setting, so jobs read it from the
@@ -70,6 +70,14 @@ ABLATION = Paramspace(
     single_wildcard="cfg",
 )
 ABLATION_RUNS = [f"stage2/ablation/{cfg}" for cfg in ABLATION.instance_patterns]
+# The arms the claims read get independent training seeds (training_seeds): the control and Stage 2 from the one
+# Stage-1 run, and the ablation cells of tcm_core.presets.seeded_ablation_points. Seed j > 0 of run folder R is
+# R/seed~j (tcm_core.presets.seed_run); seed 0 is R.
+SEEDED_RUNS = ["stage1_continued", "stage2/main"] + [
+    run
+    for run, point in zip(ABLATION_RUNS, presets.ablation_points(P))
+    if point in presets.seeded_ablation_points(P)
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +172,23 @@ def main_targets():
         out += [f"{RESULTS}/{run}/eval/fid_{s}.json" for s in ("1step", "2step")]
         out += [f"{RESULTS}/{run}/eval/{sweep}.json" for sweep in dfid_sweeps()]
         out += [f"{RESULTS}/{run}/eval/grid_{s}.png" for s in ("1step", "2step")]
-    return out
+    return out + seed_targets("all")
+
+
+def extra_seed_runs(target):
+    """Run folders of the training seeds 1 .. K-1 the target needs (K = training_seeds of the target)."""
+    count = presets.training_seeds(P, target)
+    return [presets.seed_run(run, j) for j in range(1, count) for run in SEEDED_RUNS]
+
+
+def seed_targets(target):
+    """What the claims read of each extra seed: its 1-step FID, and its config.json, which stands in for the
+    metrics.jsonl (periodic curves) it is written with."""
+    return [
+        f"{RESULTS}/{run}/{name}"
+        for run in extra_seed_runs(target)
+        for name in ("eval/fid_1step.json", "config.json")
+    ]
 
 
 def ablation_targets():

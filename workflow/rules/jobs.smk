@@ -52,16 +52,19 @@ def tracking_args(run_key, mlflow_record):
 
 
 def train_keys(mode, run):
-    """The TrainConfig keys of one training job, as tcm_core.presets resolves them."""
-    if mode == "stage2" and is_ablation(run):
-        point = ABLATION.instance({"cfg": run[len("stage2/ablation/") :]})
-        return presets.ablation_keys(P, point)
-    keys = presets.section_keys(P, mode)
+    """The TrainConfig keys of one training job (training seed j of a run folder R/seed~j: seed + j), as
+    tcm_core.presets resolves them."""
+    base, seed_index = presets.split_seed(run)
+    if mode == "stage2" and is_ablation(base):
+        point = ABLATION.instance({"cfg": base[len("stage2/ablation/") :]})
+        keys = presets.ablation_keys(P, point)
+    else:
+        keys = presets.section_keys(P, mode)
     if mode == "stage1_continued" and FOREIGN_STAGE1:
         keys["control"] = (
             "ema_restart"  # no Stage-1 training state exists: the named, visible variant
         )
-    return keys
+    return presets.seeded_keys(keys, seed_index)
 
 
 def state_dir(run, keys):
@@ -96,14 +99,19 @@ def launcher(wildcards, resources):
     return "python -m"
 
 
+def periodic_eval_on(mode):
+    """Periodic FID/dFID during the consistency stages (never pretraining: no 1-step generator yet)."""
+    return mode != "pretrain" and bool(EVAL.get("every") or EVAL.get("points"))
+
+
 def periodic_eval_inputs(wildcards=None):
-    if not EVAL.get("every"):
+    if not periodic_eval_on("stage1"):
         return []
     return [ref_stats_path()] + ([feature_net_path()] if EVAL["extractor"] == "lenet" else [])
 
 
-def periodic_eval_args():
-    if not EVAL.get("every"):
+def periodic_eval_args(mode):
+    if not periodic_eval_on(mode):
         return ""
     args = f"--eval-ref-stats {ref_stats_path()} --eval-extractor {EVAL['extractor']}"
     if EVAL["extractor"] == "lenet":
@@ -146,7 +154,7 @@ def train_settings(mode, run_template):
         run = fill(run_template, wildcards)
         keys = train_keys(mode, run)
         parts = [f"--mode {mode}", f"--state-dir {state_dir(run, keys)}", f"--device {P['device']}"]
-        return " ".join(p for p in parts + [periodic_eval_args(), format_overrides(keys)] if p)
+        return " ".join(p for p in parts + [periodic_eval_args(mode), format_overrides(keys)] if p)
 
     return settings
 

@@ -3,9 +3,9 @@
 # evaluations. The tables rule reads the declared result files (its inputs, so it reruns when any of
 # them changes) and the MLflow store (filled in where files are absent, and cross-checked).
 #
-# Inputs: every evaluation JSON, and each training run's config.json. A run's metrics.jsonl is
-# rewritten together with its config.json whenever the run reruns, but is not a declared output of
-# the training rules, so config.json stands in for it here.
+# Inputs: every evaluation JSON and each training run's config.json, the extra training seeds' included
+# (training_seeds). A run's metrics.jsonl is rewritten together with its config.json whenever the run
+# reruns, but is not a declared output of the training rules, so config.json stands in for it here.
 
 PAPER_TABLE_RUNS = [
     run
@@ -19,6 +19,7 @@ PAPER_TABLE_INPUTS = sorted(
         main_targets()
         + ablation_targets()
         + [f"{RESULTS}/{run}/config.json" for run in PAPER_TABLE_RUNS]
+        + seed_targets("paper_tables")  # training seeds 1 .. K-1 of the claim-bearing arms
     )
 )
 # Tables (Markdown + CSV) and figures: tcm_core.report.cli.output_files() lists the same names.
@@ -87,8 +88,8 @@ rule tables:
     shell:
         # tee: the summary (where every file is, what has no data yet, timing) shows in the console too
         "OMP_NUM_THREADS={threads} python -m tcm_core tables --preset {wildcards.preset}"
-        ' --results {params.results} --tracking-uri "$TCM_MLFLOW_URI" --out {params.results}'
-        " 2>&1 | tee {log}"
+        ' --results {params.results} --tracking-uri "$TCM_MLFLOW_URI" --mlflow-parent {input.mlflow}'
+        " --out {params.results} 2>&1 | tee {log}"
 
 
 rule paper_tables:

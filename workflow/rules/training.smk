@@ -18,7 +18,7 @@ rule stage2:
     log:
         "results/{preset}/logs/stage2/{run}.log",
     wildcard_constraints:
-        run="main|ablation/.+",
+        run="main(/seed~[1-9][0-9]*)?|ablation/.+",
     conda:
         "../../envs/tcm.yaml"
     threads: train_cpus(alone=False)
@@ -30,6 +30,8 @@ rule stage2:
         TRAIN_SHELL
 
 
+# {seed}: empty for the run of `all`; for training seed j (training_seeds) the subfolder seed~j, Stage 1's
+# state continued with seed + j.
 use rule stage2 as stage1_continued with:
     input:
         init=stage1_network(),
@@ -38,11 +40,13 @@ use rule stage2 as stage1_continued with:
         mlflow=ancient("results/{preset}/mlflow.json"),
         periodic=periodic_eval_inputs,
     output:
-        **train_outputs("results/{preset}/stage1_continued"),
+        **train_outputs("results/{preset}/stage1_continued{seed}"),
     log:
-        "results/{preset}/logs/stage1_continued.log",
+        "results/{preset}/logs/stage1_continued{seed}.log",
+    wildcard_constraints:
+        seed="(/seed~[1-9][0-9]*)?",
     params:
-        **train_params("stage1_continued", "stage1_continued"),
+        **train_params("stage1_continued", "stage1_continued{seed}"),
 
 
 use rule stage2 as stage3 with:

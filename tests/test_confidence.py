@@ -1,0 +1,88 @@
+"""The paired interval and the verdicts of the claims table (tcm_core.report.confidence), checked against scipy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from tcm_core.report.confidence import (
+    FAILS,
+    HOLDS,
+    INCONCLUSIVE,
+    NOT_MEASURED,
+    Interval,
+    all_of,
+    paired_interval,
+    verdict,
+)
+
+
+@pytest.mark.parametrize("differences", [[-4.1, -2.0, -6.3], [0.5, -0.2], [1.0, 2.0, 3.0, 4.0, 10.0], [3.0, 3.0, 3.0]])
+def test_interval_is_scipys_one_sample_t_interval(differences):
+    ours = paired_interval(differences)
+    assert ours.mean == pytest.approx(np.mean(differences)) and ours.n == len(differences)
+    if np.std(differences) == 0:
+        assert ours.low == ours.high == pytest.approx(differences[0])
+        return
+    ci = stats.ttest_1samp(differences, 0.0).confidence_interval(0.95)
+    assert (ours.low, ours.high) == (pytest.approx(ci.low, rel=1e-12), pytest.approx(ci.high, rel=1e-12))
+
+
+def test_three_seeds_give_the_wide_interval_of_t_with_two_degrees_of_freedom():
+    ours = paired_interval([1.0, 2.0, 3.0])  # mean 2, sd 1
+    half = 4.302652729911275 / math.sqrt(3)  # t_{0.975, 2} from the t table
+    assert (ours.low, ours.high) == (pytest.approx(2 - half), pytest.approx(2 + half))
+    assert ours.text() == "+2 [-0.484, +4.48]"
+
+
+def test_one_seed_or_mixed_non_finite_values_give_no_interval():
+    one = paired_interval([-3.0])
+    assert (one.low, one.high, one.n) == (None, None, 1) and "1 seed, no interval" in one.text()
+    mixed = paired_interval([math.inf, 2.0, 1.0])
+    assert mixed.low is None and mixed.mean == math.inf
+    assert paired_interval([math.nan, 1.0]).low is None
+    exploded = paired_interval([math.inf, math.inf])  # every seed diverged: certainly above any threshold
+    assert exploded.low == exploded.high == math.inf
+    with pytest.raises(ValueError):
+        paired_interval([])
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "claimed", "expected"),
+    [
+        (-3.0, -1.0, "below", HOLDS),
+        (1.0, 3.0, "below", FAILS),
+        (-1.0, 2.0, "below", INCONCLUSIVE),
+        (1.0, 3.0, "above", HOLDS),
+        (-3.0, -1.0, "above", FAILS),
+        (-1.0, 2.0, "above", INCONCLUSIVE),
+        (-2.0, 0.0, "below", INCONCLUSIVE),  # touching the threshold is not below it
+    ],
+)
+def test_verdict_follows_where_the_interval_lies(low, high, claimed, expected):
+    assert verdict(Interval((low + high) / 2, low, high, 3), 0.0, claimed) == expected
+
+
+def test_verdict_without_interval_or_measurement():
+    assert verdict(Interval(-5.0, None, None, 1), 0.0, "below") == INCONCLUSIVE
+    assert verdict(None, 0.0, "below") == NOT_MEASURED
+    with pytest.raises(ValueError):
+        verdict(Interval(0.0, -1.0, 1.0, 3), 0.0, "sideways")
+
+
+def test_a_claim_of_several_parts():
+    assert all_of([HOLDS, HOLDS]) == HOLDS
+    assert all_of([HOLDS, INCONCLUSIVE]) == INCONCLUSIVE
+    assert all_of([INCONCLUSIVE, FAILS, HOLDS]) == FAILS
+    assert all_of([HOLDS, NOT_MEASURED]) == NOT_MEASURED and all_of([]) == NOT_MEASURED
+
+
+def test_coverage_of_the_interval_is_95_percent_on_normal_differences():
+    """The claim the docs make: with K = 3 normal differences the interval covers the true mean 95 % of the time."""
+    rng = np.random.default_rng(0)
+    samples = rng.normal(1.5, 2.0, size=(1500, 3))
+    covered = [(i.low <= 1.5 <= i.high) for i in (paired_interval(row) for row in samples)]
+    assert np.mean(covered) == pytest.approx(0.95, abs=0.017)  # 3 standard errors of the estimate
