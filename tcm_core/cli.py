@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "evaluate": ("tcm_core.evaluation", "evaluate", "FID, dFID sweeps and sample grids"),
     "mlflow-init": ("tcm_core.tracking", "mlflow_init", "create the MLflow experiment and study parent run"),
     "tables": ("tcm_core.report.cli", "tables", "build the paper tables, figures and claims check"),
+    "check-config": ("tcm_core.presets", "check_config", "check config.yaml and --configfile overlays (file, line)"),
 }
 
 

@@ -1,7 +1,8 @@
 """Network files: our own format, the one loader for every checkpoint format, and ``inspect``.
 
 * ``save_network`` writes ``X.safetensors`` (the weights, fp32 as held) and ``X.json`` (``arch``, ``iteration``,
-  ``provenance``), both atomically and byte-for-byte deterministic (sorted header, tensors in a fixed order).
+  ``provenance``), both atomically (both written in full before either replaces an older one) and byte-for-byte
+  deterministic (sorted header, tensors in a fixed order).
 * ``load_network`` reads ours, EDM/EDM2/ECT/TCM pickles and plain state dicts (the last two through
   :mod:`tcm_core.foreign_checkpoints`) and returns our ``Precond`` plus a ``meta`` dict. A ``FILE.sha256``
   record beside the file (:mod:`tcm_core.downloads`) is enforced.
@@ -25,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tcm_core.atomic import atomic_path, write_text_atomic
+from tcm_core.atomic import atomic_path
 from tcm_core.errors import ConfigError, MissingFileError, TcmError, one_line
 from tcm_core.foreign_checkpoints import (
     CheckpointError,
@@ -225,9 +226,10 @@ def save_network(net: Any, path: str | Path, *, iteration: int, provenance: dict
     record = {"arch": arch, "iteration": int(iteration), "provenance": dict(provenance)}
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"  # fails early on non-JSON provenance
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    with atomic_path(path) as tmp:
+    # both written in full before either is renamed into place: a failed write leaves no new half of the pair
+    with atomic_path(path) as tmp, atomic_path(_json_path(path)) as tmp_json:
         _write_safetensors(tensors, {"format": "tcm-network", "arch": json.dumps(arch, sort_keys=True)}, tmp)
-    write_text_atomic(_json_path(path), text)
+        tmp_json.write_text(text)
 
 
 def _header_arch(path: Path) -> dict[str, Any] | None:

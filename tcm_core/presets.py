@@ -11,10 +11,17 @@ Resolution of a mode's keys from ``presets[P]`` (see docs/ARCHITECTURE.md "confi
 * an ablation point overrides ``stage2`` with its factor values and the ablation's ``batch`` and ``iterations``.
 
 A flat YAML (no ``presets``) is taken as the TrainConfig keys directly.
+
+CLI: ``python -m tcm_core check-config FILE [FILE ...] [--preset P]`` merges the files as Snakemake merges
+``configfile:`` and ``--configfile`` (later files override earlier ones, key by key), then reports every YAML
+syntax error (file and line), every schema violation and the preset check's refusal, one line each.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,7 @@ from tcm_core.train_config import MODES, TrainConfig, build_config, parse_overri
 EVAL_BLOCK_KEYS = {"every": "eval_every", "num": "eval_num", "mid_t": "eval_mid_t", "dfid_ts": "eval_dfid_ts"}
 ABLATION_FACTORS = ("t_prime", "rho", "w_b", "student_sigma", "student_nu")  # the Stage-2 keys the grids vary
 MAX_PARAMETERS = 4_000_000_000  # refuse architectures beyond this (EDM2-XL has 1.12e9): a typo, not a model
+SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"  # in the repository
 
 
 # ---------------------------------------------------------------------------------------------------------- files
@@ -243,3 +251,95 @@ def check_preset(config: dict[str, Any], name: str) -> dict[str, TrainConfig]:
         check_architecture(preset["arch"], f"{where}.arch")
     return configs
 
+
+
+# ---------------------------------------------------------------------------------------------------- check-config
+
+
+def merge_config(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``overlay`` over ``base``, mappings merged key by key (Snakemake's ``update_config``); a new dict."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _schema_validator(schema_path: Path) -> Any:
+    """A Draft 2020-12 validator of the config schema that also fills its defaults (as Snakemake's does)."""
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+
+    def properties_with_defaults(validator: Any, properties: Any, instance: Any, schema: Any) -> Any:
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if isinstance(sub, dict) and "default" in sub:
+                    instance.setdefault(name, copy.deepcopy(sub["default"]))
+        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    filling = jsonschema.validators.extend(base, {"properties": properties_with_defaults})
+    return filling(yaml.safe_load(schema_path.read_text()))
+
+
+def schema_problems(config: dict[str, Any], schema_path: str | Path = SCHEMA) -> list[ConfigError]:
+    """Every violation of the JSON schema, the best match first, naming the key; fills the schema's defaults."""
+    import jsonschema
+
+    errors = list(_schema_validator(Path(schema_path)).iter_errors(config))
+    best = jsonschema.exceptions.best_match(errors)
+    ordered = ([best] if best is not None else []) + [e for e in errors if e is not best]
+    out = []
+    for error in ordered:
+        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        hint = error.schema.get("description") if isinstance(error.schema, dict) else None
+        out.append(ConfigError(f"invalid config: {error.message}", where, hint))
+    return out
+
+
+def check_config_files(paths: list[str | Path], preset: str | None = None,
+                       schema_path: str | Path | None = SCHEMA) -> list[ConfigError | MissingFileError]:
+    """The problems of the merged config files for ``preset`` (default: the merged ``preset`` key)."""
+    problems: list[ConfigError | MissingFileError] = []
+    merged: dict[str, Any] = {}
+    for path in paths:
+        try:
+            raw = read_yaml(path)
+        except (ConfigError, MissingFileError) as error:
+            problems.append(error)
+            continue
+        if raw is not None and not isinstance(raw, dict):
+            problems.append(ConfigError("the config is not a mapping at the top level", str(path), "fix the YAML"))
+            continue
+        merged = merge_config(merged, raw or {})
+    if problems:
+        return problems  # the merged config is not what the workflow would see
+    if preset is not None:
+        merged["preset"] = preset
+    if schema_path is not None and Path(schema_path).is_file():
+        found = schema_problems(merged, schema_path)
+        if found:
+            return found
+    try:
+        check_preset(merged, str(merged.get("preset")))
+    except ConfigError as error:
+        problems.append(error)
+    return problems
+
+
+def add_check_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", type=Path, help="config.yaml, then the --configfile overlays, in order")
+    parser.add_argument("--preset", default=None, help="the preset to check (default: the merged `preset` key)")
+    parser.add_argument("--schema", type=Path, default=SCHEMA, help="the JSON schema (default: the repository's)")
+
+
+def run_check_config(args: argparse.Namespace) -> int:
+    problems = check_config_files(args.files, args.preset, args.schema)
+    for problem in problems:
+        print(problem.line(), file=sys.stderr)
+    if problems:
+        return problems[0].exit_code
+    print(f"check-config: {', '.join(map(str, args.files))}: no problems")
+    return 0
