@@ -14,8 +14,8 @@ from tcm_core.errors import ConfigError
 
 
 def checked_config(cfg):
-    """JSON-schema validation naming the failing key (tcm_core.presets, as check-config does), Snakemake's
-    (which fills defaults), then every cross-field and TrainConfig check of tcm_core for the preset."""
+    """JSON-schema validation naming the failing key (tcm_core.presets, as check-config does),
+    Snakemake's (which fills defaults), then every cross-field and TrainConfig check of tcm_core."""
     cfg.update(presets.normalise_cli_values(cfg))  # nested --config values arrive as strings
     schema_file = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
     problems = presets.schema_problems(dict(cfg), schema_file)
