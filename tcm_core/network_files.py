@@ -227,9 +227,10 @@ def save_network(net: Any, path: str | Path, *, iteration: int, provenance: dict
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"  # fails early on non-JSON provenance
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     # both written in full before either is renamed into place: a failed write leaves no new half of the pair
-    with atomic_path(path) as tmp, atomic_path(_json_path(path)) as tmp_json:
+    with atomic_path(path) as tmp:
         _write_safetensors(tensors, {"format": "tcm-network", "arch": json.dumps(arch, sort_keys=True)}, tmp)
-        tmp_json.write_text(text)
+        with atomic_path(_json_path(path)) as tmp_json:
+            tmp_json.write_text(text)
 
 
 def _header_arch(path: Path) -> dict[str, Any] | None:

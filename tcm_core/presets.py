@@ -132,7 +132,10 @@ def resolve_config(config_path: str | Path | None, mode: str, preset: str | None
         keys.update(overrides)
     elif overrides:
         keys.update(parse_overrides(overrides))
-    return build_config(keys, mode)
+    cfg = build_config(keys, mode)
+    if mode == "pretrain" and cfg.arch:
+        check_architecture(cfg.arch, "config key 'arch'")  # before the job allocates it
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------- checks

@@ -186,8 +186,28 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return (db.resolve().parent / "mlartifacts").as_uri()
 
 
+class _WithoutTraceback:
+    """A logging filter dropping records that carry an exception (MLflow logs each SQLAlchemy error it re-raises
+    with a full traceback; the error itself reaches us: retried, raised as one line by :func:`store_error`, or
+    as a bug with its own traceback, so the log only repeats it)."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return record.exc_info is None
+
+
+def _quiet_store_errors() -> None:
+    import logging
+
+    store_log = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _WithoutTraceback) for f in store_log.filters):
+        store_log.addFilter(_WithoutTraceback())
+
+
 def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
+
+    _quiet_store_errors()
 
     db = _sqlite_path(tracking_uri)
     if db is not None:

@@ -59,6 +59,34 @@ def popen_limited(args: list[str], limit: int = MEMORY_LIMIT) -> subprocess.Pope
                             stderr=subprocess.PIPE, text=True)
 
 
+_CHILD = Path(__file__).with_name("child_limits.py")
+
+
+def run_restricted(args: list[str], *, file_size: int = 0, drop_dac: bool = False, limit: int = MEMORY_LIMIT,
+                   timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m tcm_core ARGS`` under a memory limit, optionally with writes past ``file_size`` bytes failing
+    as on a full disk (EFBIG) and permission bits binding even for root (``tests/child_limits.py``)."""
+    command = [sys.executable, str(_CHILD), str(limit), str(file_size), str(int(drop_dac)), "--", *args]
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(stderr: str) -> str:
+    """The single ``tcm: error:`` line of a failed command: the last stderr line, no traceback, no other error."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    assert lines and lines[-1].startswith(ERROR_PREFIX) and errors == [lines[-1]], stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return lines[-1]
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file below ``folder`` (to show the last good outputs are untouched)."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one stderr line of a failed command (asserting there is exactly one, and no traceback)."""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -1,0 +1,275 @@
+"""Fault classes 1, 2 and 4 of the fault suite: hostile configs, a storage that refuses writes, non-finite
+training. Every case ends with one line ``tcm: error: <what>, <where>, <todo>`` and its exit code (or is refused
+before work starts), leaves no temporary file, and leaves the last good output as it was.
+
+* Storage (class 2) runs the real CLI in a child (``tests/child_limits.py``): "disk full" is RLIMIT_FSIZE (writes
+  past it fail with EFBIG, as ENOSPC on a full disk; a real full tmpfs where mount namespaces are allowed), and
+  read-only files and folders bind even root because the child drops CAP_DAC_OVERRIDE. All children run in
+  parallel, two at a time, from one fixture.
+* Config (class 1) and the error path of each command call ``tcm_core.cli.main`` in this process (the real entry
+  point; nothing is mocked), so they cost no interpreter start.
+* Non-finite training (class 4) runs the CLI in this process too, on micro settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import fault_helpers as fh
+import pytest
+from training_helpers import make_small_mnist, train_args
+
+from tcm_core import cli
+from tcm_core.train_config import build_config
+from tcm_core.train_state import list_states, load_latest_state
+from tcm_core.training import train
+
+# the settings of the good run every storage case resumes (equal settings: the state is compatible)
+KEYS = {"iterations": 2, "batch": 4, "log_every": 1, "state_every": 2}
+STATE_BYTES_AT_LEAST = 1_000_000  # a micro-network state is ~3 MB, its network ~0.7 MB (checked below)
+
+
+def _overrides(**extra) -> list[str]:
+    return [f"{k}={v}" for k, v in {**KEYS, **extra}.items()]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A dataset, an init checkpoint and the state folder of a finished good Stage-1 run (state-000000002.pt)."""
+    root = tmp_path_factory.mktemp("faults")
+    data = make_small_mnist(root / "d.zip", count=16)
+    init = fh.own_checkpoint(root / "init.safetensors")
+    state = root / "good_state"
+    train(build_config(dict(KEYS), "stage1"), mode="stage1", data=data, out=root / "good", init=init,
+          state_dir=state, device="cpu", progress=False)
+    assert [it for it, _ in list_states(state)] == [2]
+    assert list_states(state)[0][1].stat().st_size > 2 * STATE_BYTES_AT_LEAST
+    assert (root / "good" / "network.safetensors").stat().st_size < STATE_BYTES_AT_LEAST
+    return SimpleNamespace(root=root, data=data, init=init, state=state)
+
+
+def _copy_state(world, name: str) -> Path:
+    dest = world.root / name
+    shutil.copytree(world.state, dest)
+    return dest
+
+
+def _read_only(*paths: Path) -> None:
+    for path in paths:
+        path.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP if path.is_dir() else stat.S_IRUSR)
+
+
+def _writable(*paths: Path) -> None:
+    for path in paths:
+        if path.exists():
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Class 2: the storage refuses (disk full, read-only folder, read-only MLflow database)
+
+
+def _train(world, out: Path, state_dir: Path, **extra) -> list[str]:
+    return train_args("stage1", world.data, out, *_overrides(**extra), init=world.init,
+                      extra=["--state-dir", str(state_dir)])
+
+
+def _tmpfs_full_disk(world, case: Path) -> tuple[list[str], Path] | None:
+    """``unshare -m`` + a 4 MiB tmpfs holding the good state (3 MB): the next state cannot fit (ENOSPC). The
+    folder is copied out after the run (the mount namespace ends with it). None where mounting is not allowed."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        return None
+    q = shlex.quote
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {q(str(case))}"],
+                           capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        return None
+    mount, after, out = case / "mnt", case / "after", case / "run"
+    mount.mkdir()
+    after.mkdir()
+    inner = shlex.join(map(str, [sys.executable, fh._CHILD, fh.MEMORY_LIMIT, 0, 0, "--",
+                                 *_train(world, out, mount, iterations=4)]))
+    script = (f"mount -t tmpfs -o size=4m tmpfs {q(str(mount))} && cp -a {q(f'{world.state}/.')} {q(str(mount))}/ "
+              f"&& {inner}; rc=$?; cp -a {q(f'{mount}/.')} {q(str(after))}/; exit $rc")
+    return ["unshare", "-m", "sh", "-c", script], after
+
+
+def _storage_cases(world) -> dict[str, dict]:
+    """name -> {args (CLI, or a whole command), limits, what the line must name, folders that must not change}."""
+    base = world.root / "storage"
+    cases: dict[str, dict] = {}
+
+    def case(name: str, **spec) -> Path:
+        folder = base / name.replace(" ", "_")
+        folder.mkdir(parents=True)
+        cases[name] = {"folder": folder, "file_size": 0, "drop_dac": False, "intact": [], **spec}
+        return folder
+
+    folder = case("disk full writing a state", fragment="file too large")
+    state = _copy_state(world, "s_full")
+    cases["disk full writing a state"].update(
+        args=_train(world, folder / "run", state, iterations=4), file_size=STATE_BYTES_AT_LEAST,
+        names=state / "state-000000004.pt", intact=[state])
+
+    folder = case("disk full writing the network", fragment="file too large")
+    state = _copy_state(world, "s_net")  # a job killed after its final state: the rerun only writes the network
+    cases["disk full writing the network"].update(
+        args=_train(world, folder / "run", state), file_size=500_000, names=folder / "run" / "network.safetensors",
+        intact=[state])
+
+    folder = case("read-only output folder", fragment="permission denied", drop_dac=True)
+    (folder / "run").mkdir()
+    cases["read-only output folder"].update(args=_train(world, folder / "run", folder / "state"),
+                                            names=folder / "run" / "config.json", read_only=[folder / "run"])
+
+    folder = case("read-only state folder", fragment="permission denied", drop_dac=True)
+    state = _copy_state(world, "s_ro")
+    cases["read-only state folder"].update(args=_train(world, folder / "run", state, iterations=4),
+                                           names=state / "state-000000004.pt", intact=[state], read_only=[state])
+
+    folder = case("read-only MLflow database", fragment="readonly database", drop_dac=True)
+    db, parent = _mlflow_store(folder / "ml")
+    cases["read-only MLflow database"].update(
+        args=_train(world, folder / "run", folder / "state") + ["--mlflow-uri", f"sqlite:///{db}", "--mlflow-parent",
+                                                                 str(parent), "--run-key", "stage1:faults"],
+        names=db, intact=[db], read_only=[db])
+
+    folder = case("mlflow-init on a read-only database", fragment="readonly database", drop_dac=True)
+    db, _ = _mlflow_store(folder / "ml")
+    cases["mlflow-init on a read-only database"].update(
+        args=["mlflow-init", "--tracking-uri", f"sqlite:///{db}", "--experiment", "tcm-faults", "--study", "another",
+              "--out", str(folder / "out" / "mlflow.json")], names=db, intact=[db], read_only=[db],
+        lock=True)  # mlflow-init's lock file stays by design (a concurrent init waits on it)
+
+    folder = case("evaluate grid into a read-only folder", fragment="permission denied", drop_dac=True)
+    (folder / "out").mkdir()
+    cases["evaluate grid into a read-only folder"].update(
+        args=["evaluate", "grid", "--ckpt", str(world.init), "--num", "4", "--device", "cpu", "--out",
+              str(folder / "out" / "grid.png")], names=folder / "out" / "grid.png", read_only=[folder / "out"])
+
+    folder = case("prepare-dataset on a full disk", fragment="file too large", file_size=200_000)
+    cases["prepare-dataset on a full disk"].update(
+        args=["prepare-dataset", "--name", "mnist5k", "--out", str(folder / "d.zip")], names=folder / "d.zip")
+
+    folder = case("train-feature-net on a full disk", fragment="file too large", file_size=100_000)
+    cases["train-feature-net on a full disk"].update(
+        args=["train-feature-net", "--data", str(world.data), "--epochs", "1", "--out", str(folder / "lenet.pt")],
+        names=folder / "lenet.pt")
+
+    folder = case("tables into a read-only folder", fragment="permission denied", drop_dac=True)
+    (folder / "out").mkdir()
+    cases["tables into a read-only folder"].update(
+        args=["tables", "--preset", "ci", "--results", str(folder / "none"), "--tracking-uri", "none",
+              "--no-figures", "--out", str(folder / "out")], names=folder / "out" / "tables",
+        read_only=[folder / "out"])
+
+    folder = case("a real full disk (tmpfs) writing a state", fragment="no space left")
+    full = _tmpfs_full_disk(world, folder)
+    if full is None:
+        del cases["a real full disk (tmpfs) writing a state"]
+    else:
+        cases["a real full disk (tmpfs) writing a state"].update(
+            command=full[0], after=full[1], good_state=world.state, names=folder / "mnt" / "state-000000004.pt")
+    return cases
+
+
+def _mlflow_store(folder: Path) -> tuple[Path, Path]:
+    from tcm_core.tracking import init_study
+
+    folder.mkdir(parents=True)
+    db = folder / "mlflow.db"
+    record = init_study(f"sqlite:///{db}", "tcm-faults", "faults-study")
+    parent = folder / "mlflow.json"
+    parent.write_text(json.dumps(record))
+    return db, parent
+
+
+def _digest(path: Path) -> dict[str, str]:
+    return fh.digests(path) if path.is_dir() else {path.name: fh.digests(path.parent)[path.name]}
+
+
+def _run_case(spec: dict) -> subprocess.CompletedProcess:
+    if "command" in spec:
+        return subprocess.run(spec["command"], cwd=fh.REPO, env=fh._env(), capture_output=True, text=True,
+                              timeout=300)
+    return fh.run_restricted(spec["args"], file_size=spec["file_size"], drop_dac=spec["drop_dac"])
+
+
+@pytest.fixture(scope="module")
+def storage_runs(world):
+    cases = _storage_cases(world)
+    before = {name: {str(p): _digest(p) for p in spec["intact"]} for name, spec in cases.items()}
+    for spec in cases.values():
+        _read_only(*spec.get("read_only", []))
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            procs = dict(zip(cases, pool.map(_run_case, cases.values())))
+    finally:
+        for spec in cases.values():
+            _writable(*spec.get("read_only", []))
+    return cases, before, procs
+
+
+STORAGE_CASES = ["disk full writing a state", "disk full writing the network", "read-only output folder",
+                 "read-only state folder", "read-only MLflow database", "mlflow-init on a read-only database",
+                 "evaluate grid into a read-only folder", "prepare-dataset on a full disk",
+                 "train-feature-net on a full disk", "tables into a read-only folder",
+                 "a real full disk (tmpfs) writing a state"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", STORAGE_CASES)
+def test_storage_refusal_is_one_line_exit_5_and_loses_nothing(storage_runs, name):
+    cases, before, procs = storage_runs
+    if name not in cases:
+        pytest.skip("mount namespaces (unshare -m, tmpfs) are not allowed here")
+    spec, proc = cases[name], procs[name]
+    line = fh.one_error_line(proc.stderr)
+    assert proc.returncode == 5, f"rc {proc.returncode}: {proc.stderr[-2000:]}"
+    assert spec["fragment"] in line and str(spec["names"]) in line, line
+    for path in spec["intact"]:
+        assert _digest(path) == before[name][str(path)], f"{path} changed"
+    checked = spec.get("after", spec["folder"])
+    left = [p for p in fh.leftovers(checked) if not (spec.get("lock") and p.endswith("mlflow.json.lock"))]
+    assert left == [] and not list(checked.rglob("network.safetensors")), sorted(checked.rglob("*"))
+    for path in spec["intact"]:
+        if path.is_dir() and list_states(path):
+            state = load_latest_state(path)  # the last good state still loads and resumes
+            assert state is not None and state["iteration"] == 2
+    if "after" in spec:  # the tmpfs, copied out after the run: the good state is there, whole, and nothing else
+        assert fh.digests(spec["after"]) == fh.digests(spec["good_state"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# helpers of the in-process CLI tests
+
+
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    """``tcm_core.cli.main(args)`` in this process: the exit code and its stderr."""
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def expect_error(capsys, code: int, fragments: tuple[str, ...], *args: str) -> str:
+    rc, err = run_main(capsys, *args)
+    line = fh.one_error_line(err)
+    assert rc == code, f"rc {rc}: {err[-2000:]}"
+    assert all(f in line for f in fragments), line
+    return line
+
+
+@contextlib.contextmanager
+def no_leftovers(folder: Path):
+    yield
+    assert fh.leftovers(folder) == []
