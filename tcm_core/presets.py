@@ -33,24 +33,65 @@ from tcm_core.train_config import MODES, TrainConfig, build_config, parse_overri
 EVAL_BLOCK_KEYS = {"every": "eval_every", "num": "eval_num", "mid_t": "eval_mid_t", "dfid_ts": "eval_dfid_ts"}
 ABLATION_FACTORS = ("t_prime", "rho", "w_b", "student_sigma", "student_nu")  # the Stage-2 keys the grids vary
 MAX_PARAMETERS = 4_000_000_000  # refuse architectures beyond this (EDM2-XL has 1.12e9): a typo, not a model
+MAX_YAML_NODES = 1_000_000  # a config file that expands to more (nested aliases) is refused before it is read
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"  # in the repository
 
 
 # ---------------------------------------------------------------------------------------------------------- files
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                break
+            if repeated:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> Any:
-    """A YAML file's content; a missing file or a syntax error is one clear error naming the file and line."""
+    """A YAML file's content; a missing file, a syntax error or a key given twice in one mapping is one clear
+    error naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError("config file not found", str(path), "check the path")
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"not UTF-8 text (byte {error.start})", str(path), "save it as UTF-8 YAML") from None
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_nodes(node, {}) > MAX_YAML_NODES:
+            raise ConfigError(f"the YAML expands to more than {MAX_YAML_NODES:,} nodes (aliases of aliases)",
+                              str(path), "write the values out; a config needs no nested aliases")
+        return loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path} line {mark.line + 1} column {mark.column + 1}" if mark is not None else str(path)
         problem = getattr(error, "problem", None) or "invalid YAML"
         raise ConfigError(f"YAML syntax error ({problem})", where, "fix the file") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many nodes the document has once every alias is expanded (a "billion laughs" file is tiny but
+    expands to 10^9: anything that walks it, such as the schema validator, would never finish)."""
+    if id(node) not in memo:
+        memo[id(node)] = 1  # a recursive alias counts once
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        memo[id(node)] = 1 + sum(_expanded_nodes(child, memo) for child in children)
+    return memo[id(node)]
 
 
 def preset_block(raw: dict[str, Any], name: str | None, where: str) -> dict[str, Any]:
@@ -297,7 +338,7 @@ def schema_problems(config: dict[str, Any], schema_path: str | Path = SCHEMA) ->
     out = []
     for error in ordered:
         where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-        hint = error.schema.get("description") if isinstance(error.schema, dict) else None
+        hint = error.schema.get("description") if isinstance(error.schema, dict) and error.absolute_path else None
         out.append(ConfigError(f"invalid config: {error.message}", where, hint))
     return out
 
