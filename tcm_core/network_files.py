@@ -45,36 +45,6 @@ _FORMATS = "use .safetensors, .pkl, .pt or .pth"
 # --- building a network for a file's weights -------------------------------------------------------------------
 
 
-class _OverBudget(Exception):
-    """The architecture registers more tensors or elements than the file holds."""
-
-
-@contextlib.contextmanager
-def _tensor_budget(tensors: int, numel: int) -> Iterator[None]:
-    """Abort module construction (raise ``_OverBudget``) once the parameters and buffers registered exceed
-    twice the file's ``tensors`` tensors or ``numel`` elements (an early stop for absurd sizes, checked as
-    each one is registered; the exact match is checked after the build)."""
-    from torch.nn.modules import module
-
-    seen = [0, 0]
-
-    def count(_module: Any, name: str, tensor: Any) -> None:
-        if tensor is None:
-            return
-        seen[0] += 1
-        seen[1] += tensor.numel()
-        if seen[0] > 2 * tensors + 16 or seen[1] > 2 * numel + 4096:
-            raise _OverBudget(f"the architecture needs far more than the file's {tensors} tensors / {numel} weights")
-
-    handles = [module.register_module_parameter_registration_hook(count),
-               module.register_module_buffer_registration_hook(count)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 # Errors a malformed arch dict can raise from the network constructors (wrong types, zero sizes, ...).
 _BAD_ARCH = (ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, AssertionError, OverflowError,
              AttributeError, RuntimeError)
@@ -92,14 +62,16 @@ def build_on_meta(arch: dict[str, Any], tensors: int, numel: int) -> Any:
     tensors holding ``numel`` elements."""
     import torch
 
-    from tcm_core.networks import build_precond
+    from tcm_core.networks import OverBudget, build_precond, registration_budget
 
     _check_arch(arch)
     try:
-        with _tensor_budget(tensors, numel), torch.device("meta"):
+        # twice the file's tensors and elements: an early stop for absurd sizes (the exact match is checked after)
+        with registration_budget(2 * tensors + 16, 2 * numel + 4096), torch.device("meta"):
             return build_precond(arch)
-    except _OverBudget as exc:
-        raise CheckpointError(f"{exc} (its sizes are wrong or absurd)") from None
+    except OverBudget:
+        raise CheckpointError(f"the architecture needs far more than the file's {tensors} tensors / {numel} "
+                              "weights (its sizes are wrong or absurd)") from None
     except _BAD_ARCH as exc:
         raise CheckpointError(f"cannot build the architecture: {type(exc).__name__}: {one_line(exc)[:300]}") from None
 

@@ -33,6 +33,7 @@ from tcm_core.train_config import MODES, TrainConfig, build_config, parse_overri
 EVAL_BLOCK_KEYS = {"every": "eval_every", "num": "eval_num", "mid_t": "eval_mid_t", "dfid_ts": "eval_dfid_ts"}
 ABLATION_FACTORS = ("t_prime", "rho", "w_b", "student_sigma", "student_nu")  # the Stage-2 keys the grids vary
 MAX_PARAMETERS = 4_000_000_000  # refuse architectures beyond this (EDM2-XL has 1.12e9): a typo, not a model
+MAX_TENSORS = 4_000  # ... or with more tensors than this (DDPM++ has 424, EDM2-XL 200)
 MAX_YAML_NODES = 1_000_000  # a config file that expands to more (nested aliases) is refused before it is read
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"  # in the repository
 
@@ -232,20 +233,23 @@ def check_architecture(arch: dict[str, Any], where: str) -> None:
     """Build the architecture on the meta device (no memory) and refuse absurd sizes before any job runs."""
     import torch
 
-    from tcm_core.networks import arch_preset, build_precond, count_parameters
+    from tcm_core.networks import OverBudget, arch_preset, build_precond, count_parameters, registration_budget
 
     spec = dict(arch)
     spec.setdefault("img_resolution", 16)
     spec.setdefault("img_channels", 1)
+    todo = "check model_channels / num_blocks / channel_mult"
     try:
         full = arch_preset(spec.pop("preset"), **spec) if "preset" in spec else spec
-        with torch.device("meta"):
+        with registration_budget(MAX_TENSORS, 2 * MAX_PARAMETERS), torch.device("meta"):
             count = count_parameters(build_precond(full))
-    except (TypeError, ValueError, KeyError) as error:
+    except OverBudget as error:
+        raise ConfigError(f"the architecture has {error} (the limit: {MAX_PARAMETERS:,} parameters)", where,
+                          todo) from None
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, OverflowError, RuntimeError) as error:
         raise ConfigError(f"cannot build the architecture ({error})", where, "fix the arch keys") from None
     if count > MAX_PARAMETERS:
-        raise ConfigError(f"the architecture has {count:,} parameters (more than {MAX_PARAMETERS:,})", where,
-                          "check model_channels / num_blocks / channel_mult")
+        raise ConfigError(f"the architecture has {count:,} parameters (more than {MAX_PARAMETERS:,})", where, todo)
 
 
 def check_times(preset: dict[str, Any], stage2: TrainConfig, where: str) -> None:

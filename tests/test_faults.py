@@ -273,3 +273,103 @@ def expect_error(capsys, code: int, fragments: tuple[str, ...], *args: str) -> s
 def no_leftovers(folder: Path):
     yield
     assert fh.leftovers(folder) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Class 1: configs the job would refuse (or run wrongly) are refused before work starts, naming file and line/key
+
+
+CHECK_CONFIG_CASES = {
+    # overlay text -> (exit code, fragments of the one line)
+    "a YAML syntax error": ("presets:\n  ci:\n    stage2: {rho: 0.5\n", 2, ("YAML syntax error", "line 4")),
+    "a tab in the indentation": ("presets:\n\tci: {}\n", 2, ("YAML syntax error", "line 2")),
+    "a key given twice": ("presets:\n  ci:\n    stage2: {lr: 1e-4, lr: 2e-4}\n", 2, ("duplicate key 'lr'", "line 3")),
+    "not UTF-8": (b"presets: \xff\xfe\n", 2, ("not UTF-8",)),
+    "a list at the top level": ("- preset: ci\n", 2, ("not a mapping",)),
+    "nested aliases (a billion laughs)": (
+        "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}' if i else 'x'] * 10)}]\n" for i in range(9)), 2,
+        ("expands to more than",)),
+    "an unknown key": ("presets:\n  ci:\n    stage2: {lrr: 1}\n", 2, ("'lrr' was unexpected", "presets.ci.stage2")),
+    "a string for a number": ("presets:\n  ci:\n    stage1: {lr: fast}\n", 2, ("presets.ci.stage1.lr",)),
+    "a rho without a boundary sample": ("presets:\n  ci:\n    stage2: {rho: 0.05}\n", 2, ("'rho'", "floor(batch")),
+    "a time distribution without mass": ("presets:\n  ci:\n    stage1: {p_mean: 700}\n", 2, ("no probability mass",)),
+    "a t_max whose square overflows": ("presets:\n  ci:\n    stage2: {t_max: 1.0e+30}\n", 2, ("'t_max'", "float32")),
+    "a batch of 1e8": ("presets:\n  ci:\n    stage1: {batch: 100000000}\n", 2, ("'batch'",)),
+    "an absurd architecture": ("presets:\n  ci:\n    arch: {preset: tiny, num_blocks: 100000}\n", 2,
+                               ("presets.ci.arch", "parameters")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHECK_CONFIG_CASES))
+def test_check_config_names_the_file_and_line_of_each_problem(tmp_path, capsys, name):
+    text, code, fragments = CHECK_CONFIG_CASES[name]
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_bytes(text if isinstance(text, bytes) else text.encode())
+    rc, err = run_main(capsys, "check-config", fh.REPO / "config.yaml", overlay, "--preset", "ci")
+    lines = err.strip().splitlines()
+    assert rc == code and lines and all(line.startswith(fh.ERROR_PREFIX) for line in lines), err
+    assert all(f in lines[0] for f in fragments), lines[0]
+    if "YAML" in lines[0] or "duplicate" in lines[0] or "UTF-8" in lines[0]:
+        assert str(overlay) in lines[0]
+
+
+def test_check_config_passes_every_preset_and_reports_each_file(tmp_path, capsys):
+    for preset in ("tiny", "ci"):
+        rc, err = run_main(capsys, "check-config", fh.REPO / "config.yaml", "--preset", preset)
+        assert rc == 0 and err == "", err
+    bad = [tmp_path / "a.yaml", tmp_path / "b.yaml"]
+    bad[0].write_text("presets: [\n")
+    bad[1].write_text("x: 1\nx: 2\n")
+    rc, err = run_main(capsys, "check-config", fh.REPO / "config.yaml", *bad, tmp_path / "missing.yaml")
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 3, err  # one line per problem, each naming its file
+    assert all(str(path) in line for path, line in zip([*bad, tmp_path / "missing.yaml"], lines))
+
+
+TRAIN_CONFIG_CASES = {
+    # key=value overrides of `train` -> fragments; all refused before the dataset is opened
+    "lr=nan": ("'lr'", "finite"), "lr=.inf": ("'lr'", "finite"), "lr=-1": ("'lr'", "> 0"),
+    "batch=100000000": ("'batch'",), "batch=0": ("'batch'",), "iterations=1.5": ("'iterations'",),
+    "batch_gpu=3": ("'batch_gpu'", "divisor"), "grid_num=100000000": ("'grid_num'",),
+    "eval_num=1": ("'eval_num'",), "c=1e300": ("'c'", "float32"), "t_max=1e300": ("'t_max'",),
+    "p_mean=700": ("p_mean, p_std", "no probability mass"), "p_std=1e300": ("no probability mass",),
+    "nonfinite=maybe": ("'nonfinite'",), "nonfinite_max_share=1.5": ("'nonfinite_max_share'",),
+    "lrr=1": ("unknown key", "'lrr'"), "lr=[1, 2]": ("'lr'",), "seed": ("not key=value",),
+    "arch={preset: tiny, model_channels: 1000000}": ("config key 'arch'", "parameters"),
+}
+
+
+@pytest.mark.parametrize("override", sorted(TRAIN_CONFIG_CASES))
+def test_train_refuses_a_bad_setting_before_any_work(world, tmp_path, capsys, override):
+    out = tmp_path / "run"
+    mode = "pretrain" if override.startswith("arch=") else "stage1"
+    args = train_args(mode, tmp_path / "no-data-read.zip", out, override,
+                      init=None if mode == "pretrain" else world.init)
+    expect_error(capsys, 2, TRAIN_CONFIG_CASES[override], *args)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("iterations: 2\nbatch: [4\n", ("YAML syntax error", "line 3")),
+    ("iterations: 2\niterations: 3\n", ("duplicate key 'iterations'", "line 2")),
+    ("- 1\n", ("not a mapping",)),
+])
+def test_train_config_file_errors_name_the_file_and_line(world, tmp_path, capsys, text, fragments):
+    config = tmp_path / "flat.yaml"
+    config.write_text(text)
+    args = train_args("stage1", world.data, tmp_path / "run", init=world.init, extra=["--config", str(config)])
+    line = expect_error(capsys, 2, fragments, *args)
+    assert str(config) in line and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_snakefile_names_the_line_of_a_broken_config_yaml(tmp_path):
+    from workflow_helpers import make_workdir, snakemake
+
+    wd = make_workdir(tmp_path / "wf")
+    (wd / "config.yaml").write_text((wd / "config.yaml").read_text() + "oops: [1, 2\n")
+    proc = snakemake(wd, "-n")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "tcm: error: YAML syntax error" in text, text[-2000:]
+    lines = (fh.REPO / "config.yaml").read_text().count("\n")
+    assert f"config.yaml line {lines + 2}" in text and not (wd / "results").exists(), text[-2000:]
