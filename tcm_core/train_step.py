@@ -136,7 +136,14 @@ def _lost(run: Run, what: str, stats_loss: float, grad_norm: float) -> NonFinite
 def apply_update(run: Run, grad_norm: float) -> float | None:
     """Optimiser step, the non-finite weight check, then the EMA; returns the EMA decay used (None: no update)."""
     run.consecutive_bad = 0
-    run.scaler.step(run.optimizer)  # with fp16, skipped by the scaler when the gradients overflowed
+    try:
+        run.scaler.step(run.optimizer)  # with fp16, skipped by the scaler when the gradients overflowed
+    except RuntimeError as error:  # Adam's scalar step size lr / (1 - beta1^k) past float32 (e.g. lr=1e38)
+        if "overflow" not in str(error):
+            raise
+        raise NonFiniteTrainingError(f"the optimiser step of global iteration {run.iteration + 1} overflowed "
+                                     f"({error})", "training", "lower lr; the last saved state is intact and "
+                                     "nothing of this step was written") from None
     run.scaler.update()
     if not math.isfinite(grad_norm):
         return None

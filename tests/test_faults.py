@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -27,11 +28,11 @@ from types import SimpleNamespace
 
 import fault_helpers as fh
 import pytest
-from training_helpers import make_small_mnist, train_args
+from training_helpers import MICRO_ARCH, load_weights, make_small_mnist, train_args
 
 from tcm_core import cli
 from tcm_core.train_config import build_config
-from tcm_core.train_state import list_states, load_latest_state
+from tcm_core.train_state import list_states, load_latest_state, load_state_file, tensors_finite
 from tcm_core.training import train
 
 # the settings of the good run every storage case resumes (equal settings: the state is compatible)
@@ -373,3 +374,237 @@ def test_snakefile_names_the_line_of_a_broken_config_yaml(tmp_path):
     assert proc.returncode != 0 and "tcm: error: YAML syntax error" in text, text[-2000:]
     lines = (fh.REPO / "config.yaml").read_text().count("\n")
     assert f"config.yaml line {lines + 2}" in text and not (wd / "results").exists(), text[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Class 2 (files): hostile datasets are one RefusedFileError naming the dataset, before anything is allocated
+
+
+@pytest.mark.parametrize("kind", sorted(fh.DATASET_KINDS))
+def test_hostile_dataset_is_refused_naming_it(tmp_path, kind):
+    from tcm_core.data import open_dataset
+    from tcm_core.errors import RefusedFileError
+
+    path = fh.hostile_dataset(tmp_path / "d.zip", kind)
+    with pytest.raises(RefusedFileError) as error:
+        open_dataset(path)
+    line = error.value.line()
+    assert fh.DATASET_KINDS[kind] in line and str(path) in line and "\n" not in line, line
+
+
+@pytest.mark.parametrize("kind", ["random bytes", "a PNG claiming 100000x100000 pixels", "a label of 1e9"])
+def test_train_on_a_hostile_dataset_is_one_line_and_writes_nothing(world, tmp_path, capsys, kind):
+    data = fh.hostile_dataset(tmp_path / "d.zip", kind)
+    out = tmp_path / "run"
+    line = expect_error(capsys, 3, (fh.DATASET_KINDS[kind], str(data)),
+                        *train_args("stage1", data, out, *_overrides(), init=world.init))
+    assert line and not (out / "network.safetensors").exists() and fh.leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One error path for every command: expected failures end in one line and their exit code
+
+
+@pytest.fixture(scope="module")
+def eval_world(world):
+    """A LeNet feature net and reference statistics of the test dataset (the evaluation commands' inputs)."""
+    from tcm_core.evaluation import compute_reference_stats, save_ref_stats
+    from tcm_core.features import load_extractor, train_feature_net
+
+    root = world.root / "eval"
+    lenet = root / "lenet.pt"
+    train_feature_net(world.data, lenet, epochs=1, batch=16, log=None)
+    stats = root / "stats.npz"
+    save_ref_stats(stats, compute_reference_stats(world.data, load_extractor("lenet", lenet), progress=False))
+    other = root / "other.npz"
+    import numpy as np
+
+    np.savez(other, mu=np.zeros(7), sigma=np.eye(7))
+    corrupt = root / "corrupt.npz"
+    corrupt.write_bytes(stats.read_bytes()[:200])
+    bad_lenet = root / "bad-lenet.pt"
+    bad_lenet.write_bytes(b"\x00" * 64)
+    unlabelled = fh.dataset_zip(root / "unlabelled.zip", fh.images(8))
+    return SimpleNamespace(lenet=lenet, stats=stats, other=other, corrupt=corrupt, bad_lenet=bad_lenet,
+                           unlabelled=unlabelled)
+
+
+def _command_cases(world, ev, tmp: Path) -> dict[str, tuple[list, int, tuple[str, ...]]]:
+    """name -> (arguments, exit code, fragments of the line); built lazily from the fixtures."""
+    fid = ["evaluate", "fid", "--ckpt", world.init, "--num", "8", "--extractor", "lenet", "--feature-net", ev.lenet,
+           "--ref-stats", ev.stats, "--device", "cpu", "--no-progress", "--out", tmp / "fid.json"]
+    dfid = ["evaluate", "dfid", "--ckpt", world.init, "--data", world.data, "--num", "8", "--extractor", "lenet",
+            "--feature-net", ev.lenet, "--ref-stats", ev.stats, "--device", "cpu", "--no-progress",
+            "--out", tmp / "dfid.json"]
+
+    def swap(args: list, flag: str, value: object) -> list:
+        out = list(args)
+        out[out.index(flag) + 1] = value
+        return out
+
+    random_zip = fh.hostile_dataset(tmp / "random.zip", "random bytes")
+    random_tar = tmp / "cifar-10-python.tar.gz"
+    random_tar.write_bytes(os.urandom(512))
+    return {
+        "fid: no checkpoint": (swap(fid, "--ckpt", tmp / "none.safetensors"), 4, ("no such checkpoint",)),
+        "fid: --num 1": (swap(fid, "--num", 1), 2, ("--num",)),
+        "fid: --steps 80,x": (fid + ["--steps", "80,x"], 2, ("--steps",)),
+        "fid: --batch 0": (fid + ["--batch", "0"], 2, ("--batch",)),
+        "fid: a feature net of zeros": (swap(fid, "--feature-net", ev.bad_lenet), 3, (str(ev.bad_lenet),)),
+        "fid: no feature net": (swap(fid, "--feature-net", tmp / "none.pt"), 4, ("feature net not found",)),
+        "fid: torn reference statistics": (swap(fid, "--ref-stats", ev.corrupt), 3, (str(ev.corrupt),)),
+        "fid: statistics of another extractor": (swap(fid, "--ref-stats", ev.other), 3, ("7 dims", str(ev.other))),
+        "fid: no statistics": (swap(fid, "--ref-stats", tmp / "none.npz"), 4, ("reference statistics not found",)),
+        "dfid: --num above the dataset": (swap(dfid, "--num", 1000), 2, ("--num", "dataset size")),
+        "dfid: statistics of another dataset": (swap(dfid, "--data", fh.dataset_zip(tmp / "o.zip", fh.images(16, 16,
+                                                16))), 3, ("another dataset",)),
+        "dfid: --ts 0": (dfid + ["--ts", "0"], 2, ("--ts",)),
+        "grid: --steps -1": (["evaluate", "grid", "--ckpt", world.init, "--steps", "-1", "--out", tmp / "g.png"], 2,
+                             ("--steps",)),
+        "reference-stats: a dataset of random bytes": (
+            ["reference-stats", "--data", random_zip, "--extractor", "lenet", "--feature-net", ev.lenet, "--no-cache",
+             "--out", tmp / "s.npz"], 3, ("not a readable dataset", str(random_zip))),
+        "reference-stats: no dataset": (["reference-stats", "--data", tmp / "none.zip", "--extractor", "lenet",
+                                         "--feature-net", ev.lenet, "--out", tmp / "s.npz"], 4, ("dataset not found",)),
+        "prepare-dataset: cifar10 without --source": (["prepare-dataset", "--name", "cifar10", "--out", tmp / "c.zip"],
+                                                      2, ("--source",)),
+        "prepare-dataset: --resolution 2": (["prepare-dataset", "--name", "mnist5k", "--resolution", "2", "--out",
+                                             tmp / "m.zip"], 2, ("--resolution",)),
+        "prepare-dataset: no tarball": (["prepare-dataset", "--name", "cifar10", "--source", tmp / "none.tar.gz",
+                                         "--out", tmp / "c.zip"], 4, ("not found",)),
+        "prepare-dataset: a tarball of random bytes": (["prepare-dataset", "--name", "cifar10", "--source", random_tar,
+                                                        "--out", tmp / "c.zip"], 3, ("md5",)),
+        "prepare-dataset: random bytes, --no-verify": (["prepare-dataset", "--name", "cifar10", "--source", random_tar,
+                                                        "--no-verify", "--out", tmp / "c.zip"], 3,
+                                                       ("not a readable CIFAR-10 tarball",)),
+        "train-feature-net: an unlabelled dataset": (["train-feature-net", "--data", ev.unlabelled, "--out",
+                                                      tmp / "l.pt"], 3, ("labelled dataset",)),
+        "train-feature-net: --epochs 0": (["train-feature-net", "--data", world.data, "--epochs", "0", "--out",
+                                           tmp / "l.pt"], 2, ("--epochs",)),
+        "train: a study record that is not JSON": (
+            train_args("stage1", world.data, tmp / "run", *_overrides(), init=world.init,
+                       extra=["--mlflow-uri", f"sqlite:///{tmp}/m.db", "--mlflow-parent", _text(tmp / "p.json", "{"),
+                              "--run-key", "k"]), 3, ("not a study record",)),
+        "train: --init-state for stage1": (train_args("stage1", world.data, tmp / "run", *_overrides(), init=world.init,
+                                                      extra=["--init-state", world.init]), 2, ("--init-state",)),
+        "tables: no paper values": (["tables", "--preset", "ci", "--results", tmp / "none", "--tracking-uri", "none",
+                                     "--no-figures", "--paper-values", tmp / "none.csv", "--out", tmp / "t"], 4,
+                                    ("none.csv",)),
+    }
+
+
+def _text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+COMMAND_CASES = ["fid: no checkpoint", "fid: --num 1", "fid: --steps 80,x", "fid: --batch 0",
+                 "fid: a feature net of zeros", "fid: no feature net", "fid: torn reference statistics",
+                 "fid: statistics of another extractor", "fid: no statistics", "dfid: --num above the dataset",
+                 "dfid: statistics of another dataset", "dfid: --ts 0", "grid: --steps -1",
+                 "reference-stats: a dataset of random bytes", "reference-stats: no dataset",
+                 "prepare-dataset: cifar10 without --source", "prepare-dataset: --resolution 2",
+                 "prepare-dataset: no tarball", "prepare-dataset: a tarball of random bytes",
+                 "prepare-dataset: random bytes, --no-verify", "train-feature-net: an unlabelled dataset",
+                 "train-feature-net: --epochs 0", "train: a study record that is not JSON",
+                 "train: --init-state for stage1", "tables: no paper values"]
+
+
+@pytest.mark.parametrize("name", COMMAND_CASES)
+def test_every_command_fails_with_one_line_and_its_exit_code(world, eval_world, tmp_path, capsys, name):
+    args, code, fragments = _command_cases(world, eval_world, tmp_path)[name]
+    expect_error(capsys, code, fragments, *args)
+    outputs = [p for p in tmp_path.rglob("*") if p.suffix in (".json", ".png", ".npz", ".pt", ".safetensors")
+               and p.name not in ("p.json", "config.json")]  # train writes its resolved config.json first
+    assert outputs == [] and fh.leftovers(tmp_path) == [], outputs
+
+
+def test_a_bug_keeps_its_traceback(capsys, monkeypatch):
+    """Unexpected exceptions are not turned into lines: the error path must not hide bugs."""
+    import tcm_core.presets as presets
+
+    def broken(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(presets, "run_check_config", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        cli.main(["check-config", "config.yaml"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Class 4: non-finite training ends with one line and exit 6, writes no network, keeps the last good state
+
+
+NONFINITE_CLI = {
+    # name -> (mode, overrides, fragment of the line)
+    "lr=1e6": ("stage1", ["lr=1e6", "iterations=20", "state_every=2"], "consecutive"),
+    "lr=1e38": ("stage1", ["lr=1e38", "iterations=5"], "weights became non-finite"),
+    "lr=1e38 after a good step": ("stage1", ["lr=1e38", "lr_rampup_iters=2", "iterations=5", "state_every=1"],
+                                  "weights became non-finite in the optimiser step of global iteration 2"),
+    "lr=1e6 nonfinite=skip": ("stage1", ["lr=1e6", "nonfinite=skip", "iterations=30", "state_every=2"], "%)"),
+    "lr=1e6, skip, a patience longer than the run": (
+        "stage1", ["lr=1e6", "nonfinite=skip", "nonfinite_patience=1000", "iterations=8", "state_every=4"],
+        "of 8 ("),
+    "lr=1e38 with adam and grad_clip": ("stage1", ["lr=1e38", "optimizer=adam", "grad_clip=0.001", "iterations=5"],
+                                        "overflowed"),
+    "w_b=1e300 (every Stage-2 loss overflows)": ("stage2", ["w_b=1e300", "iterations=3", "state_every=1"],
+                                                 "3 of 3 (100%)"),
+    "lr=1e38 pretrain": ("pretrain", ["lr=1e38", "iterations=3"], "weights became non-finite"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NONFINITE_CLI))
+def test_nonfinite_training_is_one_line_exit_6_and_keeps_the_last_good_state(world, tmp_path, capsys, name):
+    mode, overrides, fragment = NONFINITE_CLI[name]
+    out, states = tmp_path / "run", tmp_path / "state"
+    init = None if mode == "pretrain" else world.init
+    extra = ["--state-dir", str(states)] + ([f"arch={json.dumps(MICRO_ARCH)}"] if mode == "pretrain" else [])
+    args = train_args(mode, world.data, out, "batch=4", "log_every=1", *overrides, init=init,
+                      boundary=world.init if mode == "stage2" else None, extra=extra)
+    expect_error(capsys, 6, (fragment,), *args)
+    assert not (out / "network.safetensors").exists() and not (out / "network.json").exists()
+    assert fh.leftovers(tmp_path) == []
+    files = list_states(states)
+    for _, path in files:  # every state kept is whole, loads, and holds finite weights
+        state = load_state_file(path)
+        assert tensors_finite(state["net"]) and tensors_finite(state["ema"]), path
+    if name == "lr=1e38 after a good step":
+        assert [it for it, _ in files] == [1]
+
+
+def _poisoned_at(iterations: set[int]):
+    """A real hook of the training loop (``train(after_backward=...)``): NaN gradients at those iterations."""
+    def hook(run):
+        if run.iteration in iterations:
+            next(run.net.parameters()).grad.fill_(float("nan"))
+    return hook
+
+
+def _micro_run(world, tmp_path, keys: dict, bad: set[int]):
+    cfg = build_config({"batch": 4, "log_every": 1, "state_every": 2, **keys}, "stage1")
+    return train(cfg, mode="stage1", data=world.data, out=tmp_path / "run", init=world.init,
+                 state_dir=tmp_path / "state", device="cpu", after_backward=_poisoned_at(bad), progress=False)
+
+
+def test_a_single_bad_step_is_dropped_and_the_run_finishes(world, tmp_path):
+    result = _micro_run(world, tmp_path, {"iterations": 6, "nonfinite_max_share": 0.2}, {3})  # 1 of 6 < 20%
+    assert result.nonfinite_skipped == 1 and result.end_iteration == 6
+    assert tensors_finite(load_weights(tmp_path / "run" / "network.safetensors"))
+
+
+@pytest.mark.parametrize("keys, bad, fragment, last_state", [
+    # skip never aborts on the consecutive count, but the share: the 3rd drop of 6 iterations (50% > 5%)
+    ({"iterations": 8, "nonfinite": "skip", "nonfinite_patience": 3}, {1, 3, 5, 7}, "3 of 6 (50%)", 4),
+    # 2 of 5 dropped, never 5 (the patience) in flight: the share decides at the end (40% > 5%)
+    ({"iterations": 5, "nonfinite": "skip"}, {1, 3}, "2 of 5 (40%)", 4),
+    # the same with the default policy: 2 non-consecutive drops never reach the consecutive patience
+    ({"iterations": 5}, {1, 3}, "2 of 5 (40%)", 4),
+])
+def test_dropped_share_above_the_bound_aborts(world, tmp_path, keys, bad, fragment, last_state):
+    from tcm_core.errors import NonFiniteTrainingError
+
+    with pytest.raises(NonFiniteTrainingError, match=re.escape(fragment)):
+        _micro_run(world, tmp_path, keys, bad)
+    assert not (tmp_path / "run" / "network.safetensors").exists()
+    newest = load_latest_state(tmp_path / "state")
+    assert newest["iteration"] == last_state and tensors_finite(newest["net"])
