@@ -107,7 +107,8 @@ def preset_block(raw: dict[str, Any], name: str | None, where: str) -> dict[str,
 
 
 def _section(preset: dict[str, Any], key: str) -> dict[str, Any]:
-    value = preset.get(key) or {}
+    value = preset.get(key)
+    value = {} if value is None else value
     if not isinstance(value, dict):
         raise ConfigError("a section is not a mapping", f"presets.<preset>.{key}", "make it a mapping")
     return dict(value)
@@ -126,7 +127,7 @@ def section_keys(preset: dict[str, Any], mode: str) -> dict[str, Any]:
     else:
         keys = _section(preset, mode)
     if mode == "pretrain" and "arch" not in keys and preset.get("arch") is not None:
-        keys["arch"] = dict(preset["arch"])
+        keys["arch"] = _section(preset, "arch")
     evaluation = _section(preset, "eval")
     for eval_key, cfg_key in EVAL_BLOCK_KEYS.items():
         if cfg_key not in keys and eval_key in evaluation:
@@ -281,8 +282,14 @@ def check_sources(preset: dict[str, Any], where: str) -> None:
         raise ConfigError("cifar10 needs its source archive", f"{where}.dataset.source", "give a URL or path")
 
 
-def check_preset(config: dict[str, Any], name: str) -> dict[str, TrainConfig]:
-    """Everything a job would refuse, refused now; returns the TrainConfig of each planned mode."""
+def check_preset(config: dict[str, Any], name: str, schema_path: str | Path | None = SCHEMA
+                 ) -> dict[str, TrainConfig]:
+    """Everything a job would refuse, refused now; returns the TrainConfig of each planned mode. The JSON schema
+    comes first (``schema_path``; None: already checked), so the checks below see the types it declares."""
+    if schema_path is not None and Path(schema_path).is_file():
+        problems = schema_problems(config, schema_path)
+        if problems:
+            raise problems[0]
     if name not in (config.get("presets") or {}):
         raise ConfigError(f"unknown preset {name!r}", "preset", f"use one of {', '.join(config.get('presets', {}))}")
     preset, where = config["presets"][name], f"presets.{name}"
@@ -371,7 +378,7 @@ def check_config_files(paths: list[str | Path], preset: str | None = None,
         if found:
             return found
     try:
-        check_preset(merged, str(merged.get("preset")))
+        check_preset(merged, str(merged.get("preset")), schema_path=None)  # the schema ran above
     except ConfigError as error:
         problems.append(error)
     return problems

@@ -118,6 +118,7 @@ _BOOL_KEYS = {"tf32", "deterministic"}
 _STR_KEYS = set(CHOICES)
 _DICT_KEYS = {"arch"}
 _LIST_KEYS = {"eval_dfid_ts"}
+_NULLABLE_KEYS = {f.name for f in dataclasses.fields(TrainConfig) if f.default is None}
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -140,6 +141,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def _coerce(key: str, value: Any) -> Any:
     if value is None:
+        if key not in _NULLABLE_KEYS:
+            raise ConfigError("null is not a value of this key", f"config key {key!r}", "give a value of its type")
         return None
     try:
         if key in _BOOL_KEYS:
@@ -162,7 +165,7 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, bool):
             raise TypeError
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"cannot use {value!r} ({type(value).__name__})", f"config key {key!r}",
                           "give a value of the key's type") from None
 

@@ -22,7 +22,7 @@ def checked_config(cfg):
     if problems:
         raise problems[0]
     validate(cfg, schema="../schemas/config.schema.yaml")
-    return presets.check_preset(cfg, cfg["preset"])
+    return presets.check_preset(cfg, cfg["preset"], schema_path=None)
 
 
 try:
