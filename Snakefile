@@ -1,6 +1,6 @@
 # Truncated Consistency Models (ICLR 2025): reproduction workflow.
-#   snakemake --cores 2                                  the tiny preset's `all` (CPU, ~20 min)
-#   snakemake --cores 2 all_ablations --config preset=ci every grid point, seconds-scale settings
+#   snakemake --cores 2                                    # the tiny preset's `all` (CPU, ~20 min)
+#   snakemake --cores 2 all_ablations --config preset=ci   # every grid point, seconds-scale settings
 #   snakemake --profile profiles/slurm all_ablations --config preset=cifar10
 # Targets go before --config (Snakemake reads every word after --config as a key=value).
 # Settings: config.yaml (validated by workflow/schemas/config.schema.yaml before any job runs); check

@@ -608,3 +608,48 @@ def test_dropped_share_above_the_bound_aborts(world, tmp_path, keys, bad, fragme
     assert not (tmp_path / "run" / "network.safetensors").exists()
     newest = load_latest_state(tmp_path / "state")
     assert newest["iteration"] == last_state and tensors_finite(newest["net"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Class 6: documented command lines
+
+
+def _snakemake_lines() -> list[tuple[str, str]]:
+    """(file:line, the command from ``snakemake`` on) of every snakemake command written in the docs and files."""
+    files = [fh.REPO / "README.md", fh.REPO / "Snakefile", *sorted((fh.REPO / "docs").glob("*.md")),
+             *sorted((fh.REPO / "profiles").glob("*/config.yaml")), *sorted((fh.REPO / "workflow").rglob("*.smk")),
+             *sorted((fh.REPO / "scripts").glob("*.sh"))]
+    found = []
+    for path in files:
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines, start=1):
+            text = line
+            while text.rstrip().endswith("\\") and number < len(lines):
+                text = text.rstrip()[:-1] + " " + lines[number]
+                number += 1
+            for match in re.finditer(r"(?:^|[\s`(])snakemake\s+(-[^`#|;&]*)", text):
+                found.append((f"{path.relative_to(fh.REPO)}:{number}", match.group(1)))
+    return found
+
+
+def test_documented_snakemake_commands_put_targets_before_config():
+    """``--config`` and ``--configfile`` take every following word: a target after them is read as a value
+    (``Unparsable value: 'all'``) or as a config file."""
+    lines = _snakemake_lines()
+    assert len(lines) >= 8, lines  # the README, the Snakefile, CLUSTER.md and MLFLOW.md hold several
+    wrong = []
+    for where, command in lines:
+        try:
+            words = shlex.split(command)
+        except ValueError:
+            continue  # prose with an unbalanced quote
+        for index, word in enumerate(words):
+            if word not in ("--config", "--configfile"):
+                continue
+            for value in words[index + 1:]:
+                if value.startswith("-"):
+                    break
+                ok = "=" in value if word == "--config" else value.endswith((".yaml", ".yml", ".json"))
+                if not ok:
+                    wrong.append(f"{where}: {word} ... {value!r} in `snakemake {command.strip()}`")
+    assert not wrong, "\n".join(wrong)
