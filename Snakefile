@@ -1,15 +1,20 @@
 # Truncated Consistency Models (ICLR 2025): reproduction workflow.
-#   snakemake --cores 2                                  the tiny preset's `all` (CPU, ~20 min)
-#   snakemake --cores 2 --config preset=ci all_ablations every grid point, seconds-scale settings
-#   snakemake --profile profiles/slurm --config preset=cifar10 all_ablations
-# Settings: config.yaml (validated by workflow/schemas/config.schema.yaml before any job runs).
+#   snakemake --cores 2                                    # the tiny preset's `all` (CPU, ~20 min)
+#   snakemake --cores 2 all_ablations --config preset=ci   # every grid point, seconds-scale settings
+#   snakemake --profile profiles/slurm all_ablations --config preset=cifar10
+# Targets go before --config (Snakemake reads every word after --config as a key=value).
+# Settings: config.yaml (validated by workflow/schemas/config.schema.yaml before any job runs); check
+# overlays with `python -m tcm_core check-config config.yaml OVERLAY.yaml` (file and line of each problem).
 import json
 import os
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
+from tcm_core.errors import TcmError
+from tcm_core.presets import read_yaml
 from tcm_core.tracking import compare_view_url
 
 min_version("9.0")
@@ -21,6 +26,13 @@ os.environ.update(MLFLOW_DISABLE_TELEMETRY="true")
 os.environ.update(
     PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 )
+
+# Snakemake's own message for a YAML syntax error names neither the file nor the line: read it first.
+# (--configfile overlays are parsed before this file runs; check-config reports their file and line.)
+try:
+    read_yaml("config.yaml")
+except TcmError as error:
+    raise WorkflowError(error.line()) from None
 
 
 configfile: "config.yaml"

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "mlflow-init": ("tcm_core.tracking", "mlflow_init", "create the MLflow experiment and study parent run"),
     "tables": ("tcm_core.report.cli", "tables", "build the paper tables, figures and claims check"),
     "gpu-check": ("tcm_core.gpucheck", "gpucheck", "check every CUDA path on synthetic data (--dry-run on CPU)"),
+    "check-config": ("tcm_core.presets", "check_config", "check config.yaml and --configfile overlays (file, line)"),
 }
 
 

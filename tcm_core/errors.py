@@ -78,8 +78,8 @@ _STORAGE_ERRNOS = {
     errno.ENOSPC: ("no space left on the device", "free disk space and rerun (the last good files are intact)"),
     errno.EDQUOT: ("disk quota exceeded", "free space within your quota and rerun"),
     errno.EFBIG: ("file too large for the file system or the file-size limit", "free space or raise the limit"),
-    errno.EACCES: ("permission denied", "make the folder writable or choose another output path"),
-    errno.EPERM: ("operation not permitted", "make the folder writable or choose another output path"),
+    errno.EACCES: ("permission denied", "give this user access (write access for outputs) or choose another path"),
+    errno.EPERM: ("operation not permitted", "give this user access (write access for outputs) or choose another path"),
     errno.EROFS: ("read-only file system", "choose an output path on a writable file system"),
 }
 
@@ -98,6 +98,8 @@ def as_expected(error: BaseException) -> TcmError | None:
     """The expected-failure form of ``error`` (itself if a TcmError), or None for a bug."""
     if isinstance(error, TcmError):
         return error
+    if isinstance(error, OSError) and error.errno in (errno.ENOENT, errno.ENOTDIR) and error.filename:
+        return MissingFileError("no such file or folder", str(error.filename), "check the path")
     if isinstance(error, OSError):
         return storage_error(error)
     return None

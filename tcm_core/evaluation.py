@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 
 from tcm_core import metrics
 from tcm_core.atomic import atomic_path
+from tcm_core.errors import ConfigError, MissingFileError, RefusedFileError, storage_error
 from tcm_core.schedules import T_MAX
 
 DFID_TS_OFFICIAL: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0)  # TCM's --dfid_ts default
@@ -47,9 +49,12 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 
 def parse_floats(text: str | Sequence[float], what: str) -> list[float]:
-    values = [float(v) for v in text.split(",") if v.strip()] if isinstance(text, str) else [float(v) for v in text]
+    try:
+        values = [float(v) for v in (text.split(",") if isinstance(text, str) else text) if str(v).strip()]
+    except ValueError:
+        values = []
     if not values or any(not (math.isfinite(v) and v > 0) for v in values):
-        raise ValueError(f"{what} must be a comma-separated list of positive numbers, got {text!r}")
+        raise ConfigError(f"not a comma-separated list of positive numbers: {text!r}", what, "e.g. 80 or 80,1.0")
     return values
 
 
@@ -105,26 +110,39 @@ def load_ref_stats(path: str | Path) -> ReferenceStats:
     """Our ``.npz`` or any clean-fid / EDM ``.npz`` holding ``mu`` and ``sigma`` (no pickles are loaded)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"reference statistics not found: {path} (make them with reference-stats)")
-    with np.load(path, allow_pickle=False) as z:
-        if "mu" not in z or "sigma" not in z:
-            raise ValueError(f"{path}: reference statistics need arrays 'mu' and 'sigma', found {list(z.keys())}")
-        mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
-        meta = json.loads(str(z["meta"])) if "meta" in z else {"format": "external", "source": str(path)}
-    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not match")
+        raise MissingFileError("reference statistics not found", str(path), "make them with reference-stats")
+    redo = "make them again with reference-stats"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "mu" not in z or "sigma" not in z:
+                raise RefusedFileError(f"reference statistics need arrays 'mu' and 'sigma', found {list(z.keys())}",
+                                       str(path), redo)
+            mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+            meta = json.loads(str(z["meta"])) if "meta" in z else {"format": "external", "source": str(path)}
+    except OSError as error:
+        raise storage_error(error, path) or RefusedFileError("not a readable .npz file", str(path), redo) from None
+    except (ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:  # torn zip, bad arrays, bad meta JSON
+        raise RefusedFileError(f"not readable reference statistics ({type(error).__name__})", str(path),
+                               redo) from None
+    if not isinstance(meta, dict) or mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        raise RefusedFileError(f"mu {mu.shape} and sigma {sigma.shape} (or its meta) do not match", str(path), redo)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise RefusedFileError("reference statistics hold non-finite values", str(path), redo)
     return ReferenceStats(mu, sigma, meta)
 
 
-def check_compatible(ref: ReferenceStats, extractor) -> None:
-    """Refuse to compare features of one extractor with statistics of another."""
+def check_compatible(ref: ReferenceStats, extractor, where: str | Path | None = None) -> None:
+    """Refuse to compare features of one extractor with statistics of another (``where``: the stats file)."""
     dim = getattr(extractor, "dim", None)
+    where = str(where) if where is not None else None
+    todo = "make the reference statistics with the same extractor (reference-stats)"
     if dim is not None and ref.mu.size != dim:
-        raise ValueError(f"reference statistics have {ref.mu.size} dims but the {extractor.name} extractor "
-                         f"gives {dim}: they were made with another extractor")
+        raise RefusedFileError(f"reference statistics have {ref.mu.size} dims but the {extractor.name} extractor "
+                               f"gives {dim}: they were made with another extractor", where, todo)
     made_with = ref.meta.get("extractor_identity")
     if made_with is not None and made_with != extractor.identity:
-        raise ValueError(f"reference statistics were made with {made_with!r}, not with {extractor.identity!r}")
+        raise RefusedFileError(f"reference statistics were made with {made_with!r}, not with "
+                               f"{extractor.identity!r}", where, todo)
 
 
 def compute_reference_stats(data, extractor, *, batch_size: int = 250, cache_dir: Path | None = None,
@@ -282,7 +300,7 @@ def _load_extractor(args: argparse.Namespace, device: torch.device):
 
 def _check_batch(batch: int) -> None:
     if batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
+        raise ConfigError(f"invalid value {batch}", "--batch", "it must be >= 1")
 
 
 def add_reference_stats_arguments(parser: argparse.ArgumentParser) -> None:
@@ -362,14 +380,14 @@ def _load_net(args: argparse.Namespace, device: torch.device):
 def _run_fid(args: argparse.Namespace) -> int:
     steps = parse_floats(args.steps, "--steps")
     if args.num < 2:
-        raise ValueError(f"--num must be >= 2, got {args.num}")
+        raise ConfigError(f"invalid value {args.num}", "--num", "it must be >= 2")
     if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+        raise ConfigError(f"invalid value {args.seeds}", "--seeds", "it must be >= 1")
     device = resolve_device(args.device)
     net, meta = _load_net(args, device)
     extractor = _load_extractor(args, device)
     ref = load_ref_stats(args.ref_stats)
-    check_compatible(ref, extractor)
+    check_compatible(ref, extractor, args.ref_stats)
     start = time.perf_counter()
     per_seed, grid_images = [], None
     bar = _progress(args.num * args.seeds, f"FID {args.steps}", not args.no_progress)
@@ -415,10 +433,13 @@ def _run_dfid(args: argparse.Namespace) -> int:
     net, meta = _load_net(args, device)
     extractor = _load_extractor(args, device)
     ref = load_ref_stats(args.ref_stats)
-    check_compatible(ref, extractor)
+    check_compatible(ref, extractor, args.ref_stats)
     ds = open_dataset(args.data)
+    if not 2 <= args.num <= len(ds):
+        raise ConfigError(f"invalid value {args.num}", "--num", f"it must be in [2, {len(ds)}] (the dataset size)")
     if ref.meta.get("dataset_sha256") not in (None, ds.sha256):
-        raise ValueError(f"{args.ref_stats} was computed on another dataset than {args.data}")
+        raise RefusedFileError(f"the statistics were computed on another dataset than {args.data}",
+                               str(args.ref_stats), "make them from the same dataset (reference-stats)")
     start = time.perf_counter()
     bar = _progress(args.num * len(ts), "dFID", not args.no_progress)
     values = metrics.dfid(net, ds, ts, extractor=extractor, ref_stats=ref.as_tuple(), num=args.num,
@@ -447,7 +468,7 @@ def _run_grid(args: argparse.Namespace) -> int:
 
     steps = parse_floats(args.steps, "--steps")
     if args.num < 1:
-        raise ValueError(f"--num must be >= 1, got {args.num}")
+        raise ConfigError(f"invalid value {args.num}", "--num", "it must be >= 1")
     device = resolve_device(args.device)
     net, meta = _load_net(args, device)
     images = torch.cat([b.cpu() for b in sample_batches(net, num=args.num, seed=args.seed, steps=steps,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -37,8 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tcm_core.atomic import atomic_path
-from tcm_core.errors import MissingFileError, RefusedFileError
+from tcm_core.atomic import atomic_path, save_torch_atomic
+from tcm_core.errors import ConfigError, MissingFileError, RefusedFileError, one_line
 from tcm_core.hashing import cached_sha256, sha256_file
 
 OFFICIAL_INCEPTION_URL = (
@@ -109,8 +110,13 @@ class InceptionExtractor:
             from cleanfid.inception_torchscript import InceptionV3W
 
             if path.name != OFFICIAL_INCEPTION_NAME:  # InceptionV3W takes a folder holding that exact name
-                raise ValueError(f"inception_path must be clean-fid's {OFFICIAL_INCEPTION_NAME}, got {path.name}")
-            wrapper = InceptionV3W(str(path.parent), download=False, resize_inside=False).to(self.device).eval()
+                raise ConfigError(f"the file must be clean-fid's {OFFICIAL_INCEPTION_NAME}, got {path.name}",
+                                  "--inception", f"rename it {OFFICIAL_INCEPTION_NAME} or use the default weights")
+            try:
+                wrapper = InceptionV3W(str(path.parent), download=False, resize_inside=False).to(self.device).eval()
+            except RuntimeError as error:  # torch.jit.load of a torn or foreign file
+                raise RefusedFileError(f"not readable TorchScript Inception weights ({one_line(error)[:120]})",
+                                       str(path), "download them again") from None
             # InceptionV3W does (x - 128) / 128 itself; we normalise first, so call its layers directly.
             self._net = wrapper
             self._forward = lambda x: wrapper.layers(x).reshape(x.shape[0], 2048)
@@ -197,6 +203,32 @@ class LeNet(nn.Module):
         return self.head(self.body(x))
 
 
+def _read_lenet(path: Path) -> tuple[dict, LeNet]:
+    """The config and network of a train-feature-net file; its config is checked against its tensors on the
+    meta device first, so no size the file claims is allocated unless its weights back it."""
+    from tcm_core.foreign_checkpoints import check_torch_zip
+
+    redo = "make it again with train-feature-net"
+    check_torch_zip(path)  # stored records no larger than the file: nothing inflates
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch's weights-only unpickler raises many types for a bad file
+        raise RefusedFileError(f"not a readable feature net ({type(error).__name__})", str(path), redo) from None
+    try:
+        cfg, state = blob["config"], blob["state_dict"]
+        sizes = [int(cfg[k]) for k in ("in_channels", "num_classes", "feature_dim", "resolution")]
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in LeNet(*sizes[:3]).state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in state.items()}
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise RefusedFileError(f"not a feature net ({type(error).__name__})", str(path), redo) from None
+    if min(sizes) < 1 or shapes != found:
+        raise RefusedFileError("the feature net's config does not match its weights", str(path), redo)
+    net = LeNet(*sizes[:3])
+    net.load_state_dict(state)
+    return cfg, net
+
+
 class LeNetExtractor:
     name = "lenet"
     label = "FID (LeNet features)"
@@ -204,11 +236,8 @@ class LeNetExtractor:
     def __init__(self, feature_net: str | Path, device: str | torch.device = "cpu") -> None:
         path = Path(feature_net)
         if not path.exists():
-            raise FileNotFoundError(f"feature net not found: {path} (make it with train-feature-net)")
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = blob["config"]
-        self.net = LeNet(cfg["in_channels"], cfg["num_classes"], cfg["feature_dim"])
-        self.net.load_state_dict(blob["state_dict"])
+            raise MissingFileError("feature net not found", str(path), "make it with train-feature-net")
+        cfg, self.net = _read_lenet(path)
         self.device = torch.device(device)
         self.net.to(self.device).eval()
         self.resolution = int(cfg["resolution"])
@@ -241,9 +270,10 @@ def load_extractor(name: str, feature_net: str | Path | None = None, inception_p
         return InceptionExtractor(inception_path, device=device, sha256=inception_sha256)
     if name == "lenet":
         if feature_net is None:
-            raise ValueError("extractor 'lenet' needs feature_net (a file from train-feature-net)")
+            raise ConfigError("extractor lenet needs its feature net", "--feature-net",
+                              "give the file train-feature-net wrote")
         return LeNetExtractor(feature_net, device=device)
-    raise ValueError(f"extractor must be one of {EXTRACTORS}, got {name!r}")
+    raise ConfigError(f"unknown extractor {name!r}", "--extractor", f"use one of {', '.join(EXTRACTORS)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,15 +286,18 @@ def train_feature_net(data: str | Path, out: str | Path, *, epochs: int = 10, ba
     from tcm_core.data import open_dataset
 
     if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+        raise ConfigError(f"invalid value {epochs}", "--epochs", "it must be >= 1")
     if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
+        raise ConfigError(f"invalid value {batch}", "--batch", "it must be >= 1")
     if not 0.0 < holdout < 1.0:
-        raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+        raise ConfigError(f"invalid value {holdout}", "holdout", "it must be in (0, 1)")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"invalid value {lr}", "--lr", "it must be a finite number > 0")
     start = time.perf_counter()
     ds = open_dataset(data)
     if ds.label_dim < 2:
-        raise ValueError(f"{data}: the LeNet feature net needs a labelled dataset (dataset.json labels)")
+        raise RefusedFileError("the LeNet feature net needs a labelled dataset (dataset.json labels of 2+ classes)",
+                               str(data), "use a labelled dataset or --extractor inception")
     images, labels = ds.get_batch(range(len(ds)))
     x_all = torch.from_numpy(images).float() / 127.5 - 1.0
     y_all = torch.from_numpy(labels)
@@ -327,7 +360,7 @@ def _train_lenet(ds, x_all: torch.Tensor, y_all: torch.Tensor, train_idx: torch.
               "resolution": ds.resolution}
     out = Path(out)
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    _atomic_write_bytes(out, lambda tmp: torch.save({"state_dict": state, "config": config}, tmp))
+    save_torch_atomic({"state_dict": state, "config": config}, out)
     meta = {"kind": "lenet", **config, "dataset": ds.name, "dataset_sha256": ds.sha256, "epochs": epochs,
             "batch": batch, "lr": lr, "seed": seed, "holdout": n_val, "accuracy": accuracy,
             "sha256": sha256_file(out)}

@@ -248,7 +248,7 @@ def _plain_state_dict(obj: Any) -> dict[str, Any]:
     return obj
 
 
-def _check_torch_zip(path: Path) -> None:
+def check_torch_zip(path: Path) -> None:
     """A ``.pt``/``.pth`` must be torch's zip format with stored (uncompressed) records inside the file: the
     legacy format allocates the sizes it claims before reading, and a deflated record could inflate."""
     if not zipfile.is_zipfile(path):
@@ -267,7 +267,7 @@ def read_state_dict_file(path: Path) -> dict[str, Any]:
     import torch
 
     with refusing(path, "not a torch zip checkpoint"):
-        _check_torch_zip(path)
+        check_torch_zip(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch's weights-only unpickler refuses anything but tensors and containers

@@ -1,7 +1,8 @@
 """Network files: our own format, the one loader for every checkpoint format, and ``inspect``.
 
 * ``save_network`` writes ``X.safetensors`` (the weights, fp32 as held) and ``X.json`` (``arch``, ``iteration``,
-  ``provenance``), both atomically and byte-for-byte deterministic (sorted header, tensors in a fixed order).
+  ``provenance``), both atomically (both written in full before either replaces an older one) and byte-for-byte
+  deterministic (sorted header, tensors in a fixed order).
 * ``load_network`` reads ours, EDM/EDM2/ECT/TCM pickles and plain state dicts (the last two through
   :mod:`tcm_core.foreign_checkpoints`) and returns our ``Precond`` plus a ``meta`` dict. A ``FILE.sha256``
   record beside the file (:mod:`tcm_core.downloads`) is enforced.
@@ -25,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tcm_core.atomic import atomic_path, write_text_atomic
+from tcm_core.atomic import atomic_path
 from tcm_core.errors import ConfigError, MissingFileError, TcmError, one_line
 from tcm_core.foreign_checkpoints import (
     CheckpointError,
@@ -42,36 +43,6 @@ MODEL_TYPES = ("SongUNet", "EDM2UNet")
 _FORMATS = "use .safetensors, .pkl, .pt or .pth"
 
 # --- building a network for a file's weights -------------------------------------------------------------------
-
-
-class _OverBudget(Exception):
-    """The architecture registers more tensors or elements than the file holds."""
-
-
-@contextlib.contextmanager
-def _tensor_budget(tensors: int, numel: int) -> Iterator[None]:
-    """Abort module construction (raise ``_OverBudget``) once the parameters and buffers registered exceed
-    twice the file's ``tensors`` tensors or ``numel`` elements (an early stop for absurd sizes, checked as
-    each one is registered; the exact match is checked after the build)."""
-    from torch.nn.modules import module
-
-    seen = [0, 0]
-
-    def count(_module: Any, name: str, tensor: Any) -> None:
-        if tensor is None:
-            return
-        seen[0] += 1
-        seen[1] += tensor.numel()
-        if seen[0] > 2 * tensors + 16 or seen[1] > 2 * numel + 4096:
-            raise _OverBudget(f"the architecture needs far more than the file's {tensors} tensors / {numel} weights")
-
-    handles = [module.register_module_parameter_registration_hook(count),
-               module.register_module_buffer_registration_hook(count)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # Errors a malformed arch dict can raise from the network constructors (wrong types, zero sizes, ...).
@@ -91,14 +62,16 @@ def build_on_meta(arch: dict[str, Any], tensors: int, numel: int) -> Any:
     tensors holding ``numel`` elements."""
     import torch
 
-    from tcm_core.networks import build_precond
+    from tcm_core.networks import OverBudget, build_precond, registration_budget
 
     _check_arch(arch)
     try:
-        with _tensor_budget(tensors, numel), torch.device("meta"):
+        # twice the file's tensors and elements: an early stop for absurd sizes (the exact match is checked after)
+        with registration_budget(2 * tensors + 16, 2 * numel + 4096), torch.device("meta"):
             return build_precond(arch)
-    except _OverBudget as exc:
-        raise CheckpointError(f"{exc} (its sizes are wrong or absurd)") from None
+    except OverBudget:
+        raise CheckpointError(f"the architecture needs far more than the file's {tensors} tensors / {numel} "
+                              "weights (its sizes are wrong or absurd)") from None
     except _BAD_ARCH as exc:
         raise CheckpointError(f"cannot build the architecture: {type(exc).__name__}: {one_line(exc)[:300]}") from None
 
@@ -225,9 +198,11 @@ def save_network(net: Any, path: str | Path, *, iteration: int, provenance: dict
     record = {"arch": arch, "iteration": int(iteration), "provenance": dict(provenance)}
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"  # fails early on non-JSON provenance
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    # both written in full before either is renamed into place: a failed write leaves no new half of the pair
     with atomic_path(path) as tmp:
         _write_safetensors(tensors, {"format": "tcm-network", "arch": json.dumps(arch, sort_keys=True)}, tmp)
-    write_text_atomic(_json_path(path), text)
+        with atomic_path(_json_path(path)) as tmp_json:
+            tmp_json.write_text(text)
 
 
 def _header_arch(path: Path) -> dict[str, Any] | None:

@@ -20,10 +20,17 @@ the target ``paper_tables`` (K0 for ``all``). Seed j > 0 of run folder R is the 
 itself (the run of ``all``).
 
 A flat YAML (no ``presets``) is taken as the TrainConfig keys directly.
+
+CLI: ``python -m tcm_core check-config FILE [FILE ...] [--preset P]`` merges the files as Snakemake merges
+``configfile:`` and ``--configfile`` (later files override earlier ones, key by key), then reports every YAML
+syntax error (file and line), every schema violation and the preset check's refusal, one line each.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,23 +46,66 @@ SEED_FOLDER = "seed~"  # training seed j > 0 of run folder R lives in R/seed~j
 EXPLODING_W_B = 0.01  # claim S3 (paper Sec. 4.4): the boundary-loss weight at which the FID explodes
 ABLATION_FACTORS = ("t_prime", "rho", "w_b", "student_sigma", "student_nu")  # the Stage-2 keys the grids vary
 MAX_PARAMETERS = 4_000_000_000  # refuse architectures beyond this (EDM2-XL has 1.12e9): a typo, not a model
+MAX_TENSORS = 4_000  # ... or with more tensors than this (DDPM++ has 424, EDM2-XL 200)
+MAX_YAML_NODES = 1_000_000  # a config file that expands to more (nested aliases) is refused before it is read
+SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"  # in the repository
 
 
 # ---------------------------------------------------------------------------------------------------------- files
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                break
+            if repeated:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> Any:
-    """A YAML file's content; a missing file or a syntax error is one clear error naming the file and line."""
+    """A YAML file's content; a missing file, a syntax error or a key given twice in one mapping is one clear
+    error naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError("config file not found", str(path), "check the path")
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"not UTF-8 text (byte {error.start})", str(path), "save it as UTF-8 YAML") from None
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_nodes(node, {}) > MAX_YAML_NODES:
+            raise ConfigError(f"the YAML expands to more than {MAX_YAML_NODES:,} nodes (aliases of aliases)",
+                              str(path), "write the values out; a config needs no nested aliases")
+        return loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path} line {mark.line + 1} column {mark.column + 1}" if mark is not None else str(path)
         problem = getattr(error, "problem", None) or "invalid YAML"
         raise ConfigError(f"YAML syntax error ({problem})", where, "fix the file") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many nodes the document has once every alias is expanded (a "billion laughs" file is tiny but
+    expands to 10^9: anything that walks it, such as the schema validator, would never finish)."""
+    if id(node) not in memo:
+        memo[id(node)] = 1  # a recursive alias counts once
+        children = node.value if isinstance(node, yaml.SequenceNode) else (
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        memo[id(node)] = 1 + sum(_expanded_nodes(child, memo) for child in children)
+    return memo[id(node)]
 
 
 def preset_block(raw: dict[str, Any], name: str | None, where: str) -> dict[str, Any]:
@@ -70,7 +120,8 @@ def preset_block(raw: dict[str, Any], name: str | None, where: str) -> dict[str,
 
 
 def _section(preset: dict[str, Any], key: str) -> dict[str, Any]:
-    value = preset.get(key) or {}
+    value = preset.get(key)
+    value = {} if value is None else value
     if not isinstance(value, dict):
         raise ConfigError("a section is not a mapping", f"presets.<preset>.{key}", "make it a mapping")
     return dict(value)
@@ -89,7 +140,7 @@ def section_keys(preset: dict[str, Any], mode: str) -> dict[str, Any]:
     else:
         keys = _section(preset, mode)
     if mode == "pretrain" and "arch" not in keys and preset.get("arch") is not None:
-        keys["arch"] = dict(preset["arch"])
+        keys["arch"] = _section(preset, "arch")
     evaluation = _section(preset, "eval") if mode != "pretrain" else {}  # pretraining evaluates nothing
     for cfg_key, eval_keys in EVAL_BLOCK_KEYS.items():
         present = [k for k in eval_keys if k in evaluation]
@@ -182,7 +233,10 @@ def resolve_config(config_path: str | Path | None, mode: str, preset: str | None
         keys.update(overrides)
     elif overrides:
         keys.update(parse_overrides(overrides))
-    return build_config(keys, mode)
+    cfg = build_config(keys, mode)
+    if mode == "pretrain" and cfg.arch:
+        check_architecture(cfg.arch, "config key 'arch'")  # before the job allocates it
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------- checks
@@ -238,20 +292,23 @@ def check_architecture(arch: dict[str, Any], where: str) -> None:
     """Build the architecture on the meta device (no memory) and refuse absurd sizes before any job runs."""
     import torch
 
-    from tcm_core.networks import arch_preset, build_precond, count_parameters
+    from tcm_core.networks import OverBudget, arch_preset, build_precond, count_parameters, registration_budget
 
     spec = dict(arch)
     spec.setdefault("img_resolution", 16)
     spec.setdefault("img_channels", 1)
+    todo = "check model_channels / num_blocks / channel_mult"
     try:
         full = arch_preset(spec.pop("preset"), **spec) if "preset" in spec else spec
-        with torch.device("meta"):
+        with registration_budget(MAX_TENSORS, 2 * MAX_PARAMETERS), torch.device("meta"):
             count = count_parameters(build_precond(full))
-    except (TypeError, ValueError, KeyError) as error:
+    except OverBudget as error:
+        raise ConfigError(f"the architecture has {error} (the limit: {MAX_PARAMETERS:,} parameters)", where,
+                          todo) from None
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, OverflowError, RuntimeError) as error:
         raise ConfigError(f"cannot build the architecture ({error})", where, "fix the arch keys") from None
     if count > MAX_PARAMETERS:
-        raise ConfigError(f"the architecture has {count:,} parameters (more than {MAX_PARAMETERS:,})", where,
-                          "check model_channels / num_blocks / channel_mult")
+        raise ConfigError(f"the architecture has {count:,} parameters (more than {MAX_PARAMETERS:,})", where, todo)
 
 
 def check_times(preset: dict[str, Any], stage2: TrainConfig, where: str) -> None:
@@ -284,8 +341,14 @@ def check_sources(preset: dict[str, Any], where: str) -> None:
         raise ConfigError("cifar10 needs its source archive", f"{where}.dataset.source", "give a URL or path")
 
 
-def check_preset(config: dict[str, Any], name: str) -> dict[str, TrainConfig]:
-    """Everything a job would refuse, refused now; returns the TrainConfig of each planned mode."""
+def check_preset(config: dict[str, Any], name: str, schema_path: str | Path | None = SCHEMA
+                 ) -> dict[str, TrainConfig]:
+    """Everything a job would refuse, refused now; returns the TrainConfig of each planned mode. The JSON schema
+    comes first (``schema_path``; None: already checked), so the checks below see the types it declares."""
+    if schema_path is not None and Path(schema_path).is_file():
+        problems = schema_problems(config, schema_path)
+        if problems:
+            raise problems[0]
     if name not in (config.get("presets") or {}):
         raise ConfigError(f"unknown preset {name!r}", "preset", f"use one of {', '.join(config.get('presets', {}))}")
     preset, where = config["presets"][name], f"presets.{name}"
@@ -302,3 +365,95 @@ def check_preset(config: dict[str, Any], name: str) -> dict[str, TrainConfig]:
         check_architecture(preset["arch"], f"{where}.arch")
     return configs
 
+
+
+# ---------------------------------------------------------------------------------------------------- check-config
+
+
+def merge_config(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``overlay`` over ``base``, mappings merged key by key (Snakemake's ``update_config``); a new dict."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _schema_validator(schema_path: Path) -> Any:
+    """A Draft 2020-12 validator of the config schema that also fills its defaults (as Snakemake's does)."""
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+
+    def properties_with_defaults(validator: Any, properties: Any, instance: Any, schema: Any) -> Any:
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if isinstance(sub, dict) and "default" in sub:
+                    instance.setdefault(name, copy.deepcopy(sub["default"]))
+        yield from base.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    filling = jsonschema.validators.extend(base, {"properties": properties_with_defaults})
+    return filling(yaml.safe_load(schema_path.read_text()))
+
+
+def schema_problems(config: dict[str, Any], schema_path: str | Path = SCHEMA) -> list[ConfigError]:
+    """Every violation of the JSON schema, the best match first, naming the key; fills the schema's defaults."""
+    import jsonschema
+
+    errors = list(_schema_validator(Path(schema_path)).iter_errors(config))
+    best = jsonschema.exceptions.best_match(errors)
+    ordered = ([best] if best is not None else []) + [e for e in errors if e is not best]
+    out = []
+    for error in ordered:
+        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        hint = error.schema.get("description") if isinstance(error.schema, dict) and error.absolute_path else None
+        out.append(ConfigError(f"invalid config: {error.message}", where, hint))
+    return out
+
+
+def check_config_files(paths: list[str | Path], preset: str | None = None,
+                       schema_path: str | Path | None = SCHEMA) -> list[ConfigError | MissingFileError]:
+    """The problems of the merged config files for ``preset`` (default: the merged ``preset`` key)."""
+    problems: list[ConfigError | MissingFileError] = []
+    merged: dict[str, Any] = {}
+    for path in paths:
+        try:
+            raw = read_yaml(path)
+        except (ConfigError, MissingFileError) as error:
+            problems.append(error)
+            continue
+        if raw is not None and not isinstance(raw, dict):
+            problems.append(ConfigError("the config is not a mapping at the top level", str(path), "fix the YAML"))
+            continue
+        merged = merge_config(merged, raw or {})
+    if problems:
+        return problems  # the merged config is not what the workflow would see
+    if preset is not None:
+        merged["preset"] = preset
+    if schema_path is not None and Path(schema_path).is_file():
+        found = schema_problems(merged, schema_path)
+        if found:
+            return found
+    try:
+        check_preset(merged, str(merged.get("preset")), schema_path=None)  # the schema ran above
+    except ConfigError as error:
+        problems.append(error)
+    return problems
+
+
+def add_check_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", type=Path, help="config.yaml, then the --configfile overlays, in order")
+    parser.add_argument("--preset", default=None, help="the preset to check (default: the merged `preset` key)")
+    parser.add_argument("--schema", type=Path, default=SCHEMA, help="the JSON schema (default: the repository's)")
+
+
+def run_check_config(args: argparse.Namespace) -> int:
+    problems = check_config_files(args.files, args.preset, args.schema)
+    for problem in problems:
+        print(problem.line(), file=sys.stderr)
+    if problems:
+        return problems[0].exit_code
+    print(f"check-config: {', '.join(map(str, args.files))}: no problems")
+    return 0

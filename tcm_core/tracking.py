@@ -128,8 +128,41 @@ def _is_transient(exc: BaseException) -> bool:
     return any(marker in text for marker in _TRANSIENT_MARKERS)
 
 
+# what SQLite or a server answers when the store cannot take writes (not a bug of ours)
+_STORAGE_MARKERS = ("readonly database", "read-only file system", "unable to open database", "disk is full",
+                    "disk i/o error", "permission denied")
+
+
+def _error_chain(exc: BaseException) -> str:
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return " | ".join(parts)
+
+
+def store_error(exc: BaseException, tracking_uri: str | None) -> Exception | None:
+    """The expected-failure form of an MLflow store error, naming the store: a StorageError when SQLite refuses
+    to write (read-only database file or folder, disk full), an OfflineError when a server cannot be reached."""
+    from tcm_core.errors import OfflineError, StorageError, one_line
+
+    text = _error_chain(exc).lower()
+    db = _sqlite_path(tracking_uri or "")
+    where = f"MLflow store {db or tracking_uri}"
+    found = next((m for m in _STORAGE_MARKERS if m in text), None)
+    if found is not None:
+        return StorageError(f"the MLflow database refused a write ({found})", where,
+                            "make the database file and its folder writable, free disk space, or set tracking_uri")
+    if db is None and tracking_uri and _is_transient(exc):
+        return OfflineError(f"the MLflow server did not answer ({one_line(exc)[:160]})", where,
+                            "start it or set tracking_uri to a reachable server")
+    return None
+
+
 def with_retry(fn, *args, attempts: int = 10, base_delay: float = 0.1, max_delay: float = 5.0, **kwargs):
-    """Call ``fn`` and retry transient MLflow/SQLite/HTTP failures with jittered exponential backoff."""
+    """Call ``fn`` and retry transient MLflow/SQLite/HTTP failures with jittered exponential backoff. A failure
+    of the store itself (read-only, full, unreachable after the retries) is raised as :func:`store_error`."""
     import random
     import time
 
@@ -138,7 +171,11 @@ def with_retry(fn, *args, attempts: int = 10, base_delay: float = 0.1, max_delay
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - classified below
             if attempt == attempts - 1 or not _is_transient(exc):
-                raise
+                uri = getattr(getattr(fn, "__self__", None), "tracking_uri", None) or kwargs.get("tracking_uri")
+                expected = store_error(exc, uri) if isinstance(uri, str) else None
+                if expected is None:
+                    raise
+                raise expected from exc
             delay = min(max_delay, base_delay * 2**attempt) * (0.5 + random.random())
             time.sleep(delay)
     raise AssertionError("unreachable")
@@ -177,8 +214,28 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return (db.resolve().parent / "mlartifacts").as_uri()
 
 
+class _WithoutTraceback:
+    """A logging filter dropping records that carry an exception (MLflow logs each SQLAlchemy error it re-raises
+    with a full traceback; the error itself reaches us: retried, raised as one line by :func:`store_error`, or
+    as a bug with its own traceback, so the log only repeats it)."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return record.exc_info is None
+
+
+def _quiet_store_errors() -> None:
+    import logging
+
+    store_log = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _WithoutTraceback) for f in store_log.filters):
+        store_log.addFilter(_WithoutTraceback())
+
+
 def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
+
+    _quiet_store_errors()
 
     db = _sqlite_path(tracking_uri)
     if db is not None:
@@ -315,10 +372,15 @@ class MlflowTracker:
     ) -> None:
         import time
 
-        record = parent if isinstance(parent, dict) else json.loads(Path(parent).read_text())
+        try:
+            record = parent if isinstance(parent, dict) else json.loads(Path(parent).read_text())
+            self.parent_run_id, self.experiment_id = record["parent_run_id"], record["experiment_id"]
+        except (ValueError, KeyError, TypeError) as exc:
+            from tcm_core.errors import RefusedFileError
+
+            raise RefusedFileError(f"not a study record of mlflow-init ({type(exc).__name__})", str(parent),
+                                   "run mlflow-init again (or delete the file and rerun the workflow)") from None
         self.tracking_uri = tracking_uri
-        self.parent_run_id = record["parent_run_id"]
-        self.experiment_id = record["experiment_id"]
         self.run_key = run_key
         self.client = _client(tracking_uri)
         self._pending: list = []

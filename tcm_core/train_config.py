@@ -15,11 +15,17 @@ from typing import Any
 import yaml
 
 from tcm_core.errors import ConfigError
+from tcm_core.sampling import SEED_STRIDE
 from tcm_core.schedules import T_MAX, T_MIN
 
 MODES = ("pretrain", "stage1", "stage1_continued", "stage2", "stage3")
 TRUNCATED_MODES = ("stage2", "stage3")
 CONSISTENCY_MODES = ("stage1", "stage1_continued", "stage2", "stage3")
+
+# c and the times enter float32 losses and networks squared: at 1.8e19 the square overflows and every loss is NaN
+FLOAT32_SQUARE_LIMIT = 1e18
+MAX_BATCH = 1 << 16  # a global batch beyond this is a typo (the paper's largest is 2048), not a memory request
+MAX_GRID_NUM = 4096  # a sample grid of more tiles is a typo (all its images are held at once)
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adam", "radam"),
@@ -116,6 +122,7 @@ _BOOL_KEYS = {"tf32", "deterministic"}
 _STR_KEYS = set(CHOICES)
 _DICT_KEYS = {"arch"}
 _LIST_KEYS = {"eval_dfid_ts"}
+_NULLABLE_KEYS = {f.name for f in dataclasses.fields(TrainConfig) if f.default is None}
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -138,6 +145,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def _coerce(key: str, value: Any) -> Any:
     if value is None:
+        if key not in _NULLABLE_KEYS:
+            raise ConfigError("null is not a value of this key", f"config key {key!r}", "give a value of its type")
         return None
     try:
         if key in _BOOL_KEYS:
@@ -160,7 +169,7 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, bool):
             raise TypeError
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"cannot use {value!r} ({type(value).__name__})", f"config key {key!r}",
                           "give a value of the key's type") from None
 
@@ -202,7 +211,7 @@ def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
         if isinstance(value, float) and key not in ("p_mean", "student_mu"):
             _require(math.isfinite(value), key, "finite", value)
     _require(cfg.iterations >= 0, "iterations", ">= 0", cfg.iterations)
-    _require(cfg.batch >= 1, "batch", ">= 1", cfg.batch)
+    _require(1 <= cfg.batch <= MAX_BATCH, "batch", f"in [1, {MAX_BATCH}]", cfg.batch)
     _require(cfg.lr > 0, "lr", "> 0", cfg.lr)
     _require(0 <= cfg.beta1 < 1, "beta1", "in [0, 1)", cfg.beta1)
     _require(0 <= cfg.beta2 < 1, "beta2", "in [0, 1)", cfg.beta2)
@@ -215,12 +224,15 @@ def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
     _require(cfg.p_std > 0, "p_std", "> 0", cfg.p_std)
     _require(cfg.t_min > 0, "t_min", "> 0", cfg.t_min)
     _require(cfg.t_max > cfg.t_min, "t_max", f"> t_min ({cfg.t_min})", cfg.t_max)
+    _require(cfg.t_max <= FLOAT32_SQUARE_LIMIT, "t_max", f"<= {FLOAT32_SQUARE_LIMIT:g} (its square overflows float32)",
+             cfg.t_max)
     _require(cfg.student_nu > 0, "student_nu", "> 0", cfg.student_nu)
     _require(cfg.student_sigma > 0, "student_sigma", "> 0", cfg.student_sigma)
     _require(cfg.q > 1, "q", "> 1", cfg.q)
     _require(0 < cfg.ratio_limit < 1, "ratio_limit", "in (0, 1)", cfg.ratio_limit)
     _require(cfg.double_iters >= 1, "double_iters", ">= 1", cfg.double_iters)
-    _require(cfg.c >= 0, "c", ">= 0", cfg.c)
+    _require(0 <= cfg.c <= FLOAT32_SQUARE_LIMIT, "c", f"in [0, {FLOAT32_SQUARE_LIMIT:g}] (c² overflows float32 above)",
+             cfg.c)
     _require(cfg.dropout is None or 0 <= cfg.dropout < 1, "dropout", "in [0, 1) or null", cfg.dropout)
     _require(cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", "> 0 or null", cfg.grad_clip)
     _require(cfg.loss_scale > 0, "loss_scale", "> 0", cfg.loss_scale)
@@ -233,8 +245,8 @@ def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
     _require(cfg.eval_points == 0 or cfg.eval_points >= 2, "eval_points", "0 (off) or >= 2 (first and last iteration)",
              cfg.eval_points)
     _require(cfg.grid_every >= 0, "grid_every", ">= 0 (0 = off)", cfg.grid_every)
-    _require(cfg.eval_num >= 1, "eval_num", ">= 1", cfg.eval_num)
-    _require(cfg.grid_num >= 1, "grid_num", ">= 1", cfg.grid_num)
+    _require(2 <= cfg.eval_num <= SEED_STRIDE, "eval_num", f"in [2, {SEED_STRIDE}]", cfg.eval_num)
+    _require(1 <= cfg.grid_num <= MAX_GRID_NUM, "grid_num", f"in [1, {MAX_GRID_NUM}]", cfg.grid_num)
     _require(cfg.eval_mid_t is None or cfg.t_min < cfg.eval_mid_t < cfg.t_max, "eval_mid_t",
              f"in (t_min, t_max) = ({cfg.t_min}, {cfg.t_max}) or null", cfg.eval_mid_t)
     _require(all(t > 0 for t in cfg.eval_dfid_ts), "eval_dfid_ts", "a list of times > 0", cfg.eval_dfid_ts)
@@ -247,7 +259,32 @@ def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
         _require(cfg.w_b >= 0, "w_b", ">= 0", cfg.w_b)
     if mode == "pretrain" and cfg.arch is not None:
         _require(isinstance(cfg.arch, dict), "arch", "a mapping", cfg.arch)
+    if mode in CONSISTENCY_MODES:
+        check_time_distribution(cfg, mode)
     batch_split(cfg, mode, world_size)
+
+
+def build_time_distribution(cfg: TrainConfig, lower: float) -> Any:
+    """ψ̄_t of Stage 2 (log-Student-t μ, σ, ν on [lower, t_max]) or Stage 1's truncated log-normal."""
+    from tcm_core.schedules import TruncatedLogNormal, TruncatedLogStudentT
+
+    if cfg.time_dist == "student_t":
+        return TruncatedLogStudentT(mu=cfg.student_mu, sigma=cfg.student_sigma, nu=cfg.student_nu, t_min=lower,
+                                    t_max=cfg.t_max)
+    return TruncatedLogNormal(mean=cfg.p_mean, std=cfg.p_std, t_min=lower, t_max=cfg.t_max)
+
+
+def check_time_distribution(cfg: TrainConfig, mode: str) -> None:
+    """The consistency loss's time distribution has probability mass on its range (a p_mean of 700 has none)."""
+    lower = cfg.t_prime if mode in TRUNCATED_MODES else cfg.t_min
+    if lower is None or cfg.time_dist is None or None in (cfg.p_mean, cfg.p_std):
+        return  # a TrainConfig not built by build_config: its mode defaults are not filled in yet
+    try:
+        build_time_distribution(cfg, lower)
+    except ValueError as error:
+        keys = "student_mu, student_sigma, student_nu" if cfg.time_dist == "student_t" else "p_mean, p_std"
+        raise ConfigError(f"the time distribution is unusable ({error})", f"config keys {keys}",
+                          f"choose values with mass on [{lower:g}, {cfg.t_max:g}]") from None
 
 
 def batch_split(cfg: TrainConfig, mode: str, world_size: int) -> tuple[int, int]:

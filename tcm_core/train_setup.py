@@ -32,7 +32,7 @@ from tcm_core import distributed
 from tcm_core.errors import ConfigError, MissingFileError, RefusedFileError
 from tcm_core.optim import build_optimizer
 from tcm_core.schedules import curriculum_ratio
-from tcm_core.train_config import TRUNCATED_MODES, TrainConfig, batch_split, validate_config
+from tcm_core.train_config import TRUNCATED_MODES, TrainConfig, batch_split, build_time_distribution, validate_config
 from tcm_core.train_state import (
     check_compatible,
     discard_states,
@@ -199,16 +199,6 @@ def freeze_boundary_model(model: nn.Module) -> nn.Module:
 
     model.forward = frozen_forward  # instance attribute: nn.Module.__call__ picks it up
     return model
-
-
-def build_time_distribution(cfg: TrainConfig, lower: float) -> Any:
-    """ψ̄_t of Stage 2 (log-Student-t μ, σ, ν on [lower, t_max]) or Stage 1's truncated log-normal."""
-    from tcm_core.schedules import TruncatedLogNormal, TruncatedLogStudentT
-
-    if cfg.time_dist == "student_t":
-        return TruncatedLogStudentT(mu=cfg.student_mu, sigma=cfg.student_sigma, nu=cfg.student_nu, t_min=lower,
-                                    t_max=cfg.t_max)
-    return TruncatedLogNormal(mean=cfg.p_mean, std=cfg.p_std, t_min=lower, t_max=cfg.t_max)
 
 
 def build_loss(cfg: TrainConfig, mode: str, sigma_data: float, frozen: nn.Module | None) -> Any:

@@ -4,7 +4,8 @@ A state file ``state-<iteration:09d>.pt`` holds everything needed to continue bi
 network, its EMA, optimiser, GradScaler, CPU and CUDA RNG states, the global iteration, the data
 sampler position and the non-finite counters. It is written to a temporary file in the same folder and
 moved into place with ``os.replace``, so a kill leaves either the old or the new file, never half of
-one; a file torn by other means (disk full, copied partially) fails to load and the previous one is used.
+one; a write the disk refuses (full, read-only) removes the temporary file, keeps the older states and is a
+StorageError; a file torn by other means (copied partially) fails to load and the previous one is used.
 Stage 1 also writes its final state as a declared output (``train_state.pt``): the control
 (``stage1_continued``) continues exactly from it.
 
@@ -16,14 +17,13 @@ outputs; the default ``RUN_DIR/_state`` is for hand-run jobs.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tcm_core.atomic import atomic_path
+from tcm_core.atomic import save_torch_atomic
 from tcm_core.errors import NonFiniteTrainingError, RefusedFileError
 
 log = logging.getLogger(__name__)
@@ -58,14 +58,6 @@ def tensors_finite(state_dict: dict[str, Any]) -> bool:
                if isinstance(v, torch.Tensor) and v.is_floating_point())
 
 
-def _write_state(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-
 def save_state(state_dir: str | Path, state: dict[str, Any], keep: int = 2) -> Path:
     """Write ``state`` atomically and delete all but the newest ``keep`` state files."""
     check_finite_state(state)
@@ -74,7 +66,7 @@ def save_state(state_dir: str | Path, state: dict[str, Any], keep: int = 2) -> P
     for stale in folder.glob(".state-*.tmp"):  # left by a process killed while writing
         stale.unlink(missing_ok=True)
     path = state_path(folder, int(state["iteration"]))
-    _write_state(path, state)
+    save_torch_atomic(state, path)
     for _, old in list_states(folder)[keep:]:
         old.unlink(missing_ok=True)
     return path
@@ -83,7 +75,7 @@ def save_state(state_dir: str | Path, state: dict[str, Any], keep: int = 2) -> P
 def save_final_state(path: str | Path, state: dict[str, Any]) -> None:
     """Stage 1's final training state as one file (the control's input), written atomically."""
     check_finite_state(state)
-    _write_state(Path(path), state)
+    save_torch_atomic(state, Path(path))
 
 
 def check_finite_state(state: dict[str, Any]) -> None:

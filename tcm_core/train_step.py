@@ -3,7 +3,8 @@
 The randomness of every chunk comes from ``global_batch`` (world-size invariant). Non-finite policy: an iteration
 whose loss or gradient norm is non-finite drops its update (optimiser and EMA) and is counted; the run aborts
 after ``nonfinite_patience`` consecutive dropped iterations, or once ``nonfinite_patience`` were dropped and they
-exceed ``nonfinite_max_share`` of the iterations run (``nonfinite: skip`` never aborts on the consecutive count).
+exceed ``nonfinite_max_share`` of the iterations run (``nonfinite: skip`` never aborts on the consecutive count);
+at the last iteration the share alone decides, so no run finishes having dropped more than that share.
 Weights that are non-finite right after an optimiser step abort at once: nothing of that step is ever written,
 so the last saved state stays the last good one. fp16 overflow is left to the GradScaler.
 """
@@ -109,23 +110,40 @@ def drop_update(run: Run, stats_loss: float, grad_norm: float) -> None:
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler.is_enabled():
         run.scaler.update()
-    done = run.iteration + 1 - run.start_iteration
-    dropped = run.nonfinite_skipped
-    too_many = dropped >= cfg.nonfinite_patience and dropped > cfg.nonfinite_max_share * done
     in_a_row = cfg.nonfinite == "abort" and run.consecutive_bad >= cfg.nonfinite_patience
-    if in_a_row or too_many:
-        what = (f"{run.consecutive_bad} consecutive" if in_a_row else
-                f"{run.nonfinite_skipped} of {done} ({run.nonfinite_skipped / done:.0%})")
-        raise NonFiniteTrainingError(
-            f"non-finite loss or gradient norm in {what} iterations (last: global iteration {run.iteration + 1}, "
-            f"loss {stats_loss}, grad norm {grad_norm})", "training", "no weights were written; lower lr, set "
-            "grad_clip, or set nonfinite=skip / raise nonfinite_patience to drop such updates")
+    if in_a_row:
+        raise _lost(run, f"{run.consecutive_bad} consecutive", stats_loss, grad_norm)
+    check_dropped_share(run, stats_loss, grad_norm)
+
+
+def check_dropped_share(run: Run, stats_loss: float, grad_norm: float) -> None:
+    """Raise when more than ``nonfinite_max_share`` of the iterations run were dropped, once at least
+    ``nonfinite_patience`` were; at the run's last iteration the share alone decides (a finished run never
+    dropped more than that share, however short it is)."""
+    cfg, done, dropped = run.cfg, run.iteration + 1 - run.start_iteration, run.nonfinite_skipped
+    needed = 1 if run.iteration + 1 == run.end_iteration else cfg.nonfinite_patience
+    if dropped >= needed and dropped > cfg.nonfinite_max_share * done:
+        raise _lost(run, f"{dropped} of {done} ({dropped / done:.0%})", stats_loss, grad_norm)
+
+
+def _lost(run: Run, what: str, stats_loss: float, grad_norm: float) -> NonFiniteTrainingError:
+    return NonFiniteTrainingError(
+        f"non-finite loss or gradient norm in {what} iterations (last: global iteration {run.iteration + 1}, "
+        f"loss {stats_loss}, grad norm {grad_norm})", "training", "no network was written (the last state file is "
+        "the last good one); lower lr, set grad_clip, or set nonfinite=skip / raise nonfinite_patience")
 
 
 def apply_update(run: Run, grad_norm: float) -> float | None:
     """Optimiser step, the non-finite weight check, then the EMA; returns the EMA decay used (None: no update)."""
     run.consecutive_bad = 0
-    run.scaler.step(run.optimizer)  # with fp16, skipped by the scaler when the gradients overflowed
+    try:
+        run.scaler.step(run.optimizer)  # with fp16, skipped by the scaler when the gradients overflowed
+    except RuntimeError as error:  # Adam's scalar step size lr / (1 - beta1^k) past float32 (e.g. lr=1e38)
+        if "overflow" not in str(error):
+            raise
+        raise NonFiniteTrainingError(f"the optimiser step of global iteration {run.iteration + 1} overflowed "
+                                     f"({error})", "training", "lower lr; the last saved state is intact and "
+                                     "nothing of this step was written") from None
     run.scaler.update()
     if not math.isfinite(grad_norm):
         return None
@@ -157,6 +175,8 @@ def train_step(run: Run, after_backward: Callable[[Run], None] | None = None) ->
         drop_update(run, loss, grad_norm)
     else:
         beta = apply_update(run, grad_norm)
+        if run.nonfinite_skipped and run.iteration + 1 == run.end_iteration:
+            check_dropped_share(run, loss, grad_norm)  # the share at the end, also when the last step was good
     run.iteration += 1
     boundary = sums[2].item() if run.mode in TRUNCATED_MODES else None
     return StepStats(run.iteration, loss, sums[1].item(), boundary, grad_norm, lr, ratio, beta, dropped,

@@ -59,6 +59,34 @@ def popen_limited(args: list[str], limit: int = MEMORY_LIMIT) -> subprocess.Pope
                             stderr=subprocess.PIPE, text=True)
 
 
+_CHILD = Path(__file__).with_name("child_limits.py")
+
+
+def run_restricted(args: list[str], *, file_size: int = 0, drop_dac: bool = False, limit: int = MEMORY_LIMIT,
+                   timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m tcm_core ARGS`` under a memory limit, optionally with writes past ``file_size`` bytes failing
+    as on a full disk (EFBIG) and permission bits binding even for root (``tests/child_limits.py``)."""
+    command = [sys.executable, str(_CHILD), str(limit), str(file_size), str(int(drop_dac)), "--", *args]
+    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(stderr: str) -> str:
+    """The single ``tcm: error:`` line of a failed command: the last stderr line, no traceback, no other error."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    assert lines and lines[-1].startswith(ERROR_PREFIX) and errors == [lines[-1]], stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return lines[-1]
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file below ``folder`` (to show the last good outputs are untouched)."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one stderr line of a failed command (asserting there is exactly one, and no traceback)."""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -249,3 +277,88 @@ def poison_weight(path: Path, value: float) -> Path:
 
 def numel_of(header: dict[str, Any]) -> int:
     return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+
+
+# --- datasets, damaged ------------------------------------------------------------------------------------------
+
+
+def png_bytes(width: int, height: int, channels: int = 1) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    array = np.zeros((height, width, channels), np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array[:, :, 0] if channels == 1 else array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 60-byte PNG whose header claims ``width`` x ``height`` pixels (no pixel data behind it)."""
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
+
+
+def dataset_zip(path: Path, members: dict[str, bytes]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+def images(count: int, width: int = 8, height: int = 8) -> dict[str, bytes]:
+    return {f"00000/img{i:08d}.png": png_bytes(width, height) for i in range(count)}
+
+
+def labels_json(names: list[str], labels: list[Any]) -> bytes:
+    return json.dumps({"labels": [[n, v] for n, v in zip(names, labels)]}).encode()
+
+
+def claim_member_size(path: Path, size: int) -> Path:
+    """Make the zip's central directory claim ``size`` uncompressed bytes for its first member."""
+    data = bytearray(path.read_bytes())
+    at = data.index(b"PK\x01\x02")
+    data[at + 24:at + 28] = struct.pack("<I", size)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def hostile_dataset(path: Path, kind: str) -> Path:
+    """One damaged or hostile EDM-layout dataset (``kind`` a key of ``DATASET_KINDS``)."""
+    four = images(4)
+    names = sorted(four)
+    builders = {
+        "random bytes": lambda: path.write_bytes(os.urandom(2048)),
+        "truncated zip": lambda: path.write_bytes(dataset_zip(path, four).read_bytes()[:300]),
+        "an image of garbage": lambda: dataset_zip(path, {**four, names[0]: b"not a png at all"}),
+        "a truncated PNG": lambda: dataset_zip(path, {**four, names[0]: png_bytes(8, 8)[:40]}),
+        "a PNG claiming 100000x100000 pixels": lambda: dataset_zip(path, {**four,
+                                                                         names[0]: png_claiming(10**5, 10**5)}),
+        "a member claiming 4 GB": lambda: claim_member_size(dataset_zip(path, four), 2**32 - 1),
+        "dataset.json not JSON": lambda: dataset_zip(path, {**four, "dataset.json": b"{labels: oops"}),
+        "labels not pairs": lambda: dataset_zip(path, {**four, "dataset.json": b'{"labels": [1, 2, 3, 4]}'}),
+        "a label of 1e9": lambda: dataset_zip(path, {**four, "dataset.json": labels_json(names, [0, 1, 2, 10**9])}),
+        "a negative label": lambda: dataset_zip(path, {**four, "dataset.json": labels_json(names, [0, 1, 2, -1])}),
+        "a label missing": lambda: dataset_zip(path, {**four, "dataset.json": labels_json(names[:3], [0, 1, 2])}),
+        "non-square images": lambda: dataset_zip(path, images(4, 8, 6)),
+        "images of two sizes": lambda: dataset_zip(path, {**four, names[0]: png_bytes(16, 16)}),
+        "no images": lambda: dataset_zip(path, {"dataset.json": b'{"labels": null}'}),
+    }
+    builders[kind]()
+    return path
+
+
+DATASET_KINDS = {  # kind -> fragment of the one line (all RefusedFileError naming the dataset, exit 3)
+    "random bytes": "not a readable dataset", "truncated zip": "not a readable dataset",
+    "an image of garbage": "not a readable dataset", "a truncated PNG": "not a readable dataset",
+    "a PNG claiming 100000x100000 pixels": "DecompressionBombError", "a member claiming 4 GB": "claims 4,294,967,295",
+    "dataset.json not JSON": "not a readable dataset", "labels not pairs": "not a readable dataset",
+    "a label of 1e9": "labels must be in", "a negative label": "labels must be in", "a label missing": "no label",
+    "non-square images": "square", "images of two sizes": "differs from the first", "no images": "holds no images",
+}

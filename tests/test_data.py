@@ -13,6 +13,7 @@ import torch
 
 from tcm_core import data
 from tcm_core.data import InfiniteSampler, iterate_batches, open_dataset, write_dataset_zip
+from tcm_core.errors import RefusedFileError
 
 
 def _random_images(n, c=3, r=8, seed=0):
@@ -132,7 +133,7 @@ def _synthetic_cifar_tarball(path, per_batch=4):
 def test_cifar10_converter_on_synthetic_tarball(tmp_path):
     src = tmp_path / "cifar-10-python.tar.gz"
     batches = _synthetic_cifar_tarball(src)
-    with pytest.raises(ValueError, match="md5"):
+    with pytest.raises(RefusedFileError, match="md5"):
         data.prepare_cifar10(src, tmp_path / "c.zip")
     assert hashlib.md5(src.read_bytes()).hexdigest() != data.CIFAR10_MD5
     assert data.prepare_cifar10(src, tmp_path / "c.zip", verify_md5=False) == 20
@@ -157,5 +158,5 @@ def test_cifar10_unpickler_refuses_code(tmp_path):
         info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
         info.size = len(raw)
         tar.addfile(info, io.BytesIO(raw))
-    with pytest.raises(pickle.UnpicklingError, match="not allowed"):
+    with pytest.raises(RefusedFileError, match="UnpicklingError.*not allowed"):
         data.load_cifar10_tarball(path, verify_md5=False)

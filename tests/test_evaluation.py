@@ -12,6 +12,7 @@ from PIL import Image
 
 from tcm_core import evaluation, metrics
 from tcm_core.data import open_dataset
+from tcm_core.errors import RefusedFileError
 from tcm_core.features import load_extractor, train_feature_net
 from tcm_core.sampling import generate, sample_batches, to_uint8
 
@@ -109,7 +110,7 @@ def test_reference_stats_cache_and_external_npz(lenet_world, tmp_path):
     assert external.meta["format"] == "external" and np.array_equal(external.mu, ref.mu)
     evaluation.check_compatible(external, ext)
     np.savez(tmp_path / "wrong_dim.npz", mu=np.zeros(2048), sigma=np.eye(2048))
-    with pytest.raises(ValueError, match="2048 dims"):
+    with pytest.raises(RefusedFileError, match="2048 dims"):
         evaluation.check_compatible(evaluation.load_ref_stats(tmp_path / "wrong_dim.npz"), ext)
 
 

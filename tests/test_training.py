@@ -240,7 +240,8 @@ def _poison_gradients_at(iterations: set[int]):
 
 
 def test_nonfinite_skip_drops_the_update_and_counts_it(data, tmp_path):
-    cfg = build_config(micro_overrides(arch=MICRO_ARCH, iterations=5, nonfinite="skip"), "pretrain")
+    cfg = build_config(micro_overrides(arch=MICRO_ARCH, iterations=5, nonfinite="skip", nonfinite_max_share=0.5),
+                       "pretrain")  # 2 of 5 dropped: within the share
     result = train(cfg, mode="pretrain", data=data, out=tmp_path / "run", device="cpu",
                    after_backward=_poison_gradients_at({1, 3}), progress=False)
     assert result.nonfinite_skipped == 2

@@ -12,9 +12,11 @@ builds the 1.1 B-parameter EDM2-XL without memory.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -88,6 +90,36 @@ _BACKBONES: dict[str, type[nn.Module]] = {"SongUNet": SongUNet, "EDM2UNet": EDM2
 _PRECOND_KEYS = {"model_type", "img_resolution", "img_channels", "label_dim", "sigma_data", "use_fp16"}
 # Keys EDM pickles carry for SongUNet that select variants we do not build: accepted only at these values.
 _SONGUNET_FIXED = {"embedding_type": "positional", "encoder_type": "standard", "decoder_type": "standard"}
+
+
+class OverBudget(Exception):
+    """A network under construction registered more tensors or elements than its budget."""
+
+
+@contextlib.contextmanager
+def registration_budget(max_tensors: int, max_numel: int) -> Iterator[None]:
+    """Abort module construction (raise :class:`OverBudget`) as soon as the parameters and buffers registered
+    exceed ``max_tensors`` tensors or ``max_numel`` elements: an absurd size (``num_blocks: 100000``) stops at
+    once instead of building for minutes, even on the meta device."""
+    from torch.nn.modules import module
+
+    seen = [0, 0]
+
+    def count(_module: Any, name: str, tensor: Any) -> None:
+        if tensor is None:
+            return
+        seen[0] += 1
+        seen[1] += tensor.numel()
+        if seen[0] > max_tensors or seen[1] > max_numel:
+            raise OverBudget(f"more than {max_tensors:,} tensors or {max_numel:,} weights")
+
+    handles = [module.register_module_parameter_registration_hook(count),
+               module.register_module_buffer_registration_hook(count)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def count_parameters(module: nn.Module) -> int:

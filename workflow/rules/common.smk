@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pandas as pd
-import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import Paramspace, validate
 
@@ -14,25 +13,16 @@ from tcm_core import presets
 from tcm_core.errors import ConfigError
 
 
-def schema_error(error):
-    where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-    hint = error.schema.get("description") if isinstance(error.schema, dict) else None
-    return ConfigError(f"invalid config: {error.message}", where, hint)
-
-
 def checked_config(cfg):
-    """JSON-schema validation naming the failing key, Snakemake's (which fills defaults), then every
-    cross-field and TrainConfig check of tcm_core for the preset being run."""
-    import jsonschema
-
+    """JSON-schema validation naming the failing key (tcm_core.presets, as check-config does),
+    Snakemake's (which fills defaults), then every cross-field and TrainConfig check of tcm_core."""
     cfg.update(presets.normalise_cli_values(cfg))  # nested --config values arrive as strings
     schema_file = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
-    validator = jsonschema.Draft202012Validator(yaml.safe_load(schema_file.read_text()))
-    error = jsonschema.exceptions.best_match(validator.iter_errors(cfg))
-    if error is not None:
-        raise schema_error(error)
+    problems = presets.schema_problems(dict(cfg), schema_file)
+    if problems:
+        raise problems[0]
     validate(cfg, schema="../schemas/config.schema.yaml")
-    return presets.check_preset(cfg, cfg["preset"])
+    return presets.check_preset(cfg, cfg["preset"], schema_path=None)
 
 
 try:

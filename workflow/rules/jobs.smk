@@ -5,6 +5,8 @@ import hashlib
 import json
 import shlex
 
+import yaml
+
 from tcm_core.schedules import T_MAX
 
 
