@@ -286,6 +286,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         "(data, loss, backward, grad norm, optimiser, EMA) for --modes on synthetic data")
     parser.add_argument("--modes", default="stage1,stage2", help="--train: comma-separated training modes")
     parser.add_argument("--rounds", type=int, default=2, help="--train: rounds of short runs, modes interleaved")
+    parser.add_argument("--method", default="ct", help="--train: ct, cd or ct,cd (CD distils the init network; "
+                        "ct,cd also reports the CD/CT time per iteration of each mode)")
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -321,18 +323,21 @@ def run_train_bench(args: argparse.Namespace, device: str) -> int:
     from tcm_core.training import benchmark_train_iterations
 
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
     result = benchmark_train_iterations(args.net, args.batch, device, repeats=args.repeats, warmup=args.warmup,
-                                        rounds=args.rounds, modes=modes)
+                                        rounds=args.rounds, modes=modes, methods=methods)
     if args.out is not None:
         _write_json_atomic(args.out, result)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
+        names = [k[: -len("_train_s_per_it")] for k in result if k.endswith("_train_s_per_it")]
         parts = [f"{m} {result[f'{m}_train_s_per_it']:.4f}s (CPU {result[f'{m}_train_cpu_s_per_it']:.4f}s)"
-                 for m in modes]
-        ratio = result.get("stage2_over_stage1_train_time")
+                 for m in names]
+        ratios = [f"{k[: -len('_train_time')]} x{v:.3f}" for k, v in result.items()
+                  if k.endswith("_train_time") and "_over_" in k]
         print(f"{result['net']} batch {result['batch']} on {result['device_name']}, s/iteration: " + ", ".join(parts)
-              + (f"; stage2/stage1 x{ratio:.3f}" if ratio else ""))
+              + (f"; {', '.join(ratios)}" if ratios else ""))
     return 0
 
 

@@ -11,6 +11,8 @@
   consistency training; the frozen boundary model (``--boundary-model``: the Stage-1 EMA for stage2, the
   Stage-2 result for stage3) has ``requires_grad=False``, stays in train mode (dropout active, as in the
   official code) and always runs with EDM2 forced weight normalisation off and without autograd.
+* ``method: cd`` (any consistency mode): x_s is one PF-ODE step of the frozen teacher (``--teacher``, eval mode,
+  no autograd; ``tcm_core.distillation``) instead of y + s·ε; everything else is as under ``method: ct``.
 * Every schedule (Δt curriculum, LR decay, power-EMA count) uses the GLOBAL iteration; where each mode starts
   is in ``train_setup``. Randomness is world-size invariant (``global_batch``). Only rank 0 writes files.
 """
@@ -53,14 +55,16 @@ class TrainResult:
 
 def train(cfg: TrainConfig, *, mode: str, data: str | Path, out: str | Path, init: str | Path | None = None,
           boundary_model: str | Path | None = None, init_state: str | Path | None = None,
-          final_state: str | Path | None = None, state_dir: str | Path | None = None, device: str = "auto",
+          final_state: str | Path | None = None, state_dir: str | Path | None = None,
+          teacher: str | Path | None = None, device: str = "auto",
           tracking: Tracking | None = None, periodic: PeriodicEval | None = None,
           after_backward: Callable[[Run], None] | None = None, progress: bool = True) -> TrainResult:
     """Run ``cfg.iterations`` iterations of ``mode`` (resuming from ``state_dir`` when a state exists)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     paths = RunPaths(data=Path(data), out=Path(out), init=_path(init), boundary_model=_path(boundary_model),
-                     init_state=_path(init_state), state_dir=_path(state_dir), final_state=_path(final_state))
+                     init_state=_path(init_state), state_dir=_path(state_dir), final_state=_path(final_state),
+                     teacher=_path(teacher))
     run = setup(cfg, mode, paths, device)
     outputs = RunOutputs(run, tracking or Tracking(), periodic or PeriodicEval(), progress=progress)
     seconds: list[float] = []
@@ -92,16 +96,31 @@ def _path(value: str | Path | None) -> Path | None:
 BENCH_CAP_ITERATION = 10**7  # init checkpoints claim this many iterations: the curriculum is at its cap
 
 
+def bench_variants(modes: tuple[str, ...], methods: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """(name, mode, method) of each timed variant: ``stage1`` (CT) and ``stage1_cd`` (CD) etc.; pretrain has no
+    method."""
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"modes must be among {', '.join(MODES)}, got {mode!r}")
+    for method in methods:
+        if method not in ("ct", "cd"):
+            raise ValueError(f"methods must be among ct, cd, got {method!r}")
+    return [(mode if method == "ct" or mode == "pretrain" else f"{mode}_cd", mode, method)
+            for mode in modes for method in (methods if mode != "pretrain" else ("ct",))]
+
+
 def benchmark_train_iterations(net_name: str = "tiny", batch: int = 64, device: str = "cpu", repeats: int = 5,
                                warmup: int = 2, rounds: int = 2, modes: tuple[str, ...] = ("stage1", "stage2"),
                                arch_overrides: dict[str, Any] | None = None, seed: int = 0,
-                               config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Seconds per iteration of the REAL training loop (``train``) for each mode, on synthetic data.
+                               config: dict[str, Any] | None = None,
+                               methods: tuple[str, ...] = ("ct",)) -> dict[str, Any]:
+    """Seconds per iteration of the REAL training loop (``train``) for each mode and method, on synthetic data.
 
-    Each round runs every mode once for ``warmup + repeats`` iterations (modes interleaved round by round, so
-    drifting machine load hits all alike); the best post-warm-up iteration over all rounds is reported. An
+    Each round runs every variant once for ``warmup + repeats`` iterations (variants interleaved round by round,
+    so drifting machine load hits all alike); the best post-warm-up iteration over all rounds is reported. An
     iteration is everything the loop does per step (data, loss, backward, grad norm, optimiser, EMA, host
-    sync) except the periodic outputs (metrics lines, state files), which are excluded from the timing.
+    sync) except the periodic outputs (metrics lines, state files), which are excluded from the timing. Method
+    ``cd`` distils the init network itself (as teacher, Heun: two teacher passes per iteration).
     """
     import tempfile
 
@@ -109,15 +128,13 @@ def benchmark_train_iterations(net_name: str = "tiny", batch: int = 64, device: 
     from tcm_core.network_files import save_network
     from tcm_core.networks import arch_preset, build_precond
 
-    for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"modes must be among {', '.join(MODES)}, got {mode!r}")
+    variants = bench_variants(modes, methods)
     if repeats < 1 or warmup < 0 or rounds < 1:
         raise ValueError(f"need repeats >= 1, warmup >= 0, rounds >= 1; got {repeats}, {warmup}, {rounds}")
     torch.manual_seed(seed)
     master = build_precond(arch_preset(net_name, **(arch_overrides or {})))
-    times: dict[str, list[float]] = {mode: [] for mode in modes}
-    cpu_times: dict[str, list[float]] = {mode: [] for mode in modes}
+    times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    cpu_times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     with tempfile.TemporaryDirectory(prefix="tcm-train-bench-") as tmp:
         folder = Path(tmp)
         rng = np.random.default_rng(seed)
@@ -127,35 +144,48 @@ def benchmark_train_iterations(net_name: str = "tiny", batch: int = 64, device: 
         init = folder / "init.safetensors"
         save_network(master, init, iteration=BENCH_CAP_ITERATION, provenance={"note": "benchmark"})
         for round_index in range(rounds):
-            for mode in modes:
+            for name, mode, method in variants:
                 keys = {"iterations": warmup + repeats, "batch": batch, "seed": seed + round_index,
                         "log_every": 10**6, "state_every": 10**6, **(config or {})}
                 if mode == "pretrain":
                     keys["arch"] = {"preset": net_name, **(arch_overrides or {})}
-                cfg = build_config(keys, mode)
-                result = train(cfg, mode=mode, data=data, out=folder / f"{mode}-{round_index}",
+                if method == "cd":
+                    keys["method"] = "cd"
+                result = train(build_config(keys, mode), mode=mode, data=data, out=folder / f"{name}-{round_index}",
                                init=None if mode == "pretrain" else init,
-                               boundary_model=init if mode in TRUNCATED_MODES else None, device=device,
-                               progress=False)
-                times[mode].extend(result.iteration_seconds[warmup:])
-                cpu_times[mode].extend(result.iteration_cpu_seconds[warmup:])
+                               boundary_model=init if mode in TRUNCATED_MODES else None,
+                               teacher=init if method == "cd" else None, device=device, progress=False)
+                times[name].extend(result.iteration_seconds[warmup:])
+                cpu_times[name].extend(result.iteration_cpu_seconds[warmup:])
     dev = torch.device(pick_device(device))
     report: dict[str, Any] = {
         "net": net_name, "batch": batch, "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "parameters": sum(p.numel() for p in master.parameters()),
         "repeats": repeats, "warmup": warmup, "rounds": rounds, "config": dict(config or {}),
+        "methods": list(methods),
     }
-    for mode in modes:
-        report[f"{mode}_train_s_per_it"] = min(times[mode])
-        report[f"{mode}_train_s_per_it_median"] = float(np.median(times[mode]))
-        report[f"{mode}_train_times_s"] = times[mode]
+    report.update(bench_summary(times, cpu_times))
+    return report
+
+
+def bench_summary(times: dict[str, list[float]], cpu_times: dict[str, list[float]]) -> dict[str, Any]:
+    """Best and median seconds per iteration of each variant, and the Stage-2/Stage-1 and CD/CT ratios."""
+    report: dict[str, Any] = {}
+    for name in times:
+        report[f"{name}_train_s_per_it"] = min(times[name])
+        report[f"{name}_train_s_per_it_median"] = float(np.median(times[name]))
+        report[f"{name}_train_times_s"] = times[name]
         # CPU seconds of this process: on a shared CPU machine steadier than wall time (no waiting for a core)
-        report[f"{mode}_train_cpu_s_per_it"] = min(cpu_times[mode])
-    if "stage1" in modes and "stage2" in modes:
+        report[f"{name}_train_cpu_s_per_it"] = min(cpu_times[name])
+    if "stage1" in times and "stage2" in times:
         report["stage2_over_stage1_train_time"] = report["stage2_train_s_per_it"] / report["stage1_train_s_per_it"]
         report["stage2_over_stage1_train_cpu_time"] = (report["stage2_train_cpu_s_per_it"]
                                                        / report["stage1_train_cpu_s_per_it"])
+    for name in [n for n in times if f"{n}_cd" in times]:
+        for kind in ("", "cpu_"):
+            report[f"{name}_cd_over_ct_train_{kind}time"] = (report[f"{name}_cd_train_{kind}s_per_it"]
+                                                             / report[f"{name}_train_{kind}s_per_it"])
     return report
 
 
@@ -171,6 +201,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boundary-model", default=None, help="stage2/stage3: frozen model used below t_prime")
     parser.add_argument("--init-state", default=None, help="stage1_continued: Stage 1's final train_state.pt")
     parser.add_argument("--final-state", default=None, help="also write the final training state here (stage1)")
+    parser.add_argument("--teacher", default=None, help="method cd: the diffusion model whose PF-ODE gives x_s")
     parser.add_argument("--data", required=True, help="EDM-layout dataset (.zip or folder)")
     parser.add_argument("--out", required=True, help="run folder: network.safetensors/.json, metrics.jsonl, "
                         "config.json")
@@ -193,6 +224,7 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.config, args.mode, args.preset, args.overrides)
     result = train(cfg, mode=args.mode, data=args.data, out=args.out, init=args.init,
                    boundary_model=args.boundary_model, init_state=args.init_state, final_state=args.final_state,
+                   teacher=args.teacher,
                    state_dir=args.state_dir, device=args.device,
                    tracking=Tracking(args.mlflow_uri, args.mlflow_parent, args.run_key),
                    periodic=PeriodicEval(args.eval_ref_stats, args.eval_extractor, args.eval_feature_net),
