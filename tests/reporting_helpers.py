@@ -18,6 +18,8 @@ from tcm_core.networks import arch_preset
 LABEL = "FID (LeNet features, 5k, min of 3)"  # as evaluation.fid_label writes it
 DFID_TS = (0.2, 0.5, 2.0, 4.0, 80.0)
 BASELINE = {"t_prime": 1.0, "rho": 0.25, "w_b": 0.1, "student_sigma": 0.2, "student_nu": 0.01}
+CD = {"method": "cd", "ode_solver": "heun", "guidance": 1.5}
+DISTILL_FIDS = {"stage1": 45.0, "stage1_continued": 43.0, "stage2": 38.0}  # unlike every CT number
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Scenario:
     skip_stages: tuple[str, ...] = ()  # main-grid stages with no run at all
     ablations: bool = True
     histories: bool = True  # periodic evaluation during training (config eval.every > 0)
+    distill: dict[str, float] = field(default_factory=lambda: DISTILL_FIDS)  # the CD arm's final 1-step FIDs
 
 
 @dataclass
@@ -97,6 +100,11 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
     for run, stage, params, start, end, first, final in main:
         if stage not in scenario.skip_stages:
             add(run, stage, "main", params, start, end, first, final)
+    distill = [("stage1", {"t_prime": None}, 0, 400, 80.0), ("stage1_continued", {"t_prime": None}, 400, 800, 45.0),
+               ("stage2", dict(BASELINE), 400, 800, 45.0)]
+    for stage, params, start, end, first in distill:
+        if stage in scenario.distill:
+            add(f"distill/{stage}", stage, "distill", {**params, **CD}, start, end, first, scenario.distill[stage])
     if scenario.ablations:
         grid: list[tuple[dict, float]] = [({**BASELINE, "t_prime": t}, f) for t, f in scenario.tprime_fids.items()]
         grid += [({**BASELINE, "rho": rho}, 26.0 + rho) for rho in (0.1, 0.5)]
