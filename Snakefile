@@ -2,6 +2,7 @@
 #   snakemake --cores 2                                  the tiny preset's `all` (CPU, ~20 min)
 #   snakemake --cores 2 --config preset=ci all_ablations every grid point, seconds-scale settings
 #   snakemake --profile profiles/slurm --config preset=cifar10 all_ablations
+#   snakemake --cores 2 paper_tables                     every table (incl. Table 5: the distillation arm)
 # Settings: config.yaml (validated by workflow/schemas/config.schema.yaml before any job runs).
 import os
 import sys
@@ -30,6 +31,7 @@ include: "workflow/rules/jobs.smk"
 include: "workflow/rules/init.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/training.smk"
+include: "workflow/rules/distillation.smk"
 include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/reporting.smk"
 
@@ -47,6 +49,13 @@ rule all_ablations:
     input:
         main_targets(),
         ablation_targets(),
+    localrule: True
+
+
+# The consistency-distillation arm (presets with a `distill` block): CD Stage 1, control, Stage 2, FIDs.
+rule all_distillation:
+    input:
+        distill_targets(),
     localrule: True
 
 

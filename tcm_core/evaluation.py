@@ -210,6 +210,14 @@ def _open_tracker(args: argparse.Namespace, out: Path):
                                  run_key=args.run_key, tags=tags)
 
 
+def checkpoint_method(meta: dict) -> dict:
+    """method / ode_solver / guidance of the run that trained a checkpoint (params of every eval run)."""
+    from tcm_core.distillation import method_params
+
+    provenance = meta.get("provenance") or {}
+    return method_params(provenance.get("mode"), provenance.get("config"))
+
+
 def _track(args: argparse.Namespace, out: Path, params: dict, values: dict[str, float], step: int,
            artifacts: Sequence[Path]) -> None:
     tracker = _open_tracker(args, out)
@@ -378,7 +386,8 @@ def _run_fid(args: argparse.Namespace) -> int:
         save_grid(grid_images, args.grid)
         artifacts.append(args.grid)
     _track(args, args.out, {"ckpt": str(args.ckpt), "steps": steps, "num": args.num, "seeds": args.seeds,
-                            "extractor": extractor.name}, {metric: record["min"]}, record["iteration"], artifacts)
+                            "extractor": extractor.name, **checkpoint_method(meta)}, {metric: record["min"]},
+           record["iteration"], artifacts)
     print(json.dumps({k: record[k] for k in ("metric", "label", "per_seed", "min", "images_per_second")}))
     return 0
 
@@ -412,7 +421,8 @@ def _run_dfid(args: argparse.Namespace) -> int:
         "device": str(device), "seconds": seconds, "images_per_second": args.num * len(ts) / max(seconds, 1e-9),
     }
     write_json(args.out, record)
-    _track(args, args.out, {"ckpt": str(args.ckpt), "ts": ts, "num": args.num, "extractor": extractor.name},
+    _track(args, args.out, {"ckpt": str(args.ckpt), "ts": ts, "num": args.num, "extractor": extractor.name,
+                            **checkpoint_method(meta)},
            {f"dfid_t{t:g}": v for t, v in values.items()}, record["iteration"], [args.out])
     print(json.dumps({"metric": "dfid", "values": record["values"]}))
     return 0
@@ -429,7 +439,7 @@ def _run_grid(args: argparse.Namespace) -> int:
     images = torch.cat([b.cpu() for b in sample_batches(net, num=args.num, seed=args.seed, steps=steps,
                                                         batch_size=args.batch, device=device)])
     save_grid(images, args.out)
-    _track(args, args.out, {"ckpt": str(args.ckpt), "steps": steps, "num": args.num}, {},
+    _track(args, args.out, {"ckpt": str(args.ckpt), "steps": steps, "num": args.num, **checkpoint_method(meta)}, {},
            int(meta.get("iteration", 0)), [args.out])
     return 0
 

@@ -8,7 +8,11 @@ Resolution of a mode's keys from ``presets[P]`` (see docs/ARCHITECTURE.md "confi
 * ``stage3`` merges ``stage3`` over ``stage2``; ``pretrain`` also takes the preset's ``arch``;
 * every mode takes the preset's ``eval`` block (``every, num, mid_t, dfid_ts`` -> ``eval_every, eval_num,
   eval_mid_t, eval_dfid_ts``) unless its section sets those keys itself;
-* an ablation point overrides ``stage2`` with its factor values and the ablation's ``batch`` and ``iterations``.
+* an ablation point overrides ``stage2`` with its factor values and the ablation's ``batch`` and ``iterations``;
+* the distillation arm (``distill`` block, paper App. A / Table 5) runs Stage 1, the control and Stage 2 with the
+  keys above and the ``distill`` block's keys on top (``method: cd``, ``ode_solver``, ``guidance``), distilling
+  the preset's ``teacher`` (``{kind: pretrain}`` the preset's own pretrained model, ``{kind: init}`` the Stage-1
+  init file, ``{kind: checkpoint, name | url, sha256}`` fetched like the init, ``{kind: path, path}``).
 
 A flat YAML (no ``presets``) is taken as the TrainConfig keys directly.
 """
@@ -25,6 +29,8 @@ from tcm_core.train_config import MODES, TrainConfig, build_config, parse_overri
 
 EVAL_BLOCK_KEYS = {"every": "eval_every", "num": "eval_num", "mid_t": "eval_mid_t", "dfid_ts": "eval_dfid_ts"}
 ABLATION_FACTORS = ("t_prime", "rho", "w_b", "student_sigma", "student_nu")  # the Stage-2 keys the grids vary
+DISTILL_MODES = ("stage1", "stage1_continued", "stage2")  # the distillation arm's training jobs
+ARMS = ("main", "distill")
 MAX_PARAMETERS = 4_000_000_000  # refuse architectures beyond this (EDM2-XL has 1.12e9): a typo, not a model
 
 
@@ -63,8 +69,11 @@ def _section(preset: dict[str, Any], key: str) -> dict[str, Any]:
     return dict(value)
 
 
-def section_keys(preset: dict[str, Any], mode: str) -> dict[str, Any]:
-    """The TrainConfig keys of ``mode`` in a preset block (before command-line overrides)."""
+def section_keys(preset: dict[str, Any], mode: str, arm: str = "main") -> dict[str, Any]:
+    """The TrainConfig keys of ``mode`` in a preset block (before command-line overrides); ``arm`` "distill"
+    adds the ``distill`` block's keys on top."""
+    if arm not in ARMS:
+        raise ConfigError(f"unknown arm {arm!r}", "arm", f"use one of {', '.join(ARMS)}")
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}", "--mode", f"use one of {', '.join(MODES)}")
     if mode == "stage1_continued":
@@ -81,7 +90,14 @@ def section_keys(preset: dict[str, Any], mode: str) -> dict[str, Any]:
     for eval_key, cfg_key in EVAL_BLOCK_KEYS.items():
         if cfg_key not in keys and eval_key in evaluation:
             keys[cfg_key] = evaluation[eval_key]
+    if arm == "distill":
+        keys.update(_section(preset, "distill"))
     return keys
+
+
+def has_distillation(preset: dict[str, Any]) -> bool:
+    """Whether the preset plans the distillation arm (it has a ``distill`` block)."""
+    return bool(preset.get("distill"))
 
 
 def ablation_points(preset: dict[str, Any]) -> list[dict[str, float]]:
@@ -225,8 +241,58 @@ def check_sources(preset: dict[str, Any], where: str) -> None:
         raise ConfigError("cifar10 needs its source archive", f"{where}.dataset.source", "give a URL or path")
 
 
+def check_teacher(preset: dict[str, Any], where: str) -> None:
+    """The ``teacher`` block names one diffusion model the workflow can provide."""
+    teacher = preset.get("teacher") or {}
+    kind = teacher.get("kind")
+    if kind == "pretrain" and (preset.get("init") or {}).get("kind") != "pretrain":
+        raise ConfigError("teacher kind pretrain needs the preset to pretrain (init kind pretrain)",
+                          f"{where}.teacher.kind", "use kind init, checkpoint or path")
+    if kind == "init" and (preset.get("init") or {}).get("provides") == "stage1":
+        raise ConfigError("the init is a Stage-1 consistency model, not a diffusion teacher", f"{where}.teacher.kind",
+                          "name a diffusion checkpoint (kind checkpoint or path)")
+    if kind == "checkpoint" and bool(teacher.get("name")) == bool(teacher.get("url")):
+        raise ConfigError("teacher kind checkpoint needs exactly one of name, url", f"{where}.teacher", "set one")
+    if kind == "path" and not teacher.get("path"):
+        raise ConfigError("teacher kind path needs the checkpoint file", f"{where}.teacher.path", "set it")
+
+
+def check_guided_teacher(preset: dict[str, Any], cfg: TrainConfig, where: str) -> None:
+    """Guidance with our own pretrained teacher: it must be class-conditional and learn ∅ (label dropout)."""
+    if cfg.guidance is None or (preset.get("teacher") or {}).get("kind") != "pretrain":
+        return
+    pretrain = checked_config(preset, "pretrain", section_keys(preset, "pretrain"), f"{where}.pretrain")
+    if not int((preset.get("arch") or {}).get("label_dim", 0)) > 0 or not pretrain.label_dropout > 0:
+        raise ConfigError(f"guidance {cfg.guidance} needs a class-conditional teacher pretrained with label dropout",
+                          f"{where}.arch.label_dim / {where}.pretrain.label_dropout",
+                          "set arch.label_dim (the data's classes) and pretrain.label_dropout > 0, or guidance null")
+
+
+def check_distillation(preset: dict[str, Any], configs: dict[str, TrainConfig], where: str) -> dict[str, TrainConfig]:
+    """The distillation arm's configs (and every CD job's teacher); returns them as ``distill/<mode>``."""
+    distilling = [mode for mode, cfg in configs.items() if cfg.method == "cd"]
+    arm: dict[str, TrainConfig] = {}
+    if has_distillation(preset):
+        if (preset.get("init") or {}).get("provides") == "stage1":
+            raise ConfigError("the distillation arm trains its own Stage 1 from the init, but this init is a "
+                              "Stage-1 model", f"{where}.distill", "drop the distill block")
+        if _section(preset, "distill").get("method") != "cd":
+            raise ConfigError("the distillation arm distils", f"{where}.distill.method", "set method: cd")
+        arm = {f"distill/{mode}": checked_config(preset, mode, section_keys(preset, mode, "distill"),
+                                                 f"{where}.distill ({mode})") for mode in DISTILL_MODES}
+        distilling += list(arm)
+    if distilling and not preset.get("teacher"):
+        raise ConfigError(f"method cd ({', '.join(distilling)}) needs a teacher diffusion model", f"{where}.teacher",
+                          "add e.g. teacher: {kind: pretrain} or {kind: checkpoint, name: edm-cifar10-uncond-vp}")
+    check_teacher(preset, where)
+    for cfg in {**configs, **arm}.values():
+        check_guided_teacher(preset, cfg, where)
+    return arm
+
+
 def check_preset(config: dict[str, Any], name: str) -> dict[str, TrainConfig]:
-    """Everything a job would refuse, refused now; returns the TrainConfig of each planned mode."""
+    """Everything a job would refuse, refused now; returns the TrainConfig of each planned mode (and of the
+    distillation arm's jobs, as ``distill/<mode>``)."""
     if name not in (config.get("presets") or {}):
         raise ConfigError(f"unknown preset {name!r}", "preset", f"use one of {', '.join(config.get('presets', {}))}")
     preset, where = config["presets"][name], f"presets.{name}"
@@ -241,5 +307,5 @@ def check_preset(config: dict[str, Any], name: str) -> dict[str, TrainConfig]:
     check_times(preset, configs["stage2"], where)
     if preset.get("arch"):
         check_architecture(preset["arch"], f"{where}.arch")
-    return configs
+    return {**configs, **check_distillation(preset, configs, where)}
 

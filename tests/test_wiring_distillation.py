@@ -180,6 +180,14 @@ def test_cd_training_steps_leave_the_teacher_untouched_and_record_it(files, tmp_
     params = json.loads((out / "params.json").read_text())
     assert (params["method"], params["ode_solver"], params["guidance"]) == ("cd", "euler", 1.7)
     assert params["teacher"] == str(files["teacher"])
+    from tcm_core.evaluation import checkpoint_method
+    from tcm_core.network_files import load_network
+
+    # what an evaluation run of this network logs as its params
+    assert checkpoint_method(load_network(result.network)[1]) == {"method": "cd", "ode_solver": "euler",
+                                                                  "guidance": 1.7}
+    assert checkpoint_method(load_network(files["teacher"])[1]) == {"method": None, "ode_solver": None,
+                                                                    "guidance": None}
     _, run = build(files, "stage1", tmp_path, init=files["student"], teacher=files["teacher"])
     from tcm_core.train_step import train_step
 
@@ -218,4 +226,46 @@ def test_cd_settings_are_refused_where_they_cannot_mean_what_they_say(files, tmp
         kwargs["init"] = files["student"]
     with pytest.raises(ConfigError) as error:
         build(files, mode, tmp_path, overrides, **kwargs)
+    assert where in error.value.where
+
+
+# ------------------------------------------------------------------------------------------ presets
+
+
+def repo_config() -> dict:
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+
+
+def test_the_ci_presets_distillation_arm_resolves_to_cd_jobs():
+    from tcm_core.presets import check_preset
+
+    configs = check_preset(repo_config(), "ci")
+    for mode in ("stage1", "stage1_continued", "stage2"):
+        cd, ct = configs[f"distill/{mode}"], configs[mode]
+        assert (cd.method, cd.ode_solver, cd.guidance) == ("cd", "heun", 1.5)
+        assert (ct.method, ct.ode_solver, ct.guidance) == ("ct", None, None)
+        assert {k: v for k, v in cd.to_dict().items() if k not in ("method", "ode_solver", "guidance")} == {
+            k: v for k, v in ct.to_dict().items() if k not in ("method", "ode_solver", "guidance")}
+    assert configs["pretrain"].label_dropout == 0.1 and configs["pretrain"].method is None
+
+
+@pytest.mark.parametrize(("preset", "change", "where"), [
+    ("imagenet64_s", {"stage1": {"method": "cd"}}, "presets.imagenet64_s.teacher"),  # no teacher block
+    ("imagenet64_xl", {"distill": {"method": "cd"}, "teacher": {"kind": "path", "path": "edm2.pkl"}},
+     "presets.imagenet64_xl.distill"),  # its init is a Stage-1 model: no CD Stage 1 from it
+    ("imagenet64_xl", {"stage2": {"method": "cd"}, "teacher": {"kind": "init"}}, "presets.imagenet64_xl.teacher"),
+    ("cifar10", {"teacher": {"kind": "pretrain"}, "distill": {"method": "cd"}}, "presets.cifar10.teacher.kind"),
+])
+def test_a_preset_refuses_a_distillation_it_cannot_run(preset, change, where):
+    from tcm_core.presets import check_preset
+
+    config = repo_config()
+    block = config["presets"][preset]
+    block["dataset"] = {"path": "data.zip"}
+    if preset == "imagenet64_xl":
+        block["init"]["path"] = "ecm-xl.pkl"
+    for key, value in change.items():
+        block[key] = {**(block.get(key) or {}), **value} if key != "teacher" else value
+    with pytest.raises(ConfigError) as error:
+        check_preset(config, preset)
     assert where in error.value.where

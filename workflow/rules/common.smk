@@ -53,7 +53,7 @@ wildcard_constraints:
     steps="1step|2step",
     sweep="dfid|dfid_wide",
     extractor=P["eval"]["extractor"],
-    run="stage1|stage1_continued|stage2/main|stage3/main|stage2/ablation/.+",
+    run="stage1|stage1_continued|stage2/main|stage3/main|stage2/ablation/.+|distill/(stage1|stage1_continued|stage2)",
 
 
 # MLflow: the tracking URI is infrastructure, not an experiment setting, so jobs read it from the
@@ -139,6 +139,8 @@ def is_ablation(run):
 
 
 def grid_of(run):
+    if run.startswith("distill/"):
+        return "distill"  # the consistency-distillation arm (distillation.smk)
     return "ablation" if is_ablation(run) else "main"
 
 
@@ -164,6 +166,21 @@ def main_targets():
         out += [f"{RESULTS}/{run}/eval/fid_{s}.json" for s in ("1step", "2step")]
         out += [f"{RESULTS}/{run}/eval/{sweep}.json" for sweep in dfid_sweeps()]
         out += [f"{RESULTS}/{run}/eval/grid_{s}.png" for s in ("1step", "2step")]
+    return out
+
+
+# The consistency-distillation arm (distillation.smk), when the preset has a `distill` block.
+DISTILL_RUNS = (
+    [f"distill/{m}" for m in presets.DISTILL_MODES] if presets.has_distillation(P) else []
+)
+
+
+def distill_targets():
+    """The arm's 1- and 2-step FIDs (Table 5) and its 1-step sample grids."""
+    out = []
+    for run in DISTILL_RUNS:
+        out += [f"{RESULTS}/{run}/eval/fid_{s}.json" for s in ("1step", "2step")]
+        out.append(f"{RESULTS}/{run}/eval/grid_1step.png")
     return out
 
 
