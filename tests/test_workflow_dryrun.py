@@ -109,7 +109,7 @@ def test_cifar10_distils_edms_uncond_vp_model_from_the_inits_file(workdir):
 
 def test_cifar10_main_arm_by_distillation_from_a_teacher_url(workdir):
     write_overlay(workdir / "cd-main.yaml", "presets:\n  cifar10:\n"
-                  "    teacher: {kind: checkpoint, url: https://example.org/models/teacher.pkl}\n"
+                  "    teacher: {kind: checkpoint, name: null, url: https://example.org/models/teacher.pkl}\n"
                   "    stage1: {method: cd, ode_solver: euler}\n    stage2: {method: cd}\n")
     out = snakemake(workdir, "-n", "-p", "--configfile", "config.yaml", "cd-main.yaml", "--config",
                     "preset=cifar10", "--", "all", check=True).stdout
