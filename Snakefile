@@ -2,6 +2,7 @@
 #   snakemake --cores 2                                    # the tiny preset's `all` (CPU, ~20 min)
 #   snakemake --cores 2 all_ablations --config preset=ci   # every grid point, seconds-scale settings
 #   snakemake --profile profiles/slurm all_ablations --config preset=cifar10
+#   snakemake --cores 2 paper_tables                       # every table (incl. Table 5: the distillation arm)
 # Targets go before --config (Snakemake reads every word after --config as a key=value).
 # Settings: config.yaml (validated by workflow/schemas/config.schema.yaml before any job runs); check
 # overlays with `python -m tcm_core check-config config.yaml OVERLAY.yaml` (file and line of each problem).
@@ -46,6 +47,7 @@ include: "workflow/rules/jobs.smk"
 include: "workflow/rules/init.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/training.smk"
+include: "workflow/rules/distillation.smk"
 include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/reporting.smk"
 
@@ -63,6 +65,13 @@ rule all_ablations:
     input:
         main_targets(),
         ablation_targets(),
+    localrule: True
+
+
+# The consistency-distillation arm (presets with a `distill` block): CD Stage 1, control, Stage 2, FIDs.
+rule all_distillation:
+    input:
+        distill_targets(),
     localrule: True
 
 

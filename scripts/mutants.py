@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = ["tests/test_wiring.py", "tests/test_losses.py", "tests/test_schedules.py", "tests/test_training.py",
         "tests/test_control.py", "-m", "not slow"]
 CONTROL = ["tests/test_control.py", "tests/test_wiring.py"]  # includes the slow N + M equivalence test
+DISTILL = ["tests/test_distillation.py", "tests/test_wiring_distillation.py", "tests/test_reporting.py", "-m",
+           "not slow"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,29 @@ MUTANTS = [
            "        return self.icdf_table(u).float()\n"),
     Mutant("control-online-weights-from-ema", "tcm_core/train_state.py", 'run.net.load_state_dict(state["net"])',
            'run.net.load_state_dict(state["ema"])', tuple(CONTROL)),
+    # consistency distillation (tcm_core.distillation, its wiring in train_setup/losses, the Table-5 arm)
+    Mutant("cd-euler-instead-of-heun", "tcm_core/distillation.py", 'if solver == "euler":', "if True:",
+           tuple(DISTILL)),
+    Mutant("cd-heun-full-weight", "tcm_core/distillation.py", "(s_col - t_col) * 0.5 * (d_t + d_s)",
+           "(s_col - t_col) * (d_t + d_s)", tuple(DISTILL)),
+    Mutant("cd-solver-ignored", "tcm_core/train_setup.py", "Teacher(teacher, cfg.guidance), cfg.ode_solver)",
+           'Teacher(teacher, cfg.guidance), "heun")', tuple(DISTILL)),
+    Mutant("cd-guidance-ignored", "tcm_core/train_setup.py", "Teacher(teacher, cfg.guidance)",
+           "Teacher(teacher, None)", tuple(DISTILL)),
+    Mutant("cd-teacher-is-the-student", "tcm_core/train_setup.py", "frozen, teacher),", "frozen, net),",
+           tuple(DISTILL)),
+    Mutant("cd-x-s-from-noise", "tcm_core/losses.py", "        if self.teacher_step is None:\n",
+           "        if True:\n", tuple(DISTILL)),
+    Mutant("cfg-null-label-is-the-label", "tcm_core/distillation.py", "torch.cat([cond, torch.zeros_like(cond)])",
+           "torch.cat([cond, cond])", tuple(DISTILL)),
+    Mutant("cfg-weights-swapped", "tcm_core/distillation.py", "d_uncond + guidance * (d_cond - d_uncond)",
+           "d_cond + guidance * (d_uncond - d_cond)", tuple(DISTILL)),
+    Mutant("teacher-in-train-mode", "tcm_core/distillation.py", "        net.eval().requires_grad_(False)\n",
+           "        net.requires_grad_(False)\n", tuple(DISTILL)),
+    Mutant("label-dropout-not-applied", "tcm_core/train_setup.py", 'return apply_label_dropout(cfg, net, "arch")',
+           "return net", tuple(DISTILL)),
+    Mutant("distill-arm-in-ct-tables", "tcm_core/report/results.py", "if r.grid != DISTILL_GRID]", "]",
+           tuple(DISTILL)),
     Mutant("control-data-order-restarts", "tcm_core/train_state.py", 'return int(state["sampler_position"])',
            "return 0", tuple(CONTROL)),
 ]

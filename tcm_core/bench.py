@@ -312,70 +312,94 @@ def device_fields(device: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------- --train
 
 
+def bench_variants(modes: tuple[str, ...], methods: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """(name, mode, method) of each timed variant: ``stage1`` (CT) and ``stage1_cd`` (CD) etc.; pretrain has no
+    method."""
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"modes must be among {', '.join(MODES)}, got {mode!r}")
+    for method in methods:
+        if method not in ("ct", "cd"):
+            raise ValueError(f"methods must be among ct, cd, got {method!r}")
+    return [(mode if method == "ct" or mode == "pretrain" else f"{mode}_cd", mode, method)
+            for mode in modes for method in (methods if mode != "pretrain" else ("ct",))]
+
+
 def benchmark_train_iterations(net_name: str = "tiny", batch: int = 64, device: str = "cpu", repeats: int = 5,
                                warmup: int = 2, rounds: int = 2, modes: tuple[str, ...] = ("stage1", "stage2"),
                                arch_overrides: dict[str, Any] | None = None, seed: int = 0,
                                config: dict[str, Any] | None = None, precision: str = "fp32",
-                               inputs: SyntheticInputs | None = None) -> dict[str, Any]:
-    """Seconds per iteration of the REAL training driver (``training.train``) for each mode, on synthetic data.
+                               inputs: SyntheticInputs | None = None, methods: tuple[str, ...] = ("ct",)
+                               ) -> dict[str, Any]:
+    """Seconds per iteration of the REAL training driver (``training.train``) for each mode and method, on
+    synthetic data.
 
-    Each round runs every mode once for ``warmup + repeats`` iterations (modes interleaved round by round, so
-    drifting machine load hits all alike); the best post-warm-up iteration over all rounds is reported. An
+    Each round runs every variant once for ``warmup + repeats`` iterations (variants interleaved round by round,
+    so drifting machine load hits all alike); the best post-warm-up iteration over all rounds is reported. An
     iteration is everything the loop does per step (data, loss, backward, grad norm, optimiser, EMA, host
-    sync) except the periodic outputs (metrics lines, state files), which are excluded from the timing.
+    sync) except the periodic outputs (metrics lines, state files), which are excluded from the timing. Method
+    ``cd`` distils the init network itself (as teacher, Heun: two teacher passes per iteration).
     """
-    for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"modes must be among {', '.join(MODES)}, got {mode!r}")
+    variants = bench_variants(modes, methods)
     if repeats < 1 or warmup < 0 or rounds < 1:
         raise ValueError(f"need repeats >= 1, warmup >= 0, rounds >= 1; got {repeats}, {warmup}, {rounds}")
     keys = {**PRECISIONS[precision], **(config or {})}
-    times: dict[str, list[float]] = {mode: [] for mode in modes}
-    cpu_times: dict[str, list[float]] = {mode: [] for mode in modes}
+    times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    cpu_times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     with contextlib.ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tcm-train-bench-")))
         if inputs is None:
             inputs = write_synthetic_inputs(folder, net_name, arch_overrides, seed)
         for round_index in range(rounds):
-            for mode in modes:
-                result = _train_once(inputs, mode, batch, device, warmup + repeats, seed + round_index, keys,
-                                     folder / f"{mode}-{round_index}")
-                times[mode].extend(result.iteration_seconds[warmup:])
-                cpu_times[mode].extend(result.iteration_cpu_seconds[warmup:])
-    return train_report(inputs, batch, device, repeats, warmup, rounds, keys, times, cpu_times)
+            for name, mode, method in variants:
+                result = _train_once(inputs, mode, method, batch, device, warmup + repeats, seed + round_index,
+                                     keys, folder / f"{name}-{round_index}")
+                times[name].extend(result.iteration_seconds[warmup:])
+                cpu_times[name].extend(result.iteration_cpu_seconds[warmup:])
+    report = train_report(inputs, batch, device, repeats, warmup, rounds, keys, times, cpu_times)
+    report["methods"] = list(methods)
+    return report
 
 
-def _train_once(inputs: SyntheticInputs, mode: str, batch: int, device: str, iterations: int, seed: int,
-                keys: dict[str, Any], out: Path) -> Any:
+def _train_once(inputs: SyntheticInputs, mode: str, method: str, batch: int, device: str, iterations: int,
+                seed: int, keys: dict[str, Any], out: Path) -> Any:
     from tcm_core.training import train
 
     cfg_keys = {"iterations": iterations, "batch": batch, "seed": seed, "curriculum": "cap", "log_every": 10**6,
                 "state_every": 10**6, **keys}
     if mode == "pretrain":
         cfg_keys["arch"] = {"preset": inputs.net_name, **inputs.arch_overrides}
+    if method == "cd":
+        cfg_keys["method"] = "cd"
     cfg = build_config(cfg_keys, mode)
     return train(cfg, mode=mode, data=inputs.data, out=out, init=None if mode == "pretrain" else inputs.init,
-                 boundary_model=inputs.init if mode in TRUNCATED_MODES else None, device=device, progress=False)
+                 boundary_model=inputs.init if mode in TRUNCATED_MODES else None,
+                 teacher=inputs.init if method == "cd" else None, device=device, progress=False)
 
 
 def train_report(inputs: SyntheticInputs, batch: int, device: str, repeats: int, warmup: int, rounds: int,
                  keys: dict[str, Any], times: dict[str, list[float]], cpu_times: dict[str, list[float]]
                  ) -> dict[str, Any]:
+    """Best and median seconds per iteration of each variant, and the Stage-2/Stage-1 and CD/CT ratios."""
     report: dict[str, Any] = {**device_fields(_device_kind(device)), "net": inputs.net_name, "batch": batch,
                               "parameters": inputs.parameters, "repeats": repeats, "warmup": warmup,
                               "rounds": rounds, "config": dict(keys)}
-    for mode in times:
-        best = min(times[mode])
-        report[f"{mode}_train_s_per_it"] = best
-        report[f"{mode}_train_s_per_it_median"] = float(np.median(times[mode]))
-        report[f"{mode}_train_times_s"] = times[mode]
-        report[f"{mode}_images_per_s"] = batch / best
+    for name in times:
+        best = min(times[name])
+        report[f"{name}_train_s_per_it"] = best
+        report[f"{name}_train_s_per_it_median"] = float(np.median(times[name]))
+        report[f"{name}_train_times_s"] = times[name]
+        report[f"{name}_images_per_s"] = batch / best
         # CPU seconds of this process: on a shared CPU machine steadier than wall time (no waiting for a core)
-        report[f"{mode}_train_cpu_s_per_it"] = min(cpu_times[mode])
+        report[f"{name}_train_cpu_s_per_it"] = min(cpu_times[name])
     if "stage1" in times and "stage2" in times:
         report["stage2_over_stage1_train_time"] = report["stage2_train_s_per_it"] / report["stage1_train_s_per_it"]
         report["stage2_over_stage1_train_cpu_time"] = (report["stage2_train_cpu_s_per_it"]
                                                        / report["stage1_train_cpu_s_per_it"])
+    for name in [n for n in times if f"{n}_cd" in times]:
+        for kind in ("", "cpu_"):
+            report[f"{name}_cd_over_ct_train_{kind}time"] = (report[f"{name}_cd_train_{kind}s_per_it"]
+                                                             / report[f"{name}_train_{kind}s_per_it"])
     return report
 
 
@@ -397,6 +421,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         "(data, loss, backward, grad norm, optimiser, EMA) for --modes on synthetic data")
     parser.add_argument("--modes", default="stage1,stage2", help="--train: comma-separated training modes")
     parser.add_argument("--rounds", type=int, default=2, help="--train: rounds of short runs, modes interleaved")
+    parser.add_argument("--method", default="ct", help="--train: ct, cd or ct,cd (CD distils the init network; "
+                        "ct,cd also reports the CD/CT time per iteration of each mode)")
 
 
 def _emit(args: argparse.Namespace, result: dict[str, Any], line: Callable[[dict[str, Any]], str]) -> None:
@@ -412,11 +438,12 @@ def _step_line(r: dict[str, Any]) -> str:
             f"S2 {r['stage2_peak_bytes'] / 2**20:.1f} MiB (x{r['stage2_over_stage1_mem']:.3f})")
 
 
-def _train_line(r: dict[str, Any], modes: tuple[str, ...]) -> str:
-    parts = [f"{m} {r[f'{m}_train_s_per_it']:.4f}s (CPU {r[f'{m}_train_cpu_s_per_it']:.4f}s)" for m in modes]
-    ratio = r.get("stage2_over_stage1_train_time")
+def _train_line(r: dict[str, Any]) -> str:
+    names = [k[: -len("_train_s_per_it")] for k in r if k.endswith("_train_s_per_it")]
+    parts = [f"{m} {r[f'{m}_train_s_per_it']:.4f}s (CPU {r[f'{m}_train_cpu_s_per_it']:.4f}s)" for m in names]
+    ratios = [f"{k[: -len('_train_time')]} x{v:.3f}" for k, v in r.items() if k.endswith("_train_time") and "_over_" in k]
     return (f"{r['net']} batch {r['batch']} on {r['device_name']}, s/iteration: " + ", ".join(parts)
-            + (f"; stage2/stage1 x{ratio:.3f}" if ratio else ""))
+            + (f"; {', '.join(ratios)}" if ratios else ""))
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -427,9 +454,11 @@ def run_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.train:
         modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+        methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
         result = benchmark_train_iterations(args.net, args.batch, device, repeats=args.repeats, warmup=args.warmup,
-                                            rounds=args.rounds, modes=modes, precision=args.precision)
-        _emit(args, result, lambda r: _train_line(r, modes))
+                                            rounds=args.rounds, modes=modes, precision=args.precision,
+                                            methods=methods)
+        _emit(args, result, _train_line)
         return 0
     result = run_step_benchmark(args.net, args.batch, device, args.repeats, warmup=args.warmup,
                                 precision=args.precision)

@@ -243,6 +243,14 @@ def compared_params(meta: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+def checkpoint_method(meta: dict) -> dict:
+    """method / ode_solver / guidance of the run that trained a checkpoint (params of every eval run)."""
+    from tcm_core.distillation import method_params
+
+    provenance = meta.get("provenance") or {}
+    return method_params(provenance.get("mode"), provenance.get("config"))
+
+
 def _track(args: argparse.Namespace, out: Path, params: dict, values: dict[str, float], step: int,
            artifacts: Sequence[Path]) -> None:
     """The evaluation's own run (params, values, output files), then its values on the training run evaluated
@@ -418,7 +426,8 @@ def _run_fid(args: argparse.Namespace) -> int:
         save_grid(grid_images, args.grid)
         artifacts.append(args.grid)
     params = {**compared_params(meta), "ckpt": str(args.ckpt), "steps": steps, "num": args.num, "seeds": args.seeds,
-              "extractor": extractor.name, "label": record["label"]}
+              "extractor": extractor.name, "label": record["label"],
+              **checkpoint_method(meta)}
     _track(args, args.out, params, {metric: record["min"]}, record["iteration"], artifacts)
     print(json.dumps({k: record[k] for k in ("metric", "label", "per_seed", "min", "images_per_second")}))
     return 0
@@ -457,7 +466,7 @@ def _run_dfid(args: argparse.Namespace) -> int:
     }
     write_json(args.out, record)
     params = {**compared_params(meta), "ckpt": str(args.ckpt), "ts": ts, "num": args.num,
-              "extractor": extractor.name, "label": record["label"]}
+              "extractor": extractor.name, "label": record["label"], **checkpoint_method(meta)}
     _track(args, args.out, params, {f"dfid_t{t:g}": v for t, v in values.items()}, record["iteration"], [args.out])
     print(json.dumps({"metric": "dfid", "values": record["values"]}))
     return 0
@@ -474,7 +483,8 @@ def _run_grid(args: argparse.Namespace) -> int:
     images = torch.cat([b.cpu() for b in sample_batches(net, num=args.num, seed=args.seed, steps=steps,
                                                         batch_size=args.batch, device=device)])
     save_grid(images, args.out)
-    _track(args, args.out, {**compared_params(meta), "ckpt": str(args.ckpt), "steps": steps, "num": args.num}, {},
+    _track(args, args.out, {**compared_params(meta), "ckpt": str(args.ckpt), "steps": steps, "num": args.num,
+                            **checkpoint_method(meta)}, {},
            int(meta.get("iteration", 0)), [args.out])
     return 0
 

@@ -13,6 +13,13 @@ t, s and Δt are float64 (as in the official code); they are cast to float32 onl
 The target pass replays the dropout masks of the graded pass (``networks.dropout``) and runs with EDM2's forced
 weight normalisation switched off, so it neither sees other masks nor rewrites weights.
 
+Consistency distillation (``method: cd``, paper App. A and C.2): everything as above, except that the earlier
+point is one PF-ODE step of a frozen teacher diffusion model from x_t instead of y + s·ε:
+    x_s = TeacherStep(x_t, t, s, c)      (Euler or Heun on dx/dt = (x − D_teacher(x, t))/t, optionally with
+                                          classifier-free guidance; the formulas are in ``tcm_core.distillation``)
+The losses take it as ``teacher_step``; None is consistency training. In Stage 2 the frozen Stage-1 model's
+boundary targets are evaluated at the teacher's x_s too.
+
 Truncated consistency training (TCM Stage 2, paper eqs. 5–11, Algorithm 1): the model below t' is a frozen
 Stage-1 network; N_B = ⌊B·ρ⌋ samples of the GLOBAL batch B are placed at t = t' (boundary loss, eq. 8) and the
 others follow ψ̄_t on [t', T] (eq. 9). The target f(x_s, s) belongs to the frozen net when s < t' and to the student
@@ -27,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tcm_core.distillation import TeacherStep
 from tcm_core.networks import no_forced_weight_norm
 from tcm_core.networks.dropout import DropoutMaskRecord, record_dropout_masks, replay_dropout_masks
 from tcm_core.schedules import earlier_time
@@ -143,28 +151,35 @@ def _target_pass(
     net: nn.Module,
     record: DropoutMaskRecord,
     rows: slice | torch.Tensor,
-    images: torch.Tensor,
-    noise: torch.Tensor,
+    x_s: torch.Tensor,
     s: torch.Tensor,
     class_labels: torch.Tensor | None,
 ) -> torch.Tensor:
-    """stopgrad f(y + s·ε, s) on ``rows`` (a slice: views, no copies; or an index tensor), with the dropout
-    masks those rows had in the graded pass."""
-    s_rows = _rows(s, rows)
-    x_s = _noised(_rows(images, rows), _rows(noise, rows), s_rows)
+    """stopgrad f(x_s, s) on ``rows`` (a slice: views, no copies; or an index tensor), with the dropout masks
+    those rows had in the graded pass."""
     with torch.no_grad(), no_forced_weight_norm(), replay_dropout_masks(record, rows):
-        target = net(x_s, s_rows, _rows(class_labels, rows))
+        target = net(_rows(x_s, rows), _rows(s, rows), _rows(class_labels, rows))
     # ln(s)/4 noise embedding and fp16 passes can produce non-finite values; never let them into the loss.
     return torch.nan_to_num(target)
 
 
 class ConsistencyLoss:
-    """Stage-1 consistency training (ECT-style CT, paper eq. 4); the target is the student itself, no grad."""
+    """Stage-1 consistency training (ECT-style CT, paper eq. 4), or distillation with ``teacher_step`` (CD);
+    the target is the student itself, no grad."""
 
-    def __init__(self, time_dist, c: float, weighting: str, sigma_data: float = 0.5) -> None:
+    def __init__(self, time_dist, c: float, weighting: str, sigma_data: float = 0.5,
+                 teacher_step: TeacherStep | None = None) -> None:
         _check_common(c, weighting, sigma_data)
         self.time_dist = time_dist
         self.c, self.weighting, self.sigma_data = float(c), weighting, float(sigma_data)
+        self.teacher_step = teacher_step
+
+    def earlier_point(self, images: torch.Tensor, noise: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                      s: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        """x_s: y + s·ε (CT, the same ε as x_t) or the teacher's PF-ODE step from (x_t, t) to s (CD)."""
+        if self.teacher_step is None:
+            return _noised(images, noise, s)
+        return self.teacher_step(x_t, t, s, class_labels)
 
     def per_sample(self, d_t: torch.Tensor, d_s: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """ω(t)/Δt-style weight times the pseudo-Huber distance, per sample (float64, like t and s)."""
@@ -178,9 +193,11 @@ class ConsistencyLoss:
         t = self.time_dist.sample(batch, device=images.device)
         s = earlier_time(t, ratio)
         noise = torch.randn_like(images)
+        x_t = _noised(images, noise, t)
         with record_dropout_masks() as record:
-            d_t = net(_noised(images, noise, t), t, class_labels)
-        d_s = _target_pass(net, record, slice(0, batch), images, noise, s, class_labels)
+            d_t = net(x_t, t, class_labels)
+        x_s = self.earlier_point(images, noise, x_t, t, s, class_labels)
+        d_s = _target_pass(net, record, slice(0, batch), x_s, s, class_labels)
         loss = self.per_sample(d_t, d_s, t, s).mean()
         return LossOutput(loss=loss, regular=loss.detach(), boundary=None)
 
@@ -213,8 +230,9 @@ class TruncatedConsistencyLoss(ConsistencyLoss):
         c: float,
         weighting: str,
         sigma_data: float = 0.5,
+        teacher_step: TeacherStep | None = None,
     ) -> None:
-        super().__init__(time_dist, c, weighting, sigma_data)
+        super().__init__(time_dist, c, weighting, sigma_data, teacher_step)
         if not 0 <= rho < 1:
             raise ValueError(f"rho must be in [0, 1) (0: no boundary samples), got {rho}")
         if not (math.isfinite(w_b) and w_b >= 0):
@@ -239,27 +257,27 @@ class TruncatedConsistencyLoss(ConsistencyLoss):
             is_boundary[torch.randperm(batch, device=device)[:n_boundary]] = True
         return BoundaryPlan(is_boundary, n_boundary / batch)
 
-    def targets(self, net, record, images, noise, s, class_labels) -> torch.Tensor:
-        """Each target once, on its own sub-batch, by the network that owns time s (frozen if s < t', else the
+    def targets(self, net, record, x_s, s, class_labels) -> torch.Tensor:
+        """Each target f(x_s, s) once, on its own sub-batch, by the network that owns time s (frozen if s < t', else the
         student). A sub-batch that is the whole batch is passed as a slice (no copies)."""
         from_frozen = s < self.t_prime
         n_frozen = int(from_frozen.sum())
         if n_frozen in (0, len(s)):  # one owner: the whole batch
             owner = self.frozen if n_frozen else net
-            return self._owned_pass(owner, net, record, slice(0, len(s)), images, noise, s, class_labels)
-        d_s = torch.empty_like(images)
+            return self._owned_pass(owner, net, record, slice(0, len(s)), x_s, s, class_labels)
+        d_s = torch.empty_like(x_s)
         for owner, rows in ((net, (~from_frozen).nonzero().flatten()), (self.frozen, from_frozen.nonzero().flatten())):
-            d_s.index_copy_(0, rows, self._owned_pass(owner, net, record, rows, images, noise, s, class_labels))
+            d_s.index_copy_(0, rows, self._owned_pass(owner, net, record, rows, x_s, s, class_labels))
         return d_s
 
-    def _owned_pass(self, owner, net, record, rows, images, noise, s, class_labels) -> torch.Tensor:
+    def _owned_pass(self, owner, net, record, rows, x_s, s, class_labels) -> torch.Tensor:
         """The frozen net runs in the student's train/eval mode (dropout masks line up), switched only if needed."""
         if owner is net or owner.training == net.training:
-            return _target_pass(owner, record, rows, images, noise, s, class_labels)
+            return _target_pass(owner, record, rows, x_s, s, class_labels)
         was_training = owner.training
         owner.train(net.training)
         try:
-            return _target_pass(owner, record, rows, images, noise, s, class_labels)
+            return _target_pass(owner, record, rows, x_s, s, class_labels)
         finally:
             owner.train(was_training)
 
@@ -283,9 +301,11 @@ class TruncatedConsistencyLoss(ConsistencyLoss):
         t = torch.where(is_boundary, torch.full_like(t, self.t_prime), t)
         s = earlier_time(t, ratio)
         noise = torch.randn_like(images)
+        x_t = _noised(images, noise, t)
         with record_dropout_masks() as record:
-            d_t = net(_noised(images, noise, t), t, class_labels)
-        per_sample = self.per_sample(d_t, self.targets(net, record, images, noise, s, class_labels), t, s)
+            d_t = net(x_t, t, class_labels)
+        x_s = self.earlier_point(images, noise, x_t, t, s, class_labels)
+        per_sample = self.per_sample(d_t, self.targets(net, record, x_s, s, class_labels), t, s)
         in_boundary = is_boundary.to(per_sample.dtype)
         regular = (per_sample * (1.0 - in_boundary)).sum() / (batch * (1.0 - plan.fraction))
         boundary_loss = (per_sample * in_boundary).sum() / (batch * plan.fraction) if plan.fraction > 0 else (

@@ -14,6 +14,11 @@ Resolution of a mode's keys from ``presets[P]`` (see docs/ARCHITECTURE.md "confi
   its periodic evaluation measures the 1-step FID only (Fig. 4b draws it; nothing draws its dFID);
 * training seed j of a run (``training_seeds``) is the run's keys with ``seed`` + j (:func:`seeded_keys`).
 
+* the distillation arm (``distill`` block, paper App. A / Table 5) runs Stage 1, the control and Stage 2 with the
+  keys above and the ``distill`` block's keys on top (``method: cd``, ``ode_solver``, ``guidance``), distilling
+  the preset's ``teacher`` (``{kind: pretrain}`` the preset's own pretrained model, ``{kind: init}`` the Stage-1
+  init file, ``{kind: checkpoint, name | url, sha256}`` fetched like the init, ``{kind: path, path}``).
+
 Training seeds: ``training_seeds: {all: K0, paper_tables: K}`` gives the claim-bearing arms (the control and the
 main Stage 2, both from the one Stage-1 run, and :func:`seeded_ablation_points`) K independent training seeds for
 the target ``paper_tables`` (K0 for ``all``). Seed j > 0 of run folder R is the folder ``R/seed~j``; seed 0 is R
@@ -45,6 +50,8 @@ EVAL_BLOCK_KEYS = {"eval_every": ("every",), "eval_points": ("points",), "eval_n
 SEED_FOLDER = "seed~"  # training seed j > 0 of run folder R lives in R/seed~j
 EXPLODING_W_B = 0.01  # claim S3 (paper Sec. 4.4): the boundary-loss weight at which the FID explodes
 ABLATION_FACTORS = ("t_prime", "rho", "w_b", "student_sigma", "student_nu")  # the Stage-2 keys the grids vary
+DISTILL_MODES = ("stage1", "stage1_continued", "stage2")  # the distillation arm's training jobs
+ARMS = ("main", "distill")
 MAX_PARAMETERS = 4_000_000_000  # refuse architectures beyond this (EDM2-XL has 1.12e9): a typo, not a model
 MAX_TENSORS = 4_000  # ... or with more tensors than this (DDPM++ has 424, EDM2-XL 200)
 MAX_YAML_NODES = 1_000_000  # a config file that expands to more (nested aliases) is refused before it is read
@@ -127,8 +134,11 @@ def _section(preset: dict[str, Any], key: str) -> dict[str, Any]:
     return dict(value)
 
 
-def section_keys(preset: dict[str, Any], mode: str) -> dict[str, Any]:
-    """The TrainConfig keys of ``mode`` in a preset block (before command-line overrides)."""
+def section_keys(preset: dict[str, Any], mode: str, arm: str = "main") -> dict[str, Any]:
+    """The TrainConfig keys of ``mode`` in a preset block (before command-line overrides); ``arm`` "distill"
+    adds the ``distill`` block's keys on top."""
+    if arm not in ARMS:
+        raise ConfigError(f"unknown arm {arm!r}", "arm", f"use one of {', '.join(ARMS)}")
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}", "--mode", f"use one of {', '.join(MODES)}")
     if mode == "stage1_continued":
@@ -146,7 +156,14 @@ def section_keys(preset: dict[str, Any], mode: str) -> dict[str, Any]:
         present = [k for k in eval_keys if k in evaluation]
         if cfg_key not in keys and present:
             keys[cfg_key] = evaluation[present[0]]
+    if arm == "distill":
+        keys.update(_section(preset, "distill"))
     return keys
+
+
+def has_distillation(preset: dict[str, Any]) -> bool:
+    """Whether the preset plans the distillation arm (it has a ``distill`` block)."""
+    return bool(preset.get("distill"))
 
 
 def ablation_points(preset: dict[str, Any]) -> list[dict[str, float]]:
@@ -341,10 +358,60 @@ def check_sources(preset: dict[str, Any], where: str) -> None:
         raise ConfigError("cifar10 needs its source archive", f"{where}.dataset.source", "give a URL or path")
 
 
+def check_teacher(preset: dict[str, Any], where: str) -> None:
+    """The ``teacher`` block names one diffusion model the workflow can provide."""
+    teacher = preset.get("teacher") or {}
+    kind = teacher.get("kind")
+    if kind == "pretrain" and (preset.get("init") or {}).get("kind") != "pretrain":
+        raise ConfigError("teacher kind pretrain needs the preset to pretrain (init kind pretrain)",
+                          f"{where}.teacher.kind", "use kind init, checkpoint or path")
+    if kind == "init" and (preset.get("init") or {}).get("provides") == "stage1":
+        raise ConfigError("the init is a Stage-1 consistency model, not a diffusion teacher", f"{where}.teacher.kind",
+                          "name a diffusion checkpoint (kind checkpoint or path)")
+    if kind == "checkpoint" and bool(teacher.get("name")) == bool(teacher.get("url")):
+        raise ConfigError("teacher kind checkpoint needs exactly one of name, url", f"{where}.teacher", "set one")
+    if kind == "path" and not teacher.get("path"):
+        raise ConfigError("teacher kind path needs the checkpoint file", f"{where}.teacher.path", "set it")
+
+
+def check_guided_teacher(preset: dict[str, Any], cfg: TrainConfig, where: str) -> None:
+    """Guidance with our own pretrained teacher: it must be class-conditional and learn ∅ (label dropout)."""
+    if cfg.guidance is None or (preset.get("teacher") or {}).get("kind") != "pretrain":
+        return
+    pretrain = checked_config(preset, "pretrain", section_keys(preset, "pretrain"), f"{where}.pretrain")
+    if not int((preset.get("arch") or {}).get("label_dim", 0)) > 0 or not pretrain.label_dropout > 0:
+        raise ConfigError(f"guidance {cfg.guidance} needs a class-conditional teacher pretrained with label dropout",
+                          f"{where}.arch.label_dim / {where}.pretrain.label_dropout",
+                          "set arch.label_dim (the data's classes) and pretrain.label_dropout > 0, or guidance null")
+
+
+def check_distillation(preset: dict[str, Any], configs: dict[str, TrainConfig], where: str) -> dict[str, TrainConfig]:
+    """The distillation arm's configs (and every CD job's teacher); returns them as ``distill/<mode>``."""
+    distilling = [mode for mode, cfg in configs.items() if cfg.method == "cd"]
+    arm: dict[str, TrainConfig] = {}
+    if has_distillation(preset):
+        if (preset.get("init") or {}).get("provides") == "stage1":
+            raise ConfigError("the distillation arm trains its own Stage 1 from the init, but this init is a "
+                              "Stage-1 model", f"{where}.distill", "drop the distill block")
+        if _section(preset, "distill").get("method") != "cd":
+            raise ConfigError("the distillation arm distils", f"{where}.distill.method", "set method: cd")
+        arm = {f"distill/{mode}": checked_config(preset, mode, section_keys(preset, mode, "distill"),
+                                                 f"{where}.distill ({mode})") for mode in DISTILL_MODES}
+        distilling += list(arm)
+    if distilling and not preset.get("teacher"):
+        raise ConfigError(f"method cd ({', '.join(distilling)}) needs a teacher diffusion model", f"{where}.teacher",
+                          "add e.g. teacher: {kind: pretrain} or {kind: checkpoint, name: edm-cifar10-uncond-vp}")
+    check_teacher(preset, where)
+    for cfg in {**configs, **arm}.values():
+        check_guided_teacher(preset, cfg, where)
+    return arm
+
+
 def check_preset(config: dict[str, Any], name: str, schema_path: str | Path | None = SCHEMA
                  ) -> dict[str, TrainConfig]:
-    """Everything a job would refuse, refused now; returns the TrainConfig of each planned mode. The JSON schema
-    comes first (``schema_path``; None: already checked), so the checks below see the types it declares."""
+    """Everything a job would refuse, refused now; returns the TrainConfig of each planned mode (and of the
+    distillation arm's jobs, as ``distill/<mode>``). The JSON schema comes first (``schema_path``; None: already
+    checked), so the checks below see the types it declares."""
     if schema_path is not None and Path(schema_path).is_file():
         problems = schema_problems(config, schema_path)
         if problems:
@@ -363,8 +430,7 @@ def check_preset(config: dict[str, Any], name: str, schema_path: str | Path | No
     check_times(preset, configs["stage2"], where)
     if preset.get("arch"):
         check_architecture(preset["arch"], f"{where}.arch")
-    return configs
-
+    return {**configs, **check_distillation(preset, configs, where)}
 
 
 # ---------------------------------------------------------------------------------------------------- check-config

@@ -36,7 +36,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "nonfinite": ("skip", "abort"),
     "control": ("continued", "ema_restart"),
     "curriculum": ("auto", "continue", "cap"),
+    "method": ("ct", "cd"),
+    "ode_solver": ("euler", "heun"),
 }
+NULLABLE_CHOICES = ("time_dist", "method", "ode_solver")  # None: resolved per mode / method by build_config
 
 
 
@@ -87,6 +90,14 @@ class TrainConfig:
     # "ema_restart" restarts from the Stage-1 EMA with a fresh optimiser (when no Stage-1 state exists)
     control: str = "continued"
     dropout: float | None = None  # None: keep the checkpoint's / arch's dropout
+    # how x_s is made (tcm_core.distillation): "ct" x_s = y + s·ε (consistency training); "cd" one PF-ODE step of
+    # the frozen teacher (--teacher) from x_t (consistency distillation). None: "ct" in the consistency modes
+    method: str | None = None
+    ode_solver: str | None = None  # cd: "euler" | "heun" (None: heun); ct: must stay None
+    guidance: float | None = None  # cd: classifier-free guidance scale w of the teacher; None: D(x, t, c) as is
+    # probability that a sample's class label is replaced by ∅ (zeros) in the training pass: pretrain only (a
+    # guided CD teacher must have learned ∅); the consistency modes need 0 (their target pass could not replay it)
+    label_dropout: float = 0.0
     # numerics
     precision: str = "fp32"
     loss_scale: float = 65536.0  # fp16: the GradScaler's initial scale (official ImageNet runs: 16, --ls=16)
@@ -191,6 +202,10 @@ def build_config(keys: dict[str, Any], mode: str) -> TrainConfig:
         cfg.p_std = 1.2 if mode == "pretrain" else 2.0
     if cfg.t_prime is None and truncated:
         cfg.t_prime = 4.0 if mode == "stage3" else 1.0
+    if cfg.method is None and mode in CONSISTENCY_MODES:
+        cfg.method = "ct"
+    if cfg.ode_solver is None and cfg.method == "cd":
+        cfg.ode_solver = "heun"
     validate_config(cfg, mode)
     return cfg
 
@@ -204,7 +219,7 @@ def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
     """Raise ValueError naming the first invalid key and its allowed values (cheap: runs before any compute)."""
     for key, allowed in CHOICES.items():
         value = getattr(cfg, key)
-        if value is not None or key != "time_dist":
+        if value is not None or key not in NULLABLE_CHOICES:
             _require(value in allowed, key, f"one of {', '.join(allowed)}", value)
     for key in FIELD_NAMES:
         value = getattr(cfg, key)
@@ -257,6 +272,7 @@ def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
         _require(math.floor(cfg.batch * cfg.rho) >= 1, "rho", f"such that floor(batch * rho) >= 1 boundary sample "
                  f"per global batch (batch {cfg.batch}: rho >= {1 / cfg.batch:.6g})", cfg.rho)
         _require(cfg.w_b >= 0, "w_b", ">= 0", cfg.w_b)
+    validate_method(cfg, mode)
     if mode == "pretrain" and cfg.arch is not None:
         _require(isinstance(cfg.arch, dict), "arch", "a mapping", cfg.arch)
     if mode in CONSISTENCY_MODES:
@@ -285,6 +301,22 @@ def check_time_distribution(cfg: TrainConfig, mode: str) -> None:
         keys = "student_mu, student_sigma, student_nu" if cfg.time_dist == "student_t" else "p_mean, p_std"
         raise ConfigError(f"the time distribution is unusable ({error})", f"config keys {keys}",
                           f"choose values with mass on [{lower:g}, {cfg.t_max:g}]") from None
+
+
+def validate_method(cfg: TrainConfig, mode: str) -> None:
+    """method / ode_solver / guidance / label_dropout: each used only where it means something."""
+    _require(0 <= cfg.label_dropout < 1, "label_dropout", "in [0, 1)", cfg.label_dropout)
+    if mode == "pretrain":
+        _require(cfg.method is None, "method", "null for pretrain (it trains the diffusion model, the CD teacher)",
+                 cfg.method)
+    else:
+        _require(cfg.label_dropout == 0, "label_dropout", "0 in the consistency modes (the target pass cannot "
+                 "replay a dropped label; set it in the pretrain section)", cfg.label_dropout)
+    if cfg.method != "cd":
+        _require(cfg.ode_solver is None, "ode_solver", "null unless method is cd (CT solves no ODE)", cfg.ode_solver)
+        _require(cfg.guidance is None, "guidance", "null unless method is cd (it scales the teacher's guidance)",
+                 cfg.guidance)
+    _require(cfg.guidance is None or cfg.guidance >= 0, "guidance", ">= 0 or null", cfg.guidance)
 
 
 def batch_split(cfg: TrainConfig, mode: str, world_size: int) -> tuple[int, int]:

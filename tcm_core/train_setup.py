@@ -57,6 +57,7 @@ class RunPaths:
     init_state: Path | None = None  # stage1_continued: Stage 1's final training state
     state_dir: Path | None = None  # mid-run state (default OUT/_state)
     final_state: Path | None = None  # write the final training state here (stage1: the control's input)
+    teacher: Path | None = None  # method cd: the frozen diffusion model whose PF-ODE gives x_s
 
     @property
     def state_folder(self) -> Path:
@@ -77,6 +78,7 @@ class Run:
     model: nn.Module  # ``net`` or its DDP wrapper: what the loss calls
     ema: nn.Module
     frozen: nn.Module | None
+    teacher: nn.Module | None  # method cd: the frozen diffusion model (eval mode)
     loss_fn: Any
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -127,8 +129,13 @@ def check_inputs(cfg: TrainConfig, mode: str, paths: RunPaths) -> None:
     if paths.init_state and not (mode == "stage1_continued" and cfg.control == "continued"):
         raise ConfigError(f"--init-state is only for stage1_continued with control=continued (mode {mode}, "
                           f"control {cfg.control})", "--init-state", "drop it")
+    if cfg.method == "cd" and not paths.teacher:
+        raise ConfigError("method cd distils a diffusion model", "--teacher", "pass the teacher checkpoint")
+    if paths.teacher and cfg.method != "cd":
+        raise ConfigError(f"--teacher is only used by method cd (method {cfg.method})", "--teacher",
+                          "drop it or set method=cd")
     for label, path in (("--init", paths.init), ("--boundary-model", paths.boundary_model),
-                        ("--init-state", paths.init_state), ("--data", paths.data)):
+                        ("--init-state", paths.init_state), ("--teacher", paths.teacher), ("--data", paths.data)):
         if path and not Path(path).exists():
             raise MissingFileError("input file does not exist", f"{label} {path}", "build or fetch it first")
 
@@ -157,11 +164,23 @@ def _arch_overrides(cfg: TrainConfig) -> dict[str, Any] | None:
     return None if cfg.dropout is None else {"dropout": cfg.dropout}
 
 
+def apply_label_dropout(cfg: TrainConfig, net: nn.Module, where: str) -> nn.Module:
+    """The run's ``label_dropout`` on a network it trains or runs in train mode (consistency modes: 0)."""
+    from tcm_core.networks import set_label_dropout
+
+    try:
+        set_label_dropout(net, cfg.label_dropout)
+    except ValueError as error:
+        raise ConfigError(str(error), f"config key 'label_dropout' ({where})", "set label_dropout=0") from None
+    return net
+
+
 def load_init(cfg: TrainConfig, path: Path, device: torch.device) -> tuple[nn.Module, int | None, str | None]:
     """(network, the iteration it carries or None, its sha256) of a checkpoint file."""
     from tcm_core.network_files import load_network
 
     net, meta = load_network(path, device, _arch_overrides(cfg))
+    apply_label_dropout(cfg, net, str(path))
     iteration = meta.get("iteration")  # None: the file carries none (foreign checkpoints)
     return net, (None if iteration is None else int(iteration)), meta.get("sha256")
 
@@ -182,7 +201,7 @@ def fresh_network(cfg: TrainConfig, dataset: Any, device: torch.device) -> nn.Mo
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         net = build_precond(arch)
-    return net.to(device)
+    return apply_label_dropout(cfg, net, "arch").to(device)
 
 
 def freeze_boundary_model(model: nn.Module) -> nn.Module:
@@ -201,12 +220,19 @@ def freeze_boundary_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_loss(cfg: TrainConfig, mode: str, sigma_data: float, frozen: nn.Module | None) -> Any:
+def build_loss(cfg: TrainConfig, mode: str, sigma_data: float, frozen: nn.Module | None,
+               teacher: nn.Module | None = None) -> Any:
     from tcm_core import losses
+    from tcm_core.distillation import Teacher, TeacherStep
 
     if mode == "pretrain":
         return losses.EDMDenoisingLoss(p_mean=cfg.p_mean, p_std=cfg.p_std, sigma_data=sigma_data)
-    common = dict(c=cfg.c, weighting=cfg.weighting, sigma_data=sigma_data)
+    step = None
+    if cfg.method == "cd":
+        if teacher is None:
+            raise ConfigError("method cd needs the teacher network", "--teacher", "pass the teacher checkpoint")
+        step = TeacherStep(Teacher(teacher, cfg.guidance), cfg.ode_solver)
+    common = dict(c=cfg.c, weighting=cfg.weighting, sigma_data=sigma_data, teacher_step=step)
     if mode in TRUNCATED_MODES:
         # ψ̄_t lives on [t', T]: its lower bound is t', not t_min
         return losses.TruncatedConsistencyLoss(frozen=frozen, t_prime=cfg.t_prime, rho=cfg.rho, w_b=cfg.w_b,
@@ -258,6 +284,31 @@ def _networks(cfg: TrainConfig, mode: str, paths: RunPaths, dataset: Any, device
     return net.train().requires_grad_(True), frozen, info
 
 
+def load_teacher(cfg: TrainConfig, paths: RunPaths, student: nn.Module, dataset: Any, device: torch.device,
+                 info: dict[str, Any]) -> nn.Module | None:
+    """method cd: the teacher diffusion model, frozen in eval mode, checked against the student, data, guidance."""
+    info.update(teacher=str(paths.teacher) if paths.teacher else None, teacher_sha256=None)
+    if cfg.method != "cd":
+        return None
+    from tcm_core.network_files import load_network
+
+    teacher, meta = load_network(paths.teacher, device)
+    info["teacher_sha256"] = meta.get("sha256")
+    where = f"--teacher {paths.teacher}"
+    shape = lambda net: (net.img_channels, net.img_resolution, net.label_dim)  # noqa: E731
+    if shape(teacher) != shape(student):
+        raise ConfigError(f"the teacher is (channels, resolution, label_dim) {shape(teacher)} but the student "
+                          f"{shape(student)}", where, "distil a teacher of the student's data and labels")
+    if cfg.guidance is not None:
+        learned_null = float(teacher.arch.get("label_dropout", 0.0)) > 0
+        if teacher.label_dim == 0 or dataset.label_dim != teacher.label_dim or not learned_null:
+            raise ConfigError(f"guidance needs a class-conditional teacher pretrained with label dropout and a "
+                              f"labelled data set (teacher label_dim {teacher.label_dim}, label_dropout "
+                              f"{teacher.arch.get('label_dropout', 0.0)}; data label_dim {dataset.label_dim})",
+                              where, "pretrain the teacher with label_dropout > 0, or set guidance=null")
+    return teacher.eval().requires_grad_(False)
+
+
 def setup(cfg: TrainConfig, mode: str, paths: RunPaths, device: str = "auto") -> Run:
     """Build the run (networks, loss, optimiser, sampler) and restore its newest state or Stage 1's final one."""
     check_inputs(cfg, mode, paths)
@@ -275,11 +326,12 @@ def setup(cfg: TrainConfig, mode: str, paths: RunPaths, device: str = "auto") ->
 
     dataset = open_dataset(paths.data)
     net, frozen, info = _networks(cfg, mode, paths, dataset, dev)
+    teacher = load_teacher(cfg, paths, net, dataset, dev, info)
     continued = paths.init_state is not None
     start = start_iteration(mode, info["init_iteration"])
     run = Run(cfg=cfg, mode=mode, paths=paths, dist=dist_info, device=dev, dataset=dataset, net=net, model=net,
-              ema=copy.deepcopy(net).eval().requires_grad_(False), frozen=frozen,
-              loss_fn=build_loss(cfg, mode, float(getattr(net, "sigma_data", 0.5)), frozen),
+              ema=copy.deepcopy(net).eval().requires_grad_(False), frozen=frozen, teacher=teacher,
+              loss_fn=build_loss(cfg, mode, float(getattr(net, "sigma_data", 0.5)), frozen, teacher),
               optimizer=build_optimizer(cfg, net.parameters()),
               scaler=build_scaler(cfg), chunk=chunk,
               chunks_per_rank=chunks_per_rank, sampler=None, start_iteration=start, iteration=start,
@@ -296,8 +348,11 @@ def input_hashes(run: Run) -> dict[str, str | None]:
     from tcm_core.hashing import sha256_file
 
     init_state = run.paths.init_state
-    return {"init": run.info["init_sha256"], "boundary_model": run.info["boundary_sha256"],
-            "init_state": sha256_file(init_state) if init_state else None}
+    hashes = {"init": run.info["init_sha256"], "boundary_model": run.info["boundary_sha256"],
+              "init_state": sha256_file(init_state) if init_state else None}
+    if run.info.get("teacher_sha256"):  # only CD runs carry the key: CT states from before CD still resume
+        hashes["teacher"] = run.info["teacher_sha256"]
+    return hashes
 
 
 def restore(run: Run) -> int:

@@ -11,6 +11,8 @@
   consistency training; the frozen boundary model (``--boundary-model``: the Stage-1 EMA for stage2, the
   Stage-2 result for stage3) has ``requires_grad=False``, stays in train mode (dropout active, as in the
   official code) and always runs with EDM2 forced weight normalisation off and without autograd.
+* ``method: cd`` (any consistency mode): x_s is one PF-ODE step of the frozen teacher (``--teacher``, eval mode,
+  no autograd; ``tcm_core.distillation``) instead of y + s·ε; everything else is as under ``method: ct``.
 * Every schedule (Δt curriculum, LR decay, power-EMA count) uses the GLOBAL iteration; where each mode starts
   is in ``train_setup``. Randomness is world-size invariant (``global_batch``). Only rank 0 writes files.
 """
@@ -49,14 +51,16 @@ class TrainResult:
 
 def train(cfg: TrainConfig, *, mode: str, data: str | Path, out: str | Path, init: str | Path | None = None,
           boundary_model: str | Path | None = None, init_state: str | Path | None = None,
-          final_state: str | Path | None = None, state_dir: str | Path | None = None, device: str = "auto",
+          final_state: str | Path | None = None, state_dir: str | Path | None = None,
+          teacher: str | Path | None = None, device: str = "auto",
           tracking: Tracking | None = None, periodic: PeriodicEval | None = None,
           after_backward: Callable[[Run], None] | None = None, progress: bool = True) -> TrainResult:
     """Run ``cfg.iterations`` iterations of ``mode`` (resuming from ``state_dir`` when a state exists)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     paths = RunPaths(data=Path(data), out=Path(out), init=_path(init), boundary_model=_path(boundary_model),
-                     init_state=_path(init_state), state_dir=_path(state_dir), final_state=_path(final_state))
+                     init_state=_path(init_state), state_dir=_path(state_dir), final_state=_path(final_state),
+                     teacher=_path(teacher))
     run = setup(cfg, mode, paths, device)
     outputs = RunOutputs(run, tracking or Tracking(), periodic or PeriodicEval(), progress=progress)
     seconds: list[float] = []
@@ -94,6 +98,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--boundary-model", default=None, help="stage2/stage3: frozen model used below t_prime")
     parser.add_argument("--init-state", default=None, help="stage1_continued: Stage 1's final train_state.pt")
     parser.add_argument("--final-state", default=None, help="also write the final training state here (stage1)")
+    parser.add_argument("--teacher", default=None, help="method cd: the diffusion model whose PF-ODE gives x_s")
     parser.add_argument("--data", required=True, help="EDM-layout dataset (.zip or folder)")
     parser.add_argument("--out", required=True, help="run folder: network.safetensors/.json, metrics.jsonl, "
                         "config.json")
@@ -116,6 +121,7 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.config, args.mode, args.preset, args.overrides)
     result = train(cfg, mode=args.mode, data=args.data, out=args.out, init=args.init,
                    boundary_model=args.boundary_model, init_state=args.init_state, final_state=args.final_state,
+                   teacher=args.teacher,
                    state_dir=args.state_dir, device=args.device,
                    tracking=Tracking(args.mlflow_uri, args.mlflow_parent, args.run_key),
                    periodic=PeriodicEval(args.eval_ref_stats, args.eval_extractor, args.eval_feature_net),

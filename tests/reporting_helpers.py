@@ -20,6 +20,8 @@ PERIODIC_LABEL = "FID (LeNet features, 256)"  # the periodic evaluation's (confi
 PERIODIC = "periodic/"  # tracking.PERIODIC_PREFIX
 DFID_TS = (0.2, 0.5, 2.0, 4.0, 80.0)
 BASELINE = {"t_prime": 1.0, "rho": 0.25, "w_b": 0.1, "student_sigma": 0.2, "student_nu": 0.01}
+CD = {"method": "cd", "ode_solver": "heun", "guidance": 1.5}
+DISTILL_FIDS = {"stage1": 45.0, "stage1_continued": 43.0, "stage2": 38.0}  # unlike every CT number
 
 
 @dataclass
@@ -35,6 +37,7 @@ class Scenario:
     ablations: bool = True
     histories: bool = True  # periodic evaluation during training (config eval.points > 0)
     seeds: int = 3  # training seeds of the claim-bearing arms (seed j > 0 in <run>/seed~j)
+    distill: dict[str, float] = field(default_factory=lambda: DISTILL_FIDS)  # the CD arm's final 1-step FIDs
 
 
 @dataclass
@@ -105,6 +108,11 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
     for run, stage, params, start, end, first, final in main:
         if stage not in scenario.skip_stages:
             add(run, stage, "main", params, start, end, first, final, seeded=run in ("stage1_continued", "stage2/main"))
+    distill = [("stage1", {"t_prime": None}, 0, 400, 80.0), ("stage1_continued", {"t_prime": None}, 400, 800, 45.0),
+               ("stage2", dict(BASELINE), 400, 800, 45.0)]
+    for stage, params, start, end, first in distill:
+        if stage in scenario.distill:
+            add(f"distill/{stage}", stage, "distill", {**params, **CD}, start, end, first, scenario.distill[stage])
     if scenario.ablations:
         grid: list[tuple[dict, float]] = [({**BASELINE, "t_prime": t}, f) for t, f in scenario.tprime_fids.items()]
         grid += [({**BASELINE, "rho": rho}, 26.0 + rho) for rho in (0.1, 0.5)]

@@ -43,3 +43,18 @@ def test_bench_command_smoke():
     weight_bytes = result["parameters"] * 4
     assert result["stage1_peak_bytes"] >= result["stage1_static_bytes"] >= 4 * weight_bytes
     assert result["stage2_static_bytes"] - result["stage1_static_bytes"] == pytest.approx(weight_bytes, rel=0.01)
+
+
+def test_train_bench_times_ct_and_cd_of_each_mode():
+    from tcm_core.bench import bench_variants, benchmark_train_iterations
+
+    assert bench_variants(("pretrain", "stage2"), ("ct", "cd")) == [
+        ("pretrain", "pretrain", "ct"), ("stage2", "stage2", "ct"), ("stage2_cd", "stage2", "cd")]
+    micro = {"model_channels": 8, "channel_mult": [1], "num_blocks": 1, "attn_resolutions": []}
+    result = benchmark_train_iterations("tiny", batch=4, repeats=1, warmup=0, rounds=1, modes=("stage1",),
+                                        methods=("ct", "cd"), arch_overrides=micro)
+    assert result["stage1_train_s_per_it"] > 0 and result["stage1_cd_train_s_per_it"] > 0
+    assert result["stage1_cd_over_ct_train_time"] == pytest.approx(
+        result["stage1_cd_train_s_per_it"] / result["stage1_train_s_per_it"])
+    with pytest.raises(ValueError, match="methods"):
+        bench_variants(("stage1",), ("ddim",))

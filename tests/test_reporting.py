@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 from PIL import Image
-from reporting_helpers import LABEL, Scenario, build_synthetic, mirror_to_mlflow
+from reporting_helpers import DISTILL_FIDS, LABEL, Scenario, build_synthetic, mirror_to_mlflow
 
 from tcm_core.report import figures, measurements
 from tcm_core.report.cli import build_report, format_summary, output_files
@@ -160,6 +160,36 @@ def test_tables_3_and_4(full):
     assert _row(md4, "Stage 3")[1:3] == ["19.50", "2.46"]
     csv4 = _csv(full.out / "tables" / "table4_stages.csv")
     assert [r["FID (paper)"] for r in csv4] == ["2.77", "2.46", "2.46"]
+
+
+def test_table5_shows_the_cd_arm_beside_the_papers_mscoco_numbers_without_a_delta(full):
+    md = (full.out / "tables" / "table5_distillation.md").read_text()
+    header = _rows(md)[0]
+    assert not any("Δ" in cell for cell in header)
+    s1 = _row(md, "Stage 1 (consistency distillation)", "1")
+    s2 = _row(md, "TCM Stage 2 (consistency distillation)", "1")
+    assert s1[2:7] == [f"{DISTILL_FIDS['stage1']:.2f}", FULL_LABEL, "1.5", "heun", "18.32"]
+    assert s2[2:7] == [f"{DISTILL_FIDS['stage2']:.2f}", FULL_LABEL, "1.5", "heun", "16.07"]
+    assert _row(md, "TCM Stage 2 (consistency distillation)", "2")[2] == f"{DISTILL_FIDS['stage2'] * 0.8:.2f}"
+    assert _row(md, "Stage 1 continued (CD control)", "1")[2:7:4] == [f"{DISTILL_FIDS['stage1_continued']:.2f}",
+                                                                     MISSING]
+    assert "A different data set, teacher and metric" in md and "MSCOCO" in md
+    assert "ours 45.00 → 38.00; paper 18.32 → 16.07" in md
+    # the CT tables never show the distillation arm's numbers
+    for name in ("table1_cifar10", "table4_stages"):
+        text = (full.out / "tables" / f"{name}.md").read_text()
+        assert not any(f"{v:.2f}" in text for v in DISTILL_FIDS.values()), name
+    csv5 = _csv(full.out / "tables" / "table5_distillation.csv")
+    assert [r["FID (paper, MSCOCO)"] for r in csv5] == ["18.32", MISSING, MISSING, MISSING, "16.07", MISSING]
+
+
+def test_table5_without_a_distillation_arm_says_so(tmp_path):
+    results = tmp_path / "results" / "tiny"
+    build_synthetic(results, scenario=Scenario(distill={}, ablations=False))
+    build_report("tiny", results, tmp_path / "out", tracking_uri=None, figures=False)
+    md = (tmp_path / "out" / "tables" / "table5_distillation.md").read_text()
+    assert _row(md, "Stage 1 (consistency distillation)", "1")[2] == MISSING
+    assert "has no distillation run yet" in md
 
 
 def test_missing_runs_show_a_dash_and_no_invented_number(tmp_path):

@@ -36,6 +36,11 @@ EXPECTED = {
 }
 
 
+DISTILL = {"cd_stage1": 1, "cd_stage1_continued": 1, "cd_stage2": 1, "fid": 6, "sample_grid": 3}
+CIFAR_SOURCES = {"fetch_checkpoint": 1, "fetch_dataset": 1, "mlflow_init": 1, "prepare_dataset": 1,
+                 "reference_stats": 1}
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     wd = make_workdir(tmp_path_factory.mktemp("wf"))
@@ -86,6 +91,51 @@ def test_paper_tables_trains_three_seeds_of_the_claim_bearing_arms(workdir):
     assert f"{r}/stage2/ablation/t_prime~1.0/rho~0.1/w_b~0.1/student_sigma~0.2/student_nu~0.01/seed~1" not in out
 
 
+@pytest.mark.parametrize("preset", ["tiny", "ci"])
+def test_distillation_arm_distils_the_pretrained_teacher(workdir, preset):
+    out = snakemake(workdir, "-n", "-p", "--config", f"preset={preset}", "--", "all_distillation", check=True).stdout
+    assert job_counts(out) == {**OWN_PRETRAIN, **DISTILL, "all_distillation": 1}
+    teacher = f"--teacher results/{preset}/pretrain/network.safetensors"
+    for stage in ("stage1", "stage1_continued", "stage2"):
+        line = next(x for x in out.splitlines() if f"--out results/{preset}/distill/{stage} " in x)
+        assert teacher in line and " method=cd ode_solver=heun " in line and " guidance=1.5 " in line, line
+        assert '"tcm.grid": "distill"' in line and f'"tcm.rule": "cd_{stage}"' in line
+    assert f"--boundary-model results/{preset}/distill/stage1/network.safetensors" in out
+    assert f"--init-state results/{preset}/distill/stage1/train_state.pt" in out
+    pretrain = next(x for x in out.splitlines() if "--mode pretrain" in x)
+    assert " label_dropout=0.1 " in pretrain and "label_dim: 10" in pretrain
+
+
+def test_paper_tables_plans_the_distillation_arm(workdir):
+    out = snakemake(workdir, "-n", "--config", "preset=ci", "--", "paper_tables", check=True).stdout
+    counts = job_counts(out)
+    assert {k: counts[k] for k in ("cd_stage1", "cd_stage1_continued", "cd_stage2")} == {
+        "cd_stage1": 1, "cd_stage1_continued": 1, "cd_stage2": 1}
+    assert "results/ci/tables/table5_distillation.md" in out
+
+
+def test_cifar10_distils_edms_uncond_vp_model_from_the_inits_file(workdir):
+    write_overlay(workdir / "cd.yaml", "presets:\n  cifar10: {distill: {method: cd, ode_solver: heun}}\n")
+    out = snakemake(workdir, "-n", "-p", "--configfile", "config.yaml", "cd.yaml", "--config", "preset=cifar10",
+                    "--", "all_distillation", check=True).stdout
+    assert job_counts(out) == {**CIFAR_SOURCES, **DISTILL, "all_distillation": 1}  # one fetch: teacher = init
+    assert out.count("--teacher resources/checkpoints/edm-cifar10-uncond-vp") == 3
+    assert "torchrun --standalone --nproc_per_node 8 -m tcm_core train --mode stage1 " in out
+
+
+def test_cifar10_main_arm_by_distillation_from_a_teacher_url(workdir):
+    write_overlay(workdir / "cd-main.yaml", "presets:\n  cifar10:\n"
+                  "    teacher: {kind: checkpoint, name: null, url: https://example.org/models/teacher.pkl}\n"
+                  "    stage1: {method: cd, ode_solver: euler}\n    stage2: {method: cd}\n")
+    out = snakemake(workdir, "-n", "-p", "--configfile", "config.yaml", "cd-main.yaml", "--config",
+                    "preset=cifar10", "--", "all", check=True).stdout
+    assert job_counts(out) == {**CIFAR_SOURCES, "fetch_teacher": 1, **TRAIN_MAIN, **EVALS_MAIN, "all": 1}
+    assert "fetch --url https://example.org/models/teacher.pkl --out resources/checkpoints/teacher.pkl" in out
+    for run in ("stage1", "stage1_continued", "stage2/main"):
+        line = next(x for x in out.splitlines() if f"--out results/cifar10/{run} " in x)
+        assert "--teacher resources/checkpoints/teacher.pkl" in line and " method=cd " in line, line
+
+
 def test_default_target_is_tiny_all(workdir):
     out = snakemake(workdir, "-n", check=True).stdout
     assert job_counts(out) == EXPECTED[("tiny", "all")]
@@ -109,6 +159,15 @@ BAD_CONFIGS = [
     ("presets:\n  ci:\n    stage1: {lr: .inf}\n", "presets.ci.stage1: config key 'lr'", "finite"),
     ("presets:\n  ci:\n    arch: {preset: tiny, model_channels: 1000000}\n", "presets.ci.arch", "parameters"),
     ("presets:\n  ci:\n    eval: {dfid_ts: [0.001, 1.0]}\n", "presets.ci.eval.dfid_ts", "[t_min, t_max]"),
+    # consistency distillation: every setting checked before any job
+    ("presets:\n  ci:\n    distill: {method: ct}\n", "presets.ci.distill.method", "set method: cd"),
+    ("presets:\n  ci:\n    distill: {ode_solver: rk4}\n", "presets.ci.distill.ode_solver", "'heun'"),
+    ("presets:\n  ci:\n    pretrain: {label_dropout: 0.0}\n", "presets.ci.pretrain.label_dropout", "label dropout"),
+    ("presets:\n  ci:\n    stage1: {label_dropout: 0.1}\n", "presets.ci.stage1: config key 'label_dropout'",
+     "0 in the consistency modes"),
+    ("presets:\n  ci:\n    stage2: {ode_solver: euler}\n", "presets.ci.stage2: config key 'ode_solver'",
+     "unless method is cd"),
+    ("presets:\n  ci:\n    teacher: {kind: path}\n", "presets.ci.teacher.path", "set it"),
 ]
 
 
@@ -143,7 +202,7 @@ def test_bad_preset_choice_fails_early(workdir, config, key, allowed):
     assert "tcm: error: " in text and key in text and allowed in text, text[-2000:]
 
 
-OWN_RULE_FILES = ("common", "jobs", "data", "init", "training", "evaluation")
+OWN_RULE_FILES = ("common", "jobs", "data", "init", "training", "distillation", "evaluation")
 
 
 @pytest.mark.parametrize("preset", ["ci", "cifar10"])

@@ -38,6 +38,7 @@ __all__ = [
     "no_forced_weight_norm",
     "record_dropout_masks",
     "replay_dropout_masks",
+    "set_label_dropout",
 ]
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -185,3 +186,20 @@ def build_precond(arch: dict[str, Any]) -> Precond:
         sigma_data=float(arch.get("sigma_data", 0.5)),
         arch=copy.deepcopy(arch),
     )
+
+
+def set_label_dropout(net: Precond, probability: float) -> None:
+    """Set the probability that the training pass replaces a sample's class label by ∅ (zeros), in the network
+    and in its ``arch`` (so a saved file records what it was trained with). Only SongUNet implements it;
+    an unconditional network has no label to drop (``probability`` must then be 0, as for EDM2)."""
+    backbone = net.model
+    if int(net.label_dim) == 0 or not isinstance(backbone, SongUNet):
+        if probability > 0:
+            raise ValueError(f"label dropout needs a class-conditional SongUNet (label_dim {net.label_dim}, "
+                             f"{type(backbone).__name__})")
+        return
+    if not 0 <= probability < 1:
+        raise ValueError(f"label dropout must be in [0, 1), got {probability}")
+    backbone.label_dropout = float(probability)
+    if probability > 0 or "label_dropout" in net.arch:  # an arch without the key already means 0
+        net.arch["label_dropout"] = float(probability)

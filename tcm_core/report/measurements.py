@@ -113,7 +113,7 @@ def _dfid_evaluations(results: Results, run: TrainingRun) -> dict[float, dict[in
 
 def _init_run(results: Results, run: TrainingRun) -> TrainingRun | None:
     parent = INIT_OF.get(run.stage)
-    return results.main_run(parent) if parent else None
+    return results.run_like(parent, run.grid) if parent else None
 
 
 def _start(run: TrainingRun) -> float | None:

@@ -13,6 +13,7 @@ from tcm_core.tracking import PERIODIC_PREFIX
 TRAIN_STAGES = ("pretrain", "stage1", "stage1_continued", "stage2", "stage3")
 # the Stage-2 hyperparameters the ablation grid varies
 SWEPT_PARAMS = ("t_prime", "rho", "w_b", "student_sigma", "student_nu")
+DISTILL_GRID = "distill"  # the consistency-distillation arm (Table 5): never a main run of the CT tables
 DFID_PREFIX = "dfid_t"  # dFID at noise level t is logged as the metric dfid_t<t>, e.g. dfid_t0.2
 
 
@@ -88,8 +89,9 @@ class Results:
                 and (all_seeds or r.seed_index == 0)]
 
     def main_run(self, stage: str) -> TrainingRun | None:
-        """The main-grid run of a stage, seed 0 (falling back to any grid when the main grid has none)."""
-        runs = self.runs_of(stage, "main") or self.runs_of(stage)
+        """The main-grid run of a stage, seed 0 (falling back to any grid but the distillation arm's when the main
+        grid has none)."""
+        runs = self.runs_of(stage, "main") or [r for r in self.runs_of(stage) if r.grid != DISTILL_GRID]
         return runs[0] if runs else None
 
     def seeds_of(self, run: TrainingRun | None) -> dict[int, TrainingRun]:
@@ -98,6 +100,15 @@ class Results:
             return {}
         same = [r for r in self.runs if r.stage == run.stage and r.grid == run.grid and r.arm == run.arm]
         return {r.seed_index: r for r in sorted(same, key=lambda r: r.seed_index)}
+
+    def distill_run(self, stage: str) -> TrainingRun | None:
+        """The distillation arm's run of a stage (``results/<preset>/distill/<stage>``)."""
+        runs = self.runs_of(stage, DISTILL_GRID)
+        return runs[0] if runs else None
+
+    def run_like(self, stage: str, grid: str) -> TrainingRun | None:
+        """The run of ``stage`` in the arm of a run of ``grid``: the distillation arm's, or the main run."""
+        return self.distill_run(stage) if grid == DISTILL_GRID else self.main_run(stage)
 
     def evaluations_of(self, run: TrainingRun, metric: str) -> list[Evaluation]:
         names = run.names()

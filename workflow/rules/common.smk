@@ -43,7 +43,8 @@ wildcard_constraints:
     steps="1step|2step",
     sweep="dfid|dfid_wide",
     extractor=P["eval"]["extractor"],
-    run="stage1|stage1_continued(/seed~[1-9][0-9]*)?|stage2/main(/seed~[1-9][0-9]*)?|stage3/main|stage2/ablation/.+",
+    run="stage1|stage1_continued(/seed~[1-9][0-9]*)?|stage2/main(/seed~[1-9][0-9]*)?|stage3/main|stage2/ablation/.+"
+    "|distill/(stage1|stage1_continued|stage2)",
 
 
 # MLflow: the tracking URI is infrastructure, not an experiment setting, so jobs read it from the
@@ -137,6 +138,8 @@ def is_ablation(run):
 
 
 def grid_of(run):
+    if run.startswith("distill/"):
+        return "distill"  # the consistency-distillation arm (distillation.smk)
     return "ablation" if is_ablation(run) else "main"
 
 
@@ -179,6 +182,21 @@ def seed_targets(target):
         for run in extra_seed_runs(target)
         for name in ("eval/fid_1step.json", "config.json")
     ]
+
+
+# The consistency-distillation arm (distillation.smk), when the preset has a `distill` block.
+DISTILL_RUNS = (
+    [f"distill/{m}" for m in presets.DISTILL_MODES] if presets.has_distillation(P) else []
+)
+
+
+def distill_targets():
+    """The arm's 1- and 2-step FIDs (Table 5) and its 1-step sample grids."""
+    out = []
+    for run in DISTILL_RUNS:
+        out += [f"{RESULTS}/{run}/eval/fid_{s}.json" for s in ("1step", "2step")]
+        out.append(f"{RESULTS}/{run}/eval/grid_1step.png")
+    return out
 
 
 def ablation_targets():

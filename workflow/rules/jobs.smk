@@ -57,7 +57,9 @@ def train_keys(mode, run):
     """The TrainConfig keys of one training job (training seed j of a run folder R/seed~j: seed + j), as
     tcm_core.presets resolves them."""
     base, seed_index = presets.split_seed(run)
-    if mode == "stage2" and is_ablation(base):
+    if base.startswith("distill/"):
+        keys = presets.section_keys(P, mode, "distill")
+    elif mode == "stage2" and is_ablation(base):
         point = ABLATION.instance({"cfg": base[len("stage2/ablation/") :]})
         keys = presets.ablation_keys(P, point)
     else:
@@ -125,6 +127,8 @@ def train_run_key(run):
     """Deterministic run key (rule + wildcards) of the training job that produced `run`."""
     if run == "stage1" and FOREIGN_STAGE1:
         return f"init:{PRESET}"
+    if run.startswith("distill/"):
+        return f"cd_{run.split('/', 1)[1]}:{PRESET}:{run}"
     rule_name = {"pretrain": "pretrain_edm"}.get(run, run.split("/", 1)[0])
     return f"{rule_name}:{PRESET}:{run}"
 
@@ -140,6 +144,7 @@ def train_files(mode, run_template):
             ("--boundary-model", input.get("boundary")),
             ("--init-state", input.get("state")),
             ("--final-state", output.get("state")),
+            ("--teacher", input.get("teacher")),
         ):
             if value:
                 parts.append(f"{flag} {shlex.quote(str(value))}")
@@ -276,9 +281,46 @@ def prepare_dataset_args(wildcards, input):
     return f"--name cifar10 --source {shlex.quote(str(input.source))}"
 
 
-def fetch_source_args():
-    init = P["init"]
-    args = f"--name {init['name']}" if init.get("name") else f"--url {shlex.quote(init['url'])}"
-    if init.get("sha256"):
-        args += f" --sha256 {init['sha256']}"
+def fetch_source_args(source=None):
+    """`fetch` arguments of a checkpoint block (default: the init)."""
+    source = source or P["init"]
+    args = (
+        f"--name {source['name']}" if source.get("name") else f"--url {shlex.quote(source['url'])}"
+    )
+    if source.get("sha256"):
+        args += f" --sha256 {source['sha256']}"
     return args
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher of consistency distillation (method cd): the preset's `teacher` block
+
+
+def teacher_checkpoint(wildcards=None):
+    """The diffusion model every method-cd job distils."""
+    teacher = P.get("teacher") or {}
+    if teacher.get("kind") == "pretrain":
+        return f"{RESULTS}/pretrain/network.safetensors"
+    if teacher.get("kind") == "init":
+        return init_checkpoint()
+    if teacher.get("kind") == "path":
+        return teacher["path"]
+    name = teacher["name"] if teacher.get("name") else (Path(teacher["url"]).name or "teacher")
+    return f"resources/checkpoints/{name}"
+
+
+def teacher_fetched():
+    """A teacher checkpoint to download that is not the init's own file (that one is fetched already)."""
+    if (P.get("teacher") or {}).get("kind") != "checkpoint":
+        return False
+    return P["init"]["kind"] != "checkpoint" or teacher_checkpoint() != init_checkpoint()
+
+
+def teacher_input(mode, run_template):
+    """Input function of a training rule: the teacher file when the job's method is cd, else nothing."""
+
+    def teacher(wildcards):
+        keys = train_keys(mode, fill(run_template, wildcards))
+        return teacher_checkpoint() if keys.get("method") == "cd" else []
+
+    return teacher

@@ -12,12 +12,14 @@ PAPER_TABLE_RUNS = [
     for run in main_runs()
     + list(ABLATION_RUNS)
     + (["stage3/main"] if 3 in ABL.get("stages", []) else [])
+    + DISTILL_RUNS
     if not (run == "stage1" and P["init"].get("provides") == "stage1")
 ]
 PAPER_TABLE_INPUTS = sorted(
     set(
         main_targets()
         + ablation_targets()
+        + distill_targets()
         + [f"{RESULTS}/{run}/config.json" for run in PAPER_TABLE_RUNS]
         + seed_targets("paper_tables")  # training seeds 1 .. K-1 of the claim-bearing arms
     )
@@ -28,6 +30,7 @@ PAPER_TABLES = {
     "table2_imagenet64": ("table2.rst", "Table 2 (ImageNet 64x64)"),
     "table3_tprime": ("table3.rst", "Table 3 (t')"),
     "table4_stages": ("table4.rst", "Table 4 (stages)"),
+    "table5_distillation": ("table5.rst", "Table 5 (distillation)"),
     "claims": ("claims.rst", "Claims check"),
 }
 PAPER_FIGURES = {
@@ -43,7 +46,7 @@ PAPER_FIGURES = {
 
 
 rule tables:
-    """Paper tables 1-4, the claims check and figures 1b, 2, 3, 4a-c, 7, 8 of one preset."""
+    """Paper tables 1-5, the claims check and figures 1b, 2, 3, 4a-c, 7, 8 of one preset."""
     input:
         results=PAPER_TABLE_INPUTS,
         mlflow=ancient("results/{preset}/mlflow.json"),

@@ -1,7 +1,8 @@
 # Training: EDM pretraining (presets without a published checkpoint), Stage 1 (consistency training
 # from the init), the control (Stage 1 continued from its final training state for as long as Stage 2
 # runs, the paper's Fig. 1b), Stage 2 (TCM) for the main run and every distinct ablation point, and
-# Table 4's third stage (from the main Stage-2 run, t' = 4). Every rule runs the same command
+# Table 4's third stage (from the main Stage-2 run, t' = 4); a job whose method is cd also gets the preset's
+# teacher (--teacher). Every rule runs the same command
 # (jobs.smk: TRAIN_SHELL); mid-run state lives under results/<preset>/_state/ (outside the declared
 # outputs), so a killed job resumes.
 
@@ -10,6 +11,7 @@ rule stage2:
     input:
         init=stage1_network(),
         boundary=stage1_network(),
+        teacher=teacher_input("stage2", "stage2/{run}"),
         data=dataset_path,
         mlflow=ancient("results/{preset}/mlflow.json"),
         periodic=periodic_eval_inputs,
@@ -36,6 +38,7 @@ use rule stage2 as stage1_continued with:
     input:
         init=stage1_network(),
         state=stage1_state(),
+        teacher=teacher_input("stage1_continued", "stage1_continued"),
         data=dataset_path,
         mlflow=ancient("results/{preset}/mlflow.json"),
         periodic=periodic_eval_inputs,
@@ -53,6 +56,7 @@ use rule stage2 as stage3 with:
     input:
         init="results/{preset}/stage2/main/network.safetensors",
         boundary="results/{preset}/stage2/main/network.safetensors",
+        teacher=teacher_input("stage3", "stage3/main"),
         data=dataset_path,
         mlflow=ancient("results/{preset}/mlflow.json"),
         periodic=periodic_eval_inputs,
@@ -69,6 +73,7 @@ if not FOREIGN_STAGE1:
     use rule stage2 as stage1 with:
         input:
             init=init_checkpoint(),
+            teacher=teacher_input("stage1", "stage1"),
             data=dataset_path,
             mlflow=ancient("results/{preset}/mlflow.json"),
             periodic=periodic_eval_inputs,
