@@ -441,7 +441,8 @@ def _step_line(r: dict[str, Any]) -> str:
 def _train_line(r: dict[str, Any]) -> str:
     names = [k[: -len("_train_s_per_it")] for k in r if k.endswith("_train_s_per_it")]
     parts = [f"{m} {r[f'{m}_train_s_per_it']:.4f}s (CPU {r[f'{m}_train_cpu_s_per_it']:.4f}s)" for m in names]
-    ratios = [f"{k[: -len('_train_time')]} x{v:.3f}" for k, v in r.items() if k.endswith("_train_time") and "_over_" in k]
+    ratios = [f"{k[: -len('_train_time')]} x{v:.3f}" for k, v in r.items()
+              if k.endswith("_train_time") and "_over_" in k]
     return (f"{r['net']} batch {r['batch']} on {r['device_name']}, s/iteration: " + ", ".join(parts)
             + (f"; {', '.join(ratios)}" if ratios else ""))
 
