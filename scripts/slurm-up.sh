@@ -8,7 +8,8 @@
 #                           sacct fails and Snakemake waits forever). none: no accounting; then Snakemake
 #                           needs `--slurm-status-command squeue` (keep MinJobAge >= 3 x init seconds).
 #   SLURM_NODES=N           slurmd daemons (nodes) on this machine (default 1): `localhost`, then tcmnode2..N,
-#                           all at 127.0.0.1, each with its own port (6818, 6819, ...), spool and log
+#                           all at 127.0.0.1, each with its own port (localhost 6818, the
+#                           slurmd default; tcmnodeK 6818+K: 6819 is slurmdbd's), spool and log
 #   SLURM_FAKE_GPUS=N       advertise N fake GPUs per node (gres on mknod'ed char devices; default 2)
 #   SLURM_PARTITION=NAME    partition for the workflow (default debug). If it is not `debug`, a second
 #                           partition `debug` on the same node becomes the cluster's default, so a job
@@ -48,8 +49,10 @@ fi
 
 mkdir -p "$D"/{state,spool,log}
 touch "$D/owned"
-# Node names: the first is `localhost` (it resolves, so a job's first host works as a rendezvous address);
-# the others only need to be distinct names for slurmctld, which reaches every slurmd at 127.0.0.1:<Port>.
+# Node names: `localhost` and tcmnode2..N. A job's node list sorts `localhost` first, and it resolves, so the
+# first host works as a rendezvous address; the others only need distinct names (slurmctld reaches every
+# slurmd at 127.0.0.1:<Port>). `localhost` is defined LAST: while slurm.conf's node table holds one node
+# named localhost, Slurm 22.05 resolves any other name to it and stops with "Duplicated NodeHostName".
 NODES=""
 for i in $(seq 2 "$NNODES"); do NODES="$NODES tcmnode$i"; done
 NODES="${NODES# } localhost"; NODES="${NODES# }"
@@ -92,11 +95,12 @@ else
 PartitionName=$PARTITION Nodes=ALL Default=NO MaxTime=INFINITE State=UP"
 fi
 
-NODE_LINES=""; port=6818
+NODE_LINES=""
 for node in $NODES; do
+  if [ "$node" = localhost ]; then port=6818; else port=$((6818 + ${node#tcmnode})); fi
   NODE_LINES="$NODE_LINES
 NodeName=$node NodeAddr=127.0.0.1 Port=$port CPUs=$CPUS RealMemory=$MEM $GRES_NODE State=UNKNOWN"
-  mkdir -p "$D/spool/$node"; port=$((port+1))
+  mkdir -p "$D/spool/$node"
 done
 
 cat > /etc/slurm/slurm.conf <<EOF

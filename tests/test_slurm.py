@@ -48,7 +48,7 @@ from slurm_helpers import (
     submitted_jobids,
     wait_sacct_final,
 )
-from training_helpers import load_weights, save_micro_checkpoint
+from training_helpers import load_weights, make_small_mnist, save_micro_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -71,12 +71,13 @@ def _gpu_overrides() -> dict:
     return {k: {"gpu": 1} for k in ("train", "eval") if not res[k]["gpu"]}
 
 
-def _stage2_alone(stage1: Path, nodes: int, gpu: int) -> dict:
-    """The ci preset's main Stage 2 from a given Stage-1 network (no pretraining, no Stage 1), at an explicit
+def _stage2_alone(stage1: Path, data: Path, nodes: int, gpu: int) -> dict:
+    """The ci preset's main Stage 2 alone: from a given Stage-1 network and data set (no pretraining, no Stage 1,
+    no prepare_dataset), at an explicit
     batch_gpu: 2 ranks and 1 process then cut the global batch into the same loss calls (tcm_core.global_batch).
     ema_beta=0 makes the saved network the trained weights themselves; the ablation batch is one the planned
     ablation points split over 2 ranks (they are checked at the preset's world size too)."""
-    return {"init": {"kind": "path", "path": str(stage1), "provides": "stage1"},
+    return {"init": {"kind": "path", "path": str(stage1), "provides": "stage1"}, "dataset": {"path": str(data)},
             "resources": {"train": {"gpu": gpu, "nodes": nodes}},
             "stage2": {"batch_gpu": 2, "ema_beta": 0, "lr": 1.0e-3}, "ablation": {"batch": 12}}
 
@@ -295,14 +296,15 @@ def runs(cluster):
                {"resources": gpu, "dataset": {"path": str(bad_data)}}, extra=("--retries", str(FAIL_RETRIES)))
     # Stage 2 on 2 nodes x 1 process (one fake GPU each: --gpus=2 --nodes=2), and one plain local process
     stage1 = save_micro_checkpoint(base / "stage1-micro.safetensors", iteration=10, seed=4)
-    multinode = Run("multinode", base, server, STAGE2_MAIN, _stage2_alone(stage1, nodes=2, gpu=1))
-    single = Run("single", base, server, STAGE2_MAIN, _stage2_alone(stage1, nodes=1, gpu=0), slurm=False)
+    digits = make_small_mnist(base / "mnist16.zip", count=32)
+    multinode = Run("multinode", base, server, STAGE2_MAIN, _stage2_alone(stage1, digits, nodes=2, gpu=1))
+    single = Run("single", base, server, STAGE2_MAIN, _stage2_alone(stage1, digits, nodes=1, gpu=0), slurm=False)
     every = (main, preempt, fail, multinode, single)
     cancelled: dict = {}
     watcher = threading.Thread(target=_cancel_stage1_after_first_state, args=(preempt, cancelled), daemon=True)
     watcher.start()
     try:
-        codes = {r.name: r.wait() for r in every}
+        codes = _wait_all(every)
     finally:
         for r in every:
             r.kill()
@@ -312,6 +314,16 @@ def runs(cluster):
     return {"main": main, "preempt": preempt, "fail": fail, "multinode": multinode, "single": single,
             "codes": codes, "cancelled": cancelled, "stage1_start": stage1_start, "stage1_micro": stage1,
             "server": server}
+
+
+def _wait_all(runs: tuple[Run, ...]) -> dict[str, int]:
+    """Exit codes, each run's own duration recorded when it ends (each ends by KILL_AFTER: snakemake_cmd)."""
+    while any(r.seconds is None for r in runs):
+        for r in runs:
+            if r.seconds is None and r.proc.poll() is not None:
+                r.seconds = time.monotonic() - r.started
+        time.sleep(0.5)
+    return {r.name: r.wait() for r in runs}
 
 
 def _mlflow_children(server: MlflowServer, experiment: str):
