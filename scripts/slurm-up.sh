@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start a real single-node SLURM cluster on localhost (Debian 12, root, no systemd) for CI and for trying
+# Start a real SLURM cluster (one node, or several slurmd) on localhost (Debian 12, root, no systemd) for CI and for trying
 # profiles/slurm on one machine. Idempotent: daemons already running (not zombies) are left alone.
 #
 #   SLURM_DIR=DIR           scratch folder for state, spool, logs and pid files (default /tmp/tcm-slurm)
@@ -7,7 +7,10 @@
 #                           unchanged (the plugin's default status command is sacct; without accounting
 #                           sacct fails and Snakemake waits forever). none: no accounting; then Snakemake
 #                           needs `--slurm-status-command squeue` (keep MinJobAge >= 3 x init seconds).
-#   SLURM_FAKE_GPUS=N       advertise N fake GPUs (gres on mknod'ed char devices; default 2)
+#   SLURM_NODES=N           slurmd daemons (nodes) on this machine (default 1): `localhost`, then tcmnode2..N,
+#                           all at 127.0.0.1, each with its own port (localhost 6818, the
+#                           slurmd default; tcmnodeK 6818+K: 6819 is slurmdbd's), spool and log
+#   SLURM_FAKE_GPUS=N       advertise N fake GPUs per node (gres on mknod'ed char devices; default 2)
 #   SLURM_PARTITION=NAME    partition for the workflow (default debug). If it is not `debug`, a second
 #                           partition `debug` on the same node becomes the cluster's default, so a job
 #                           submitted without `-p NAME` is visibly in the wrong partition.
@@ -23,6 +26,7 @@
 set -euo pipefail
 ACCT=${SLURM_ACCT:-dbd}
 NGPU=${SLURM_FAKE_GPUS:-2}
+NNODES=${SLURM_NODES:-1}
 PARTITION=${SLURM_PARTITION:-debug}
 MIN_JOB_AGE=${SLURM_MIN_JOB_AGE:-300}
 D=${SLURM_DIR:-/tmp/tcm-slurm}
@@ -45,6 +49,13 @@ fi
 
 mkdir -p "$D"/{state,spool,log}
 touch "$D/owned"
+# Node names: `localhost` and tcmnode2..N. A job's node list sorts `localhost` first, and it resolves, so the
+# first host works as a rendezvous address; the others only need distinct names (slurmctld reaches every
+# slurmd at 127.0.0.1:<Port>). `localhost` is defined LAST: while slurm.conf's node table holds one node
+# named localhost, Slurm 22.05 resolves any other name to it and stops with "Duplicated NodeHostName".
+NODES=""
+for i in $(seq 2 "$NNODES"); do NODES="$NODES tcmnode$i"; done
+NODES="${NODES# } localhost"; NODES="${NODES# }"
 REAL_MEM=$(( $(awk '/MemTotal/{print int($2/1024)}' /proc/meminfo) - 512 ))
 MEM=${SLURM_NODE_MEM_MB:-$REAL_MEM}
 CPUS=${SLURM_NODE_CPUS:-$(nproc)}
@@ -57,9 +68,12 @@ if [ "$NGPU" -gt 0 ]; then
   # gres/gpu needs File= on a character device, one per GPU: Count-only lines are ignored (node INVAL),
   # regular files are rejected. /dev/null's major:minor (1:3) makes a harmless fake device.
   : > /etc/slurm/gres.conf
-  for i in $(seq 0 $((NGPU-1))); do
-    [ -c "$D/fakegpu$i" ] || { rm -f "$D/fakegpu$i"; mknod "$D/fakegpu$i" c 1 3; }
-    echo "NodeName=localhost Name=gpu Type=fake File=$D/fakegpu$i" >> /etc/slurm/gres.conf
+  for node in $NODES; do
+    for i in $(seq 0 $((NGPU-1))); do
+      dev="$D/fakegpu-$node-$i"
+      [ -c "$dev" ] || { rm -f "$dev"; mknod "$dev" c 1 3; }
+      echo "NodeName=$node Name=gpu Type=fake File=$dev" >> /etc/slurm/gres.conf
+    done
   done
 else
   rm -f /etc/slurm/gres.conf
@@ -81,6 +95,14 @@ else
 PartitionName=$PARTITION Nodes=ALL Default=NO MaxTime=INFINITE State=UP"
 fi
 
+NODE_LINES=""
+for node in $NODES; do
+  if [ "$node" = localhost ]; then port=6818; else port=$((6818 + ${node#tcmnode})); fi
+  NODE_LINES="$NODE_LINES
+NodeName=$node NodeAddr=127.0.0.1 Port=$port CPUs=$CPUS RealMemory=$MEM $GRES_NODE State=UNKNOWN"
+  mkdir -p "$D/spool/$node"
+done
+
 cat > /etc/slurm/slurm.conf <<EOF
 # written by tcm-pipeline scripts/slurm-up.sh
 ClusterName=ci
@@ -98,16 +120,16 @@ SchedulerType=sched/backfill
 ReturnToService=2
 MinJobAge=$MIN_JOB_AGE
 StateSaveLocation=$D/state
-SlurmdSpoolDir=$D/spool
+SlurmdSpoolDir=$D/spool/%n
 SlurmctldPidFile=$D/slurmctld.pid
-SlurmdPidFile=$D/slurmd.pid
+SlurmdPidFile=$D/slurmd-%n.pid
 SlurmctldLogFile=$D/log/slurmctld.log
-SlurmdLogFile=$D/log/slurmd.log
+SlurmdLogFile=$D/log/slurmd-%n.log
 JobCompType=jobcomp/none
 $ACCT_LINES
 $GRES_TYPES
 $OVERRIDES
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM $GRES_NODE State=UNKNOWN
+$NODE_LINES
 $PARTITION_LINES
 EOF
 
@@ -166,15 +188,21 @@ if ! alive "$D/slurmctld.pid"; then
 else
   scontrol reconfigure >/dev/null 2>&1 || true   # pick up a rewritten slurm.conf
 fi
-if ! alive "$D/slurmd.pid"; then
-  # -N localhost: the node name does not depend on `hostname`.
-  /usr/sbin/slurmd -N localhost
-  wait_pidfile "$D/slurmd.pid" slurmd; own "$D/slurmd.pid"
-fi
+for node in $NODES; do
+  if ! alive "$D/slurmd-$node.pid"; then
+    # -N NAME: the node name does not depend on `hostname` (and several slurmd share this machine).
+    /usr/sbin/slurmd -N "$node"
+    wait_pidfile "$D/slurmd-$node.pid" "slurmd $node"; own "$D/slurmd-$node.pid"
+  fi
+done
+ALL_NODES=$(echo $NODES | tr ' ' ,)
+all_idle() { [ "$(sinfo -h -N -n "$ALL_NODES" -o %t 2>/dev/null | sort -u)" = idle ]; }
 for _ in $(seq 150); do
-  st=$(sinfo -h -n localhost -o %t 2>/dev/null || true)
-  [ "$st" = idle ] && break
-  case "$st" in drain*|inval*) scontrol update nodename=localhost state=resume >/dev/null 2>&1 || true;; esac
+  all_idle && break
+  for node in $NODES; do
+    case "$(sinfo -h -n "$node" -o %t 2>/dev/null)" in
+      drain*|inval*) scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true;; esac
+  done
   sleep 0.2
 done
 if [ "$ACCT" = dbd ]; then
@@ -183,5 +211,5 @@ if [ "$ACCT" = dbd ]; then
   sacct -X -n >/dev/null || { echo "slurm-up: sacct does not answer" >&2; tail -20 "$D/log/slurmdbd.log" >&2; exit 1; }
 fi
 sinfo -o '%P %a %D %t %N %G'
-[ "$(sinfo -h -n localhost -o %t)" = idle ] || {
+all_idle || {
   echo "slurm-up: node not idle" >&2; tail -20 "$D/log/slurmctld.log" >&2; exit 1; }

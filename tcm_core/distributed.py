@@ -1,12 +1,14 @@
 """Processes and devices: the torchrun process group (one process per GPU, any number of nodes) and the device.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) every process joins one group: nccl on CUDA, gloo on CPU. Only global
-rank 0 writes files and metrics. A single process needs no group at all.
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every process joins one group: nccl on CUDA, gloo on CPU. torchrun sets
+``RANK`` (global, over all nodes), ``WORLD_SIZE`` and ``LOCAL_RANK`` (on this node): the device is
+``cuda:LOCAL_RANK`` and only global rank 0 writes files and metrics. A single process needs no group at all.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -42,10 +44,21 @@ def init_distributed(device_kind: str) -> Distributed:
     if not dist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
         if backend == "nccl":
+            check_node_gpus(local_rank)
             torch.cuda.set_device(local_rank)
         # periodic evaluation runs on rank 0 only; the others wait at the next collective
         dist.init_process_group(backend=backend, timeout=timedelta(hours=2))
     return Distributed(rank, world_size, local_rank, initialised=True)
+
+
+def check_node_gpus(local_rank: int) -> None:
+    """Process LOCAL_RANK of a node uses GPU LOCAL_RANK: the node must show at least LOCAL_RANK + 1 GPUs (SLURM
+    can spread a job's ``--gpus=N`` unevenly over its nodes)."""
+    visible = torch.cuda.device_count()
+    if local_rank >= visible:
+        raise ConfigError(f"this node shows {visible} GPU(s) but runs training process {local_rank} of it",
+                          f"node {socket.gethostname()} (LOCAL_RANK {local_rank})",
+                          "give every node as many GPUs as torchrun starts processes per node")
 
 
 def finish_distributed(info: Distributed, succeeded: bool) -> None:

@@ -287,9 +287,32 @@ def planned_modes(preset: dict[str, Any]) -> list[str]:
     return modes
 
 
+def _train_resources(preset: dict[str, Any]) -> dict[str, Any]:
+    return (preset.get("resources") or {}).get("train") or {}
+
+
+def train_nodes(preset: dict[str, Any], override: str | None = None) -> int:
+    """Nodes of each training job: ``override`` (the workflow passes TCM_SLURM_TRAIN_NODES) or the preset's."""
+    if override:
+        if not override.strip().isdigit() or int(override) < 1:
+            raise ConfigError(f"the node count must be a whole number >= 1, got {override!r}",
+                              "TCM_SLURM_TRAIN_NODES", "set it to the nodes of each training job, or unset it")
+        return int(override)
+    return int(_train_resources(preset).get("nodes", 1) or 1)
+
+
+def processes_per_node(gpus: int, nodes: int) -> int:
+    """Training processes per node of a job holding ``gpus`` GPUs on ``nodes`` nodes: one per GPU, one on CPUs."""
+    if gpus % nodes:
+        raise ConfigError(f"{gpus} GPUs do not split evenly over {nodes} nodes",
+                          "resources.train.gpu x nodes (or TCM_SLURM_TRAIN_GPUS / TCM_SLURM_TRAIN_NODES)",
+                          "give every node the same number of GPUs")
+    return max(gpus // nodes, 1)
+
+
 def world_size_of(preset: dict[str, Any]) -> int:
-    gpus = int(((preset.get("resources") or {}).get("train") or {}).get("gpu", 0) or 0)
-    return max(gpus, 1)
+    """Training processes of the preset's jobs: ``resources.train.gpu`` (per node, at least 1) x ``nodes``."""
+    return max(int(_train_resources(preset).get("gpu", 0) or 0), 1) * train_nodes(preset)
 
 
 def checked_config(preset: dict[str, Any], mode: str, keys: dict[str, Any], where: str) -> TrainConfig:
@@ -407,6 +430,14 @@ def check_distillation(preset: dict[str, Any], configs: dict[str, TrainConfig], 
     return arm
 
 
+def check_nodes(preset: dict[str, Any], where: str) -> None:
+    """Only training jobs span several nodes (torchrun per node); evaluation and preparation run on one."""
+    for kind, res in (preset.get("resources") or {}).items():
+        if kind != "train" and int((res or {}).get("nodes", 1)) != 1:
+            raise ConfigError(f"{kind} jobs run on one node", f"{where}.resources.{kind}.nodes",
+                              "remove the key (only resources.train.nodes may exceed 1)")
+
+
 def check_preset(config: dict[str, Any], name: str, schema_path: str | Path | None = SCHEMA
                  ) -> dict[str, TrainConfig]:
     """Everything a job would refuse, refused now; returns the TrainConfig of each planned mode (and of the
@@ -420,6 +451,7 @@ def check_preset(config: dict[str, Any], name: str, schema_path: str | Path | No
         raise ConfigError(f"unknown preset {name!r}", "preset", f"use one of {', '.join(config.get('presets', {}))}")
     preset, where = config["presets"][name], f"presets.{name}"
     check_sources(preset, where)
+    check_nodes(preset, where)
     configs = {mode: checked_config(preset, mode, section_keys(preset, mode), f"{where}.{mode}")
                for mode in planned_modes(preset)}
     for index, point in enumerate(ablation_points(preset)):

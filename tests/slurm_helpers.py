@@ -1,6 +1,6 @@
 """Helpers for the SLURM integration tests: a real local cluster, a real MLflow server, Snakemake runs.
 
-The cluster is Debian's slurmctld/slurmd/munged (+ MariaDB/slurmdbd for accounting) on localhost,
+The cluster is Debian's slurmctld, two slurmd and munged (+ MariaDB/slurmdbd for accounting) on localhost,
 started by scripts/slurm-up.sh and stopped by PID by scripts/slurm-down.sh.
 """
 
@@ -51,20 +51,23 @@ def job_env(**extra: str) -> dict[str, str]:
 
 @dataclass
 class SlurmCluster:
-    """One-node cluster on localhost; `up()` is idempotent, `down()` stops only what `up()` started."""
+    """Two nodes (two slurmd, `localhost` and `tcmnode2`) on this machine; `up()` is idempotent, `down()` stops
+    only what `up()` started."""
 
     directory: Path
     partition: str = "tcmci"
-    fake_gpus: int = 4
-    # The node advertises more CPUs/memory than the CI machine has (like the fake GPUs): jobs of the three
-    # concurrent test runs then wait on the fake GPUs (4 at once), not on 2 real cores' worth of slots.
+    nodes: int = 2
+    fake_gpus: int = 2  # per node
+    # Each node advertises more CPUs/memory than the CI machine has (like the fake GPUs): jobs of the concurrent
+    # test runs then wait on the fake GPUs (4 at once), not on 2 real cores' worth of slots.
     cpus: int = 32
     mem_mb: int = 262144
     log: str = field(default="", init=False)
 
     def _env(self) -> dict[str, str]:
         return job_env(
-            SLURM_DIR=str(self.directory), SLURM_ACCT="dbd", SLURM_FAKE_GPUS=str(self.fake_gpus),
+            SLURM_DIR=str(self.directory), SLURM_ACCT="dbd", SLURM_NODES=str(self.nodes),
+            SLURM_FAKE_GPUS=str(self.fake_gpus),
             SLURM_PARTITION=self.partition, SLURM_NODE_CPUS=str(self.cpus), SLURM_NODE_MEM_MB=str(self.mem_mb),
         )
 
@@ -206,11 +209,19 @@ def run_uuid(output: str) -> str:
 
 def sacct_records(name: str) -> list[dict[str, str]]:
     """Accounting records of every allocation whose job name is `name` (the plugin's run uuid)."""
-    fields = ["JobIDRaw", "State", "Partition", "AllocTRES", "ExitCode", "Start", "End"]
+    fields = ["JobIDRaw", "State", "Partition", "AllocTRES", "ExitCode", "Start", "End", "NodeList"]
     out = subprocess.run(
         ["sacct", "-X", "-P", "-n", "--name", name, "--starttime", "now-1days", "--endtime", "now",
          "--format", ",".join(fields)], capture_output=True, text=True, check=True,
     ).stdout
+    return [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line.strip()]
+
+
+def sacct_steps(jobid: str) -> list[dict[str, str]]:
+    """The steps of one job (batch, extern, and each srun) with their node counts."""
+    fields = ["JobID", "JobName", "NNodes", "NodeList", "State"]
+    out = subprocess.run(["sacct", "-P", "-n", "-j", jobid, "--format", ",".join(fields)], capture_output=True,
+                         text=True, check=True).stdout
     return [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line.strip()]
 
 

@@ -7,7 +7,11 @@ module stays within a few minutes on 2 cores), each in its own copy of the check
   preempt  stage 1 with more iterations; its running job is `scancel`ed after it saved a state, and the
            profile's retry must resume from that state;
   fail     a dataset that is not a zip: the first job fails (every attempt) and Snakemake must exit
-           non-zero naming the job's log files.
+           non-zero naming the job's log files;
+  multinode  Stage 2 on the cluster's two nodes (two slurmd on this machine) x 1 process: srun starts one
+           torchrun per node, they meet in a c10d rendezvous on the first host and train with gloo; the
+           network must equal the one a plain single process trains (`single`, a local run of the same
+           target without SLURM) at the same batch and batch_gpu.
 The command line changes only the status-check timing (--slurm-init-seconds-before-status-checks 2:
 jobs take seconds here, not hours) and the partition (TCM_SLURM_PARTITION). The ci preset asks for no
 GPUs (it runs on CPUs anywhere), so a config file gives its train/eval rules one GPU each, as the GPU
@@ -26,6 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from slurm_helpers import (
     REPO,
@@ -36,12 +41,14 @@ from slurm_helpers import (
     planned_jobs,
     profile_gpu_rules,
     run_uuid,
+    sacct_steps,
     skip_reason,
     snakemake_cmd,
     submissions,
     submitted_jobids,
     wait_sacct_final,
 )
+from training_helpers import load_weights, make_small_mnist, save_micro_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +58,7 @@ KILL_AFTER = 420  # seconds; Snakemake is SIGKILLed after this (it can hang on a
 TRACKED_RULES = {"pretrain_edm", "stage1", "stage1_continued", "stage2", "stage3", "fid", "dfid", "sample_grid"}
 PREEMPT_ITERATIONS = 30  # stage 1 of the preempt run: long enough to be cancelled after a saved state
 TRAIN_RULES = {"pretrain_edm", "stage1", "stage1_continued", "stage2", "stage3"}
+STAGE2_MAIN = "results/ci/stage2/main/network.safetensors"
 
 
 def _ci_preset() -> dict:
@@ -61,6 +69,17 @@ def _gpu_overrides() -> dict:
     """One GPU per train/eval job unless the ci preset already asks for GPUs."""
     res = _ci_preset()["resources"]
     return {k: {"gpu": 1} for k in ("train", "eval") if not res[k]["gpu"]}
+
+
+def _stage2_alone(stage1: Path, data: Path, nodes: int, gpu: int) -> dict:
+    """The ci preset's main Stage 2 alone: from a given Stage-1 network and data set (no pretraining, no Stage 1,
+    no prepare_dataset), at an explicit
+    batch_gpu: 2 ranks and 1 process then cut the global batch into the same loss calls (tcm_core.global_batch).
+    ema_beta=0 makes the saved network the trained weights themselves; the ablation batch is one the planned
+    ablation points split over 2 ranks (they are checked at the preset's world size too)."""
+    return {"init": {"kind": "path", "path": str(stage1), "provides": "stage1"}, "dataset": {"path": str(data)},
+            "resources": {"train": {"gpu": gpu, "nodes": nodes}},
+            "stage2": {"batch_gpu": 2, "ema_beta": 0, "lr": 1.0e-3}, "ablation": {"batch": 12}}
 
 
 def _write_config(folder: Path, ci: dict) -> Path:
@@ -110,6 +129,34 @@ def test_profile_name_resolves_and_plans_gpu_requests(tmp_path):
                           cwd=work, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "slurm_partition" not in proc.stdout and "slurm_account" not in proc.stdout and "$" not in proc.stdout
+
+
+MULTINODE_LAUNCH = (
+    "srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=32 --kill-on-bad-exit=1 bash -c 'exec torchrun"
+    " --nnodes=$SLURM_NNODES --nproc_per_node=8 --rdzv_backend=c10d"
+    ' --rdzv_endpoint=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):$((29400 + SLURM_JOB_ID % 1000))'
+    """ --rdzv_id=$SLURM_JOB_ID -m "$@"' torchrun-node tcm_core train --mode stage1 """
+)
+
+
+def test_multinode_plan_starts_one_torchrun_per_node(tmp_path):
+    """TCM_SLURM_TRAIN_NODES=2 on cifar10 (8 GPUs per node): each training job asks for 2 nodes, one task per
+    node and 16 GPUs, and its command is one srun over both nodes starting a torchrun of 8 processes on each.
+    Evaluation stays on one node. (Dry run: nothing is submitted.)"""
+    work = copy_workflow(tmp_path / "wf")
+    env = job_env(TCM_SLURM_TRAIN_NODES="2", SLURM_CONF="/nonexistent")
+    proc = subprocess.run(snakemake_cmd("--profile", "slurm", "-n", "-p", "results/cifar10/stage1/network.safetensors",
+                                        "--config", "preset=cifar10", kill_after=120),
+                          cwd=work, env=env, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    resources = {m.group(1): dict(kv.split("=", 1) for kv in m.group(2).split(", "))
+                 for m in re.finditer(r"^rule (\w+):\n(?:.*\n)*?\s+resources: (.*)$", out, re.MULTILINE)}
+    stage1 = resources["stage1"]
+    assert (stage1["nodes"], stage1["gpu"], stage1["tasks"], stage1["tasks_per_gpu"], stage1["mpi"]) == (
+        "2", "16", "2", "0", "srun"), stage1
+    assert resources["reference_stats"]["nodes"] == "1" and "mpi" not in resources["reference_stats"]
+    assert MULTINODE_LAUNCH in out, out[-4000:]
 
 
 def test_workflow_profile_does_not_override_the_slurm_profile():
@@ -170,22 +217,25 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 class Run:
-    """One Snakemake process through profiles/slurm in its own copy of the checkout."""
+    """One Snakemake process through profiles/slurm (or, slurm=False, a plain local run) in its own copy of the
+    checkout."""
 
     def __init__(self, name: str, base: Path, server: MlflowServer, target: str, ci: dict,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), slurm: bool = True) -> None:
         self.name = name
         self.work = copy_workflow(base / name)
         self.experiment = f"tcm-ci-{name}"
         config = _write_config(self.work, ci)
-        self.args = ["--profile", "profiles/slurm", target, "--configfile", str(config), "--config", "preset=ci",
-                     f"tracking_uri={server.uri}", f"experiment={self.experiment}", f"study=ci-{name}",
-                     *STATUS_TIMING, *extra, "--verbose"]
+        common = [target, "--configfile", str(config), "--config", "preset=ci", f"tracking_uri={server.uri}",
+                  f"experiment={self.experiment}", f"study=ci-{name}", *extra]
+        self.args = (["--profile", "profiles/slurm", *common, *STATUS_TIMING, "--verbose"] if slurm
+                     else [*common, "--cores", "1"])
+        env = job_env(TCM_SLURM_PARTITION=PARTITION) if slurm else job_env()
         self.log = self.work / "snakemake-run.log"
         self.started = time.monotonic()
         with open(self.log, "w") as f:
             self.proc = subprocess.Popen(snakemake_cmd(*self.args, kill_after=KILL_AFTER), cwd=self.work,
-                                         env=job_env(TCM_SLURM_PARTITION=PARTITION), stdout=f,
+                                         env=env, stdout=f,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
         self.seconds = None
@@ -244,20 +294,36 @@ def runs(cluster):
     # attempts already show that retries happen and that the run fails with its logs named.
     fail = Run("fail", base, server, "results/ci/pretrain/network.safetensors",
                {"resources": gpu, "dataset": {"path": str(bad_data)}}, extra=("--retries", str(FAIL_RETRIES)))
+    # Stage 2 on 2 nodes x 1 process (one fake GPU each: --gpus=2 --nodes=2), and one plain local process
+    stage1 = save_micro_checkpoint(base / "stage1-micro.safetensors", iteration=10, seed=4)
+    digits = make_small_mnist(base / "mnist16.zip", count=32)
+    multinode = Run("multinode", base, server, STAGE2_MAIN, _stage2_alone(stage1, digits, nodes=2, gpu=1))
+    single = Run("single", base, server, STAGE2_MAIN, _stage2_alone(stage1, digits, nodes=1, gpu=0), slurm=False)
+    every = (main, preempt, fail, multinode, single)
     cancelled: dict = {}
     watcher = threading.Thread(target=_cancel_stage1_after_first_state, args=(preempt, cancelled), daemon=True)
     watcher.start()
     try:
-        codes = {r.name: r.wait() for r in (main, preempt, fail)}
+        codes = _wait_all(every)
     finally:
-        for r in (main, preempt, fail):
+        for r in every:
             r.kill()
     watcher.join(timeout=5)
     total = time.monotonic() - started
-    print(f"\nSLURM workflow runs: {({r.name: round(r.seconds) for r in (main, preempt, fail)})} s, together "
-          f"{total:.0f} s")
-    return {"main": main, "preempt": preempt, "fail": fail, "codes": codes, "cancelled": cancelled,
-            "stage1_start": stage1_start, "server": server}
+    print(f"\nSLURM workflow runs: {({r.name: round(r.seconds) for r in every})} s, together {total:.0f} s")
+    return {"main": main, "preempt": preempt, "fail": fail, "multinode": multinode, "single": single,
+            "codes": codes, "cancelled": cancelled, "stage1_start": stage1_start, "stage1_micro": stage1,
+            "server": server}
+
+
+def _wait_all(runs: tuple[Run, ...]) -> dict[str, int]:
+    """Exit codes, each run's own duration recorded when it ends (each ends by KILL_AFTER: snakemake_cmd)."""
+    while any(r.seconds is None for r in runs):
+        for r in runs:
+            if r.seconds is None and r.proc.poll() is not None:
+                r.seconds = time.monotonic() - r.started
+        time.sleep(0.5)
+    return {r.name: r.wait() for r in runs}
 
 
 def _mlflow_children(server: MlflowServer, experiment: str):
@@ -375,3 +441,44 @@ def test_failing_job_fails_the_run_and_names_its_logs(runs):
     assert re.search(r"SLURM-job '\d+' failed, SLURM status is: 'FAILED'", out), out[-4000:]
     recs = wait_sacct_final(run_uuid(out), FAIL_RETRIES + 1)
     assert [r["State"] for r in recs].count("FAILED") == FAIL_RETRIES + 1, recs
+
+
+def test_two_nodes_train_what_one_process_trains(runs):
+    """Stage 2 as one SLURM job on 2 nodes x 1 process (gloo): one srun step across both nodes starts a
+    torchrun on each; the trained network and the logged losses equal the plain single-process run's within
+    the tolerance of tests/test_ddp.py, and only global rank 0 wrote (one finish line, one metrics row per step)."""
+    run, single = runs["multinode"], runs["single"]
+    assert runs["codes"]["single"] == 0, single.output[-6000:]
+    assert runs["codes"]["multinode"] == 0, run.output[-6000:]
+    out = run.output
+    stage2 = [s.sbatch for s in submissions(out) if s.rule == "stage2"]
+    assert len(stage2) == 1, stage2
+    assert all(f in stage2[0] for f in ("--nodes=2", "--ntasks=2", "--gpus=2")), stage2[0]
+    assert "--ntasks-per-gpu" not in stage2[0], stage2[0]
+    ids = submitted_jobids(out)
+    jobid = next(j for j, log in ids.items() if "/rule_stage2/" in log)
+    rec = next(r for r in wait_sacct_final(run_uuid(out), len(ids)) if r["JobIDRaw"] == jobid)
+    assert rec["State"] == "COMPLETED" and rec["NodeList"] == "localhost,tcmnode2", rec
+    assert "node=2" in rec["AllocTRES"] and "gres/gpu=2" in rec["AllocTRES"], rec
+    steps = [s for s in sacct_steps(jobid) if re.fullmatch(rf"{jobid}\.\d+", s["JobID"])]
+    assert [(s["NNodes"], s["State"]) for s in steps] == [("2", "COMPLETED")], steps  # the launcher's srun
+
+    two, one = run.work / "results/ci/stage2/main", single.work / "results/ci/stage2/main"
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+    assert json.loads((one / "config.json").read_text())["world_size"] == 1
+    initial = load_weights(runs["stage1_micro"])
+    w1, w2 = load_weights(one / "network.safetensors"), load_weights(two / "network.safetensors")
+    assert max((w1[k] - initial[k]).abs().max().item() for k in w1) > 1e-3  # the runs did train
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)
+    m1, m2 = (_jsonl(d / "metrics.jsonl") for d in (one, two))
+    assert [r["step"] for r in m2] == [r["step"] for r in m1] and m2, (m1, m2)
+    for a, b in zip(m1, m2):
+        for key in ("loss", "loss_regular", "loss_boundary", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a, b)
+    log = (run.work / "results/ci/logs/stage2/main.log").read_text()
+    assert log.count("train: stage2 finished") == 1, log[-3000:]
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]

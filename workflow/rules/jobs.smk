@@ -86,21 +86,56 @@ def train_cpus(alone):
     return train["cpus_per_task"] if alone else train.get("parallel_cpus", train["cpus_per_task"])
 
 
+def train_nodes():
+    """Nodes of each training job: TCM_SLURM_TRAIN_NODES when set, else the preset's resources.train.nodes."""
+    try:
+        return presets.train_nodes(P, os.environ.get("TCM_SLURM_TRAIN_NODES"))
+    except ConfigError as error:
+        raise WorkflowError(error.line()) from None
+
+
 def train_resources(alone):
-    cpus = train_cpus(alone)
-    return {
-        "gpu": res("train", "gpu"),
+    """A training job's request. gpu is the job's total (sbatch --gpus): resources.train.gpu on each node;
+    mem_mb and cpus_per_task are per node. Several nodes: one SLURM task per node, and `mpi` makes the
+    SLURM plugin run the rule's shell as it is (the launcher calls srun); tasks_per_gpu=0 stops the
+    plugin from turning `tasks` into --ntasks-per-gpu."""
+    nodes = train_nodes()
+    out = {
+        "gpu": res("train", "gpu") * nodes,
+        "nodes": nodes,
         "mem_mb": res("train", "mem_mb"),
         "runtime": res("train", "runtime"),
-        "cpus_per_task": cpus,
+        "cpus_per_task": train_cpus(alone),
     }
+    if nodes > 1:
+        out.update(tasks=nodes, tasks_per_gpu=0, mpi="srun")
+    return out
+
+
+RDZV_PORT = "$((29400 + SLURM_JOB_ID % 1000))"  # per job: two jobs sharing a first node do not collide
 
 
 def launcher(wildcards, resources):
-    """`torchrun` inside the job when it holds several GPUs, else plain python."""
-    if resources.gpu > 1:
-        return f"torchrun --standalone --nproc_per_node {resources.gpu} -m"
-    return "python -m"
+    """How a training job starts: plain python (one process), `torchrun --standalone` (one node, several
+    GPUs), or, on several nodes, srun starting one torchrun per node that meet in a c10d rendezvous on
+    the job's first host. `"$@"` is the `tcm_core train ...` that TRAIN_SHELL appends."""
+    try:
+        per_node = presets.processes_per_node(resources.gpu, resources.nodes)
+    except ConfigError as error:
+        raise WorkflowError(error.line()) from None
+    if resources.nodes == 1:
+        if resources.gpu > 1:
+            return f"torchrun --standalone --nproc_per_node {resources.gpu} -m"
+        return "python -m"
+    first_host = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
+    torchrun = (
+        f"exec torchrun --nnodes=$SLURM_NNODES --nproc_per_node={per_node} --rdzv_backend=c10d"
+        f' --rdzv_endpoint={first_host}:{RDZV_PORT} --rdzv_id=$SLURM_JOB_ID -m "$@"'
+    )
+    return (
+        f"srun --nodes={resources.nodes} --ntasks-per-node=1 --cpus-per-task={resources.cpus_per_task}"
+        f" --kill-on-bad-exit=1 bash -c {shlex.quote(torchrun)} torchrun-node"
+    )
 
 
 def periodic_eval_on(mode):
