@@ -181,6 +181,16 @@ class ConsistencyLoss:
             return _noised(images, noise, s)
         return self.teacher_step(x_t, t, s, class_labels)
 
+    def graded_pass(self, net: nn.Module, images: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                    class_labels: torch.Tensor | None) -> tuple[torch.Tensor, DropoutMaskRecord, torch.Tensor]:
+        """Draw ε, run the graded pass D_θ(x_t, t) recording its dropout masks, and give the earlier point x_s:
+        (D_θ(x_t, t), the masks, x_s)."""
+        noise = torch.randn_like(images)
+        x_t = _noised(images, noise, t)
+        with record_dropout_masks() as record:
+            d_t = net(x_t, t, class_labels)
+        return d_t, record, self.earlier_point(images, noise, x_t, t, s, class_labels)
+
     def per_sample(self, d_t: torch.Tensor, d_s: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """ω(t)/Δt-style weight times the pseudo-Huber distance, per sample (float64, like t and s)."""
         return loss_weight(self.weighting, t, t - s, self.sigma_data) * pseudo_huber(d_t, d_s, self.c)
@@ -192,11 +202,7 @@ class ConsistencyLoss:
         batch = images.shape[0]
         t = self.time_dist.sample(batch, device=images.device)
         s = earlier_time(t, ratio)
-        noise = torch.randn_like(images)
-        x_t = _noised(images, noise, t)
-        with record_dropout_masks() as record:
-            d_t = net(x_t, t, class_labels)
-        x_s = self.earlier_point(images, noise, x_t, t, s, class_labels)
+        d_t, record, x_s = self.graded_pass(net, images, t, s, class_labels)
         d_s = _target_pass(net, record, slice(0, batch), x_s, s, class_labels)
         loss = self.per_sample(d_t, d_s, t, s).mean()
         return LossOutput(loss=loss, regular=loss.detach(), boundary=None)
@@ -300,11 +306,7 @@ class TruncatedConsistencyLoss(ConsistencyLoss):
         is_boundary = plan.is_boundary.to(device)
         t = torch.where(is_boundary, torch.full_like(t, self.t_prime), t)
         s = earlier_time(t, ratio)
-        noise = torch.randn_like(images)
-        x_t = _noised(images, noise, t)
-        with record_dropout_masks() as record:
-            d_t = net(x_t, t, class_labels)
-        x_s = self.earlier_point(images, noise, x_t, t, s, class_labels)
+        d_t, record, x_s = self.graded_pass(net, images, t, s, class_labels)
         per_sample = self.per_sample(d_t, self.targets(net, record, x_s, s, class_labels), t, s)
         in_boundary = is_boundary.to(per_sample.dtype)
         regular = (per_sample * (1.0 - in_boundary)).sum() / (batch * (1.0 - plan.fraction))
