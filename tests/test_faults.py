@@ -185,7 +185,7 @@ def _storage_cases(world) -> dict[str, dict]:
 
 
 def _mlflow_store(folder: Path) -> tuple[Path, Path]:
-    from tcm_core.tracking import init_study
+    from tcm_core.mlflow_store import init_study
 
     folder.mkdir(parents=True)
     db = folder / "mlflow.db"
