@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train-feature-net": ("tcm_core.features", "train_feature_net", "train the LeNet FID feature network"),
     "reference-stats": ("tcm_core.evaluation", "reference_stats", "compute FID reference statistics"),
     "evaluate": ("tcm_core.evaluation", "evaluate", "FID, dFID sweeps and sample grids"),
-    "mlflow-init": ("tcm_core.tracking", "mlflow_init", "create the MLflow experiment and study parent run"),
+    "mlflow-init": ("tcm_core.mlflow_store", "mlflow_init", "create the MLflow experiment and study parent run"),
     "tables": ("tcm_core.report.cli", "tables", "build the paper tables, figures and claims check"),
     "gpu-check": ("tcm_core.gpucheck", "gpucheck", "check every CUDA path on synthetic data (--dry-run on CPU)"),
     "check-config": ("tcm_core.presets", "check_config", "check config.yaml and --configfile overlays (file, line)"),

@@ -219,8 +219,6 @@ def _open_tracker(args: argparse.Namespace, out: Path):
         return None
     from tcm_core import tracking
 
-    if not hasattr(tracking, "open_tracker"):
-        return None
     tags = {"tcm.stage": "eval"}
     if args.target_run_key:
         tags["tcm.target_run_key"] = args.target_run_key
@@ -230,9 +228,9 @@ def _open_tracker(args: argparse.Namespace, out: Path):
 
 
 def compared_params(meta: dict[str, Any]) -> dict[str, Any]:
-    """The evaluated network's ``tracking.COMPARED_PARAMS`` (mode, t_prime, ..., seed, init) from its provenance,
+    """The evaluated network's ``mlflow_store.COMPARED_PARAMS`` (mode, t_prime, ..., seed, init) from its provenance,
     so an evaluation run carries them under the names and values of the training run; none for a foreign file."""
-    from tcm_core.tracking import COMPARED_PARAMS
+    from tcm_core.mlflow_store import COMPARED_PARAMS
 
     provenance = meta.get("provenance") or {}
     config = provenance.get("config") if isinstance(provenance.get("config"), dict) else {}
@@ -268,7 +266,7 @@ def _track(args: argparse.Namespace, out: Path, params: dict, values: dict[str, 
         raise
     tracker.close("FINISHED")
     if values and args.mlflow_uri and args.mlflow_parent and args.target_run_key:
-        from tcm_core.tracking import log_on_run
+        from tcm_core.mlflow_store import log_on_run
 
         written = int(os.stat(args.ckpt).st_mtime * 1000)  # the same for every evaluation of this checkpoint
         log_on_run(args.mlflow_uri, args.mlflow_parent, args.target_run_key, values, step, written)

@@ -217,6 +217,23 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
 
 def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
     """Raise ValueError naming the first invalid key and its allowed values (cheap: runs before any compute)."""
+    _check_choices_and_finite(cfg)
+    _check_optimiser(cfg)
+    _check_noise_and_time(cfg)
+    _check_numerics(cfg)
+    _check_observability(cfg)
+    if mode in TRUNCATED_MODES:
+        _check_truncation(cfg)
+    validate_method(cfg, mode)
+    if mode == "pretrain" and cfg.arch is not None:
+        _require(isinstance(cfg.arch, dict), "arch", "a mapping", cfg.arch)
+    if mode in CONSISTENCY_MODES:
+        check_time_distribution(cfg, mode)
+    batch_split(cfg, mode, world_size)
+
+
+def _check_choices_and_finite(cfg: TrainConfig) -> None:
+    """Each key with a fixed set of values holds one of them; every float but p_mean and student_mu is finite."""
     for key, allowed in CHOICES.items():
         value = getattr(cfg, key)
         if value is not None or key not in NULLABLE_CHOICES:
@@ -225,6 +242,10 @@ def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
         value = getattr(cfg, key)
         if isinstance(value, float) and key not in ("p_mean", "student_mu"):
             _require(math.isfinite(value), key, "finite", value)
+
+
+def _check_optimiser(cfg: TrainConfig) -> None:
+    """Run length, batch, Adam, learning-rate schedule and EMA."""
     _require(cfg.iterations >= 0, "iterations", ">= 0", cfg.iterations)
     _require(1 <= cfg.batch <= MAX_BATCH, "batch", f"in [1, {MAX_BATCH}]", cfg.batch)
     _require(cfg.lr > 0, "lr", "> 0", cfg.lr)
@@ -235,6 +256,10 @@ def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
     _require(cfg.lr_rampup_iters >= 0, "lr_rampup_iters", ">= 0 (0 = none)", cfg.lr_rampup_iters)
     _require(0 <= cfg.ema_beta < 1, "ema_beta", "in [0, 1)", cfg.ema_beta)
     _require(cfg.ema_gamma > 0, "ema_gamma", "> 0", cfg.ema_gamma)
+
+
+def _check_noise_and_time(cfg: TrainConfig) -> None:
+    """The noise levels, the training-time distributions and the consistency schedule (q, ratio_limit, c)."""
     _require(math.isfinite(cfg.p_mean), "p_mean", "finite", cfg.p_mean)
     _require(cfg.p_std > 0, "p_std", "> 0", cfg.p_std)
     _require(cfg.t_min > 0, "t_min", "> 0", cfg.t_min)
@@ -248,12 +273,20 @@ def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
     _require(cfg.double_iters >= 1, "double_iters", ">= 1", cfg.double_iters)
     _require(0 <= cfg.c <= FLOAT32_SQUARE_LIMIT, "c", f"in [0, {FLOAT32_SQUARE_LIMIT:g}] (c² overflows float32 above)",
              cfg.c)
+
+
+def _check_numerics(cfg: TrainConfig) -> None:
+    """Dropout, gradient clipping, loss scaling and the non-finite-step guard."""
     _require(cfg.dropout is None or 0 <= cfg.dropout < 1, "dropout", "in [0, 1) or null", cfg.dropout)
     _require(cfg.grad_clip is None or cfg.grad_clip > 0, "grad_clip", "> 0 or null", cfg.grad_clip)
     _require(cfg.loss_scale > 0, "loss_scale", "> 0", cfg.loss_scale)
     _require(cfg.loss_scale_growth >= 1, "loss_scale_growth", ">= 1", cfg.loss_scale_growth)
     _require(cfg.nonfinite_patience >= 1, "nonfinite_patience", ">= 1", cfg.nonfinite_patience)
     _require(0 <= cfg.nonfinite_max_share < 1, "nonfinite_max_share", "in [0, 1)", cfg.nonfinite_max_share)
+
+
+def _check_observability(cfg: TrainConfig) -> None:
+    """Logging, state files, periodic evaluation and sample grids."""
     _require(cfg.log_every >= 1, "log_every", ">= 1", cfg.log_every)
     _require(cfg.state_every >= 1, "state_every", ">= 1", cfg.state_every)
     _require(cfg.eval_every >= 0, "eval_every", ">= 0 (0 = off)", cfg.eval_every)
@@ -265,19 +298,16 @@ def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
     _require(cfg.eval_mid_t is None or cfg.t_min < cfg.eval_mid_t < cfg.t_max, "eval_mid_t",
              f"in (t_min, t_max) = ({cfg.t_min}, {cfg.t_max}) or null", cfg.eval_mid_t)
     _require(all(t > 0 for t in cfg.eval_dfid_ts), "eval_dfid_ts", "a list of times > 0", cfg.eval_dfid_ts)
-    if mode in TRUNCATED_MODES:
-        _require(cfg.t_min < cfg.t_prime < cfg.t_max, "t_prime", f"in (t_min, t_max) = ({cfg.t_min}, {cfg.t_max})",
-                 cfg.t_prime)
-        _require(0 < cfg.rho < 1, "rho", "in (0, 1)", cfg.rho)
-        _require(math.floor(cfg.batch * cfg.rho) >= 1, "rho", f"such that floor(batch * rho) >= 1 boundary sample "
-                 f"per global batch (batch {cfg.batch}: rho >= {1 / cfg.batch:.6g})", cfg.rho)
-        _require(cfg.w_b >= 0, "w_b", ">= 0", cfg.w_b)
-    validate_method(cfg, mode)
-    if mode == "pretrain" and cfg.arch is not None:
-        _require(isinstance(cfg.arch, dict), "arch", "a mapping", cfg.arch)
-    if mode in CONSISTENCY_MODES:
-        check_time_distribution(cfg, mode)
-    batch_split(cfg, mode, world_size)
+
+
+def _check_truncation(cfg: TrainConfig) -> None:
+    """The truncation point t', the boundary share rho and the boundary weight w_b of a truncated mode."""
+    _require(cfg.t_min < cfg.t_prime < cfg.t_max, "t_prime", f"in (t_min, t_max) = ({cfg.t_min}, {cfg.t_max})",
+             cfg.t_prime)
+    _require(0 < cfg.rho < 1, "rho", "in (0, 1)", cfg.rho)
+    _require(math.floor(cfg.batch * cfg.rho) >= 1, "rho", f"such that floor(batch * rho) >= 1 boundary sample "
+             f"per global batch (batch {cfg.batch}: rho >= {1 / cfg.batch:.6g})", cfg.rho)
+    _require(cfg.w_b >= 0, "w_b", ">= 0", cfg.w_b)
 
 
 def build_time_distribution(cfg: TrainConfig, lower: float) -> Any:

@@ -5,7 +5,7 @@ the EMA network (``network.safetensors`` + ``.json``) and, for Stage 1, its fina
 Metric names (step = global iteration): ``loss``, ``loss_regular``, ``loss_boundary`` (Stage 2/3), ``grad_norm``
 (means over the log window), and the last step's ``lr`` (as applied), ``ratio`` (curriculum), ``ema_beta``,
 ``nonfinite_skipped``; periodic evaluation ``periodic/fid_1step``, ``periodic/fid_2step``, ``periodic/dfid_t{t:g}``
-(``tracking.PERIODIC_PREFIX``: a cheaper measurement than the evaluation jobs', whose ``fid_1step`` ... the
+(``mlflow_store.PERIODIC_PREFIX``: a cheaper measurement than the evaluation jobs', whose ``fid_1step`` ... the
 evaluation jobs log on the same run, see ``evaluation``; one metric history never mixes two setups).
 
 When the periodic evaluation runs (:func:`evaluation_iterations`): with ``eval_points`` = P > 0 at P iterations
@@ -27,8 +27,8 @@ import torch
 
 from tcm_core.atomic import write_text_atomic
 from tcm_core.errors import NonFiniteTrainingError
+from tcm_core.mlflow_store import PERIODIC_PREFIX
 from tcm_core.progress import format_duration
-from tcm_core.tracking import PERIODIC_PREFIX
 from tcm_core.train_config import CONSISTENCY_MODES
 from tcm_core.train_setup import Run
 from tcm_core.train_state import save_final_state, save_state, state_of, tensors_finite

@@ -17,7 +17,7 @@ from tcm_core.networks import arch_preset
 
 LABEL = "FID (LeNet features, 5k, min of 3)"  # as evaluation.fid_label writes it
 PERIODIC_LABEL = "FID (LeNet features, 256)"  # the periodic evaluation's (config.json: eval_label)
-PERIODIC = "periodic/"  # tracking.PERIODIC_PREFIX
+PERIODIC = "periodic/"  # mlflow_store.PERIODIC_PREFIX
 DFID_TS = (0.2, 0.5, 2.0, 4.0, 80.0)
 BASELINE = {"t_prime": 1.0, "rho": 0.25, "w_b": 0.1, "student_sigma": 0.2, "student_nu": 0.01}
 CD = {"method": "cd", "ode_solver": "heun", "guidance": 1.5}

@@ -143,14 +143,14 @@ def _storage_cases(world) -> dict[str, dict]:
     cases["read-only MLflow database"].update(
         args=_train(world, folder / "run", folder / "state") + ["--mlflow-uri", f"sqlite:///{db}", "--mlflow-parent",
                                                                  str(parent), "--run-key", "stage1:faults"],
-        names=db, intact=[db], read_only=[db])
+        names=db, intact=[db], read_only=[db], lock=True)  # init_study above left the store's lock file
 
     folder = case("mlflow-init on a read-only database", fragment="readonly database", drop_dac=True)
     db, _ = _mlflow_store(folder / "ml")
     cases["mlflow-init on a read-only database"].update(
         args=["mlflow-init", "--tracking-uri", f"sqlite:///{db}", "--experiment", "tcm-faults", "--study", "another",
               "--out", str(folder / "out" / "mlflow.json")], names=db, intact=[db], read_only=[db],
-        lock=True)  # mlflow-init's lock file stays by design (a concurrent init waits on it)
+        lock=True)  # the store's lock file (mlflow_store.store_lock) stays by design: a concurrent init waits on it
 
     folder = case("evaluate grid into a read-only folder", fragment="permission denied", drop_dac=True)
     (folder / "out").mkdir()
@@ -185,7 +185,7 @@ def _storage_cases(world) -> dict[str, dict]:
 
 
 def _mlflow_store(folder: Path) -> tuple[Path, Path]:
-    from tcm_core.tracking import init_study
+    from tcm_core.mlflow_store import init_study
 
     folder.mkdir(parents=True)
     db = folder / "mlflow.db"
@@ -241,7 +241,7 @@ def test_storage_refusal_is_one_line_exit_5_and_loses_nothing(storage_runs, name
     for path in spec["intact"]:
         assert _digest(path) == before[name][str(path)], f"{path} changed"
     checked = spec.get("after", spec["folder"])
-    left = [p for p in fh.leftovers(checked) if not (spec.get("lock") and p.endswith("mlflow.json.lock"))]
+    left = [p for p in fh.leftovers(checked) if not (spec.get("lock") and p.endswith("mlflow.db.lock"))]
     assert left == [] and not list(checked.rglob("network.safetensors")), sorted(checked.rglob("*"))
     for path in spec["intact"]:
         if path.is_dir() and list_states(path):

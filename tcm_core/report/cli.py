@@ -150,7 +150,7 @@ def run_tables(args: argparse.Namespace) -> int:
     )
     print(format_summary(report, time.perf_counter() - start), flush=True)
     if args.mlflow_parent and args.tracking_uri and args.tracking_uri.lower() != "none":
-        from tcm_core.tracking import log_on_parent
+        from tcm_core.mlflow_store import log_on_parent
 
         parent = log_on_parent(args.tracking_uri, args.mlflow_parent, report.files)
         print(f"  MLflow: {len(report.files)} files logged as artifacts of the study's parent run {parent}", flush=True)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from tcm_core.mlflow_store import PERIODIC_PREFIX, sqlite_path
 from tcm_core.report.results import TRAIN_STAGES, Evaluation, TrainingRun, dfid_t, full_label
 from tcm_core.report.values import as_float
-from tcm_core.tracking import PERIODIC_PREFIX
 
 # The metrics the report reads (their MLflow histories are fetched; dfid_t* and the periodic ones as well).
 REPORTED_METRICS = ("fid_1step", "fid_2step", "grad_norm", "loss")
@@ -35,7 +34,7 @@ class MlflowRow:
 
 def load_mlflow(uri: str, preset: str) -> tuple[list[TrainingRun], list[Evaluation], list[str]]:
     """Runs tagged ``tcm.preset = preset`` (the newest run per ``tcm.run_key``), with full metric histories."""
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None and not db.exists():
         return [], [], [f"no MLflow store at {db}: tables use the result files only"]
     client, rows = _search_preset(uri, preset)
@@ -60,10 +59,6 @@ def load_mlflow(uri: str, preset: str) -> tuple[list[TrainingRun], list[Evaluati
     if not superseded:
         return runs, evaluations, []
     return runs, evaluations, [f"MLflow: {superseded} older run(s) with a repeated tcm.run_key ignored (newest kept)"]
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
 def _search_preset(uri: str, preset: str) -> tuple[Any, list[MlflowRow]]:
