@@ -37,17 +37,17 @@ class Mutant:
 
 
 MUTANTS = [
-    Mutant("sigma-nu-swapped", "tcm_core/train_setup.py", "sigma=cfg.student_sigma, nu=cfg.student_nu",
+    Mutant("sigma-nu-swapped", "tcm_core/train_config.py", "sigma=cfg.student_sigma, nu=cfg.student_nu",
            "sigma=cfg.student_nu, nu=cfg.student_sigma"),
-    Mutant("mu-dropped", "tcm_core/train_setup.py", "mu=cfg.student_mu,", "mu=0.0,"),
-    Mutant("t-max-hard-coded", "tcm_core/train_setup.py", "                                    t_max=cfg.t_max)",
+    Mutant("mu-dropped", "tcm_core/train_config.py", "mu=cfg.student_mu,", "mu=0.0,"),
+    Mutant("t-max-hard-coded", "tcm_core/train_config.py", "                                    t_max=cfg.t_max)",
            "                                    t_max=80.0)"),
     Mutant("psi-lower-bound-off-t-prime", "tcm_core/train_setup.py",
            "time_dist=build_time_distribution(cfg, cfg.t_prime)",
            "time_dist=build_time_distribution(cfg, cfg.t_prime + 0.1)"),
     Mutant("stage1-t-min-hard-coded", "tcm_core/train_setup.py", "time_dist=build_time_distribution(cfg, cfg.t_min)",
            "time_dist=build_time_distribution(cfg, 0.002)"),
-    Mutant("p-mean-shifted", "tcm_core/train_setup.py", "mean=cfg.p_mean, std=cfg.p_std",
+    Mutant("p-mean-shifted", "tcm_core/train_config.py", "mean=cfg.p_mean, std=cfg.p_std",
            "mean=cfg.p_mean + 0.5, std=cfg.p_std"),
     Mutant("c-ignored", "tcm_core/train_setup.py", "common = dict(c=cfg.c,", "common = dict(c=0.0,"),
     Mutant("weighting-ignored", "tcm_core/train_setup.py", "weighting=cfg.weighting, sigma_data",
