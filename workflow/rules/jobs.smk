@@ -112,7 +112,8 @@ def train_resources(alone):
     return out
 
 
-RDZV_PORT = "$((29400 + SLURM_JOB_ID % 1000))"  # per job: two jobs sharing a first node do not collide
+# per job: two jobs sharing a first node do not collide
+RDZV_PORT = "$((29400 + SLURM_JOB_ID % 1000))"
 
 
 def launcher(wildcards, resources):
