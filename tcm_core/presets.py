@@ -20,9 +20,10 @@ Resolution of a mode's keys from ``presets[P]`` (see docs/ARCHITECTURE.md "confi
   init file, ``{kind: checkpoint, name | url, sha256}`` fetched like the init, ``{kind: path, path}``).
 
 Training seeds: ``training_seeds: {all: K0, paper_tables: K}`` gives the claim-bearing arms (the control and the
-main Stage 2, both from the one Stage-1 run, and :func:`seeded_ablation_points`) K independent training seeds for
-the target ``paper_tables`` (K0 for ``all``). Seed j > 0 of run folder R is the folder ``R/seed~j``; seed 0 is R
-itself (the run of ``all``).
+main Stage 2, both from the one Stage-1 run, :func:`seeded_ablation_points`, and the distillation arm's control and
+Stage 2 (:data:`DISTILL_SEEDED_MODES`), both from the one CD Stage-1 run) K independent training seeds for the
+target ``paper_tables`` (K0 for ``all`` and ``all_distillation``). Seed j > 0 of run folder R is the folder
+``R/seed~j``; seed 0 is R itself (the run of ``all``).
 
 A flat YAML (no ``presets``) is taken as the TrainConfig keys directly.
 
@@ -51,6 +52,7 @@ SEED_FOLDER = "seed~"  # training seed j > 0 of run folder R lives in R/seed~j
 EXPLODING_W_B = 0.01  # claim S3 (paper Sec. 4.4): the boundary-loss weight at which the FID explodes
 ABLATION_FACTORS = ("t_prime", "rho", "w_b", "student_sigma", "student_nu")  # the Stage-2 keys the grids vary
 DISTILL_MODES = ("stage1", "stage1_continued", "stage2")  # the distillation arm's training jobs
+DISTILL_SEEDED_MODES = ("stage1_continued", "stage2")  # claim S5's arms: seeded, both from the one CD Stage 1
 ARMS = ("main", "distill")
 MAX_PARAMETERS = 4_000_000_000  # refuse architectures beyond this (EDM2-XL has 1.12e9): a typo, not a model
 MAX_TENSORS = 4_000  # ... or with more tensors than this (DDPM++ has 424, EDM2-XL 200)

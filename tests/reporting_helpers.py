@@ -36,7 +36,7 @@ class Scenario:
     skip_stages: tuple[str, ...] = ()  # main-grid stages with no run at all
     ablations: bool = True
     histories: bool = True  # periodic evaluation during training (config eval.points > 0)
-    seeds: int = 3  # training seeds of the claim-bearing arms (seed j > 0 in <run>/seed~j)
+    seeds: int = 3  # training seeds of the claim-bearing arms, the CD control and CD Stage 2 included (<run>/seed~j)
     distill: dict[str, float] = field(default_factory=lambda: DISTILL_FIDS)  # the CD arm's final 1-step FIDs
 
 
@@ -112,7 +112,8 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
                ("stage2", dict(BASELINE), 400, 800, 45.0)]
     for stage, params, start, end, first in distill:
         if stage in scenario.distill:
-            add(f"distill/{stage}", stage, "distill", {**params, **CD}, start, end, first, scenario.distill[stage])
+            add(f"distill/{stage}", stage, "distill", {**params, **CD}, start, end, first, scenario.distill[stage],
+                seeded=stage != "stage1")
     if scenario.ablations:
         grid: list[tuple[dict, float]] = [({**BASELINE, "t_prime": t}, f) for t, f in scenario.tprime_fids.items()]
         grid += [({**BASELINE, "rho": rho}, 26.0 + rho) for rho in (0.1, 0.5)]

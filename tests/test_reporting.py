@@ -168,19 +168,44 @@ def test_table5_shows_the_cd_arm_beside_the_papers_mscoco_numbers_without_a_delt
     assert not any("Δ" in cell for cell in header)
     s1 = _row(md, "Stage 1 (consistency distillation)", "1")
     s2 = _row(md, "TCM Stage 2 (consistency distillation)", "1")
-    assert s1[2:7] == [f"{DISTILL_FIDS['stage1']:.2f}", FULL_LABEL, "1.5", "heun", "18.32"]
-    assert s2[2:7] == [f"{DISTILL_FIDS['stage2']:.2f}", FULL_LABEL, "1.5", "heun", "16.07"]
-    assert _row(md, "TCM Stage 2 (consistency distillation)", "2")[2] == f"{DISTILL_FIDS['stage2'] * 0.8:.2f}"
-    assert _row(md, "Stage 1 continued (CD control)", "1")[2:7:4] == [f"{DISTILL_FIDS['stage1_continued']:.2f}",
-                                                                     MISSING]
+    control = _row(md, "Stage 1 continued (CD control)", "1")
+    # Stage 1 is one run; the control and Stage 2 show the mean over 3 training seeds (seed j: +0.2 j / -0.1 j)
+    assert s1[2:9] == [f"{DISTILL_FIDS['stage1']:.2f}", "1", MISSING, FULL_LABEL, "1.5", "heun", "18.32"]
+    s2_seeds, control_seeds = [38.0, 38.2, 38.4], [43.0, 42.9, 42.8]
+    assert s2[2:9] == [f"{sum(s2_seeds) / 3:.2f}", "3", "seed 0: 38.00; seed 1: 38.20; seed 2: 38.40", FULL_LABEL,
+                       "1.5", "heun", "16.07"]
+    assert control[2:5] == [f"{sum(control_seeds) / 3:.2f}", "3", "seed 0: 43.00; seed 1: 42.90; seed 2: 42.80"]
+    assert control[8] == MISSING
+    assert _row(md, "TCM Stage 2 (consistency distillation)", "2")[2:5] == [f"{DISTILL_FIDS['stage2'] * 0.8:.2f}",
+                                                                           "1", MISSING]  # seed 0's 2-step FID
+    # the paired difference Stage 2 − control: d = -5.0, -4.7, -4.4, mean -4.7 ± t(0.975, 2) 4.303 x 0.3 / √3
+    diff = _row(md, "TCM Stage 2 − CD control (paired by seed, claim S5)", "1")
+    assert diff[2:5] == ["-4.7 [-5.45, -3.95]", "3", "seed 0: -5.00; seed 1: -4.70; seed 2: -4.40"]
+    assert "over 3 training seed(s): -4.7 [-5.45, -3.95]" in md and "verdict: **holds**" in md
+    s5 = next(c for c in full.report.claims if c.cid == "S5")
+    assert (s5.interval, s5.verdict, s5.seeds) == (diff[2], "holds", 3)  # the same numbers as claim S5
     assert "A different data set, teacher and metric" in md and "MSCOCO" in md
-    assert "ours 45.00 → 38.00; paper 18.32 → 16.07" in md
+    assert "ours 45.00 → 38.20; paper 18.32 → 16.07" in md
     # the CT tables never show the distillation arm's numbers
     for name in ("table1_cifar10", "table4_stages"):
         text = (full.out / "tables" / f"{name}.md").read_text()
         assert not any(f"{v:.2f}" in text for v in DISTILL_FIDS.values()), name
     csv5 = _csv(full.out / "tables" / "table5_distillation.csv")
-    assert [r["FID (paper, MSCOCO)"] for r in csv5] == ["18.32", MISSING, MISSING, MISSING, "16.07", MISSING]
+    assert [r["FID (paper, MSCOCO)"] for r in csv5] == ["18.32", MISSING, MISSING, MISSING, "16.07", MISSING, MISSING]
+    assert [r["training seeds"] for r in csv5] == ["1", "1", "3", "1", "3", "1", "3"]
+
+
+def test_table5_and_claim_s5_with_one_training_seed_are_inconclusive(tmp_path):
+    results = tmp_path / "results" / "tiny"
+    build_synthetic(results, scenario=Scenario(seeds=1, ablations=False))
+    report = build_report("tiny", results, tmp_path / "out", tracking_uri=None, figures=False)
+    s5 = next(c for c in report.claims if c.cid == "S5")
+    assert (s5.verdict, s5.seeds, s5.interval) == ("inconclusive", 1, "-5 (1 seed, no interval)")
+    assert s5.measured == "seed 0: 38 vs 43" and "Table 5" in s5.paper and "MSCOCO" in s5.paper
+    md = (tmp_path / "out" / "tables" / "table5_distillation.md").read_text()
+    assert _row(md, "TCM Stage 2 (consistency distillation)", "1")[2:5] == ["38.00", "1", "seed 0: 38.00"]
+    diff = _row(md, "TCM Stage 2 − CD control (paired by seed, claim S5)", "1")
+    assert diff[2:4] == ["-5 (1 seed, no interval)", "1"] and "verdict: **inconclusive**" in md
 
 
 def test_table5_without_a_distillation_arm_says_so(tmp_path):
@@ -189,12 +214,14 @@ def test_table5_without_a_distillation_arm_says_so(tmp_path):
     build_report("tiny", results, tmp_path / "out", tracking_uri=None, figures=False)
     md = (tmp_path / "out" / "tables" / "table5_distillation.md").read_text()
     assert _row(md, "Stage 1 (consistency distillation)", "1")[2] == MISSING
-    assert "has no distillation run yet" in md
+    assert _row(md, "TCM Stage 2 − CD control (paired by seed, claim S5)", "1")[2:4] == [MISSING, MISSING]
+    assert "has no distillation run yet" in md and "verdict: **not measured**" in md
 
 
 def test_missing_runs_show_a_dash_and_no_invented_number(tmp_path):
     results = tmp_path / "results" / "tiny"
-    build_synthetic(results, scenario=Scenario(skip_stages=("stage2", "stage3"), ablations=False))
+    no_cd_stage2 = {k: v for k, v in DISTILL_FIDS.items() if k != "stage2"}
+    build_synthetic(results, scenario=Scenario(skip_stages=("stage2", "stage3"), ablations=False, distill=no_cd_stage2))
     report = build_report("tiny", results, tmp_path / "out", tracking_uri=None)
     md = (tmp_path / "out" / "tables" / "table1_cifar10.md").read_text()
     for nfe in ("1", "2"):
@@ -202,7 +229,10 @@ def test_missing_runs_show_a_dash_and_no_invented_number(tmp_path):
         assert row[2] == MISSING and row[4] == MISSING and row[6] == MISSING and row[8] == MISSING
     md3 = (tmp_path / "out" / "tables" / "table3_tprime.md").read_text()
     assert all(r[1] == MISSING for r in _rows(md3)[2:])
-    assert {c.cid: c.verdict for c in report.claims} == {f"S{i}": "not measured" for i in range(1, 5)}
+    assert {c.cid: c.verdict for c in report.claims} == {f"S{i}": "not measured" for i in range(1, 6)}
+    md5 = (tmp_path / "out" / "tables" / "table5_distillation.md").read_text()
+    assert _row(md5, "TCM Stage 2 (consistency distillation)", "1")[2:5] == [MISSING] * 3
+    assert _row(md5, "Stage 1 continued (CD control)", "1")[2:5] == ["43.00", "1", MISSING]  # seed 0, unpaired
     assert {"fig4b_fid_sigma_nu", "fig4c_fid_rho_wb"} <= set(report.empty_figures)
     assert "fig1b_fid_stages" not in report.empty_figures  # Stage 1 curves are still there
 
@@ -262,7 +292,7 @@ def test_figures_without_data_say_so_and_are_still_pngs(tmp_path):
 
 def test_claims_hold_on_the_default_scenario(full):
     verdicts = {c.cid: c.verdict for c in full.report.claims}
-    assert verdicts == {"S1": "holds", "S2": "holds", "S3": "holds", "S4": "holds"}
+    assert verdicts == {"S1": "holds", "S2": "holds", "S3": "holds", "S4": "holds", "S5": "holds"}
     md = (full.out / "tables" / "claims.md").read_text()
     assert "ratio 3.60" in _row(md, "S3")[4]
     assert "> 2x the FID" in _row(md, "S3")[2]  # "explodes" is defined in the table itself
@@ -271,6 +301,7 @@ def test_claims_hold_on_the_default_scenario(full):
 def test_claims_that_do_not_hold_are_reported(tmp_path):
     scenario = Scenario(
         stage2_final=35.0,  # worse than Stage 1 continued (30)
+        distill={"stage1": 45.0, "stage1_continued": 40.0, "stage2": 41.0},  # CD Stage 2 worse than its control
         wb001_final=45.0,  # 1.8x the centre (25): not "> 2x", so no explosion
         tprime_fids={0.5: 22.0, 1.0: 25.0, 2.0: 27.0},  # t' = 0.5 best
         dfid_below_rises=False,
@@ -279,7 +310,7 @@ def test_claims_that_do_not_hold_are_reported(tmp_path):
     build_synthetic(results, scenario=scenario)
     report = build_report("tiny", results, tmp_path / "out", tracking_uri=None, figures=False)
     verdicts = {c.cid: c.verdict for c in report.claims}
-    assert verdicts == {f"S{i}": "does not hold" for i in range(1, 5)}
+    assert verdicts == {f"S{i}": "does not hold" for i in range(1, 6)}
     rows = {r["claim"]: r for r in _csv(tmp_path / "out" / "tables" / "claims.csv")}
     assert rows["S4"]["verdict"] == "does not hold" and "best t' = 0.5" in rows["S4"]["measured"]
     assert "ratio 1.80" in rows["S3"]["measured"]
@@ -420,8 +451,8 @@ def test_ci_paper_tables_builds_every_file_and_the_report(ci_workdir):
     assert _row(md3, "t' = 0.17")[1] == MISSING  # in the paper, not in this grid
     assert float(_row((out / "tables" / "table4_stages.md").read_text(), "Stage 3")[1]) > 0
     claims = {r["claim"]: r for r in _csv(out / "tables" / "claims.csv")}
-    assert set(claims) == {"S1", "S2", "S3", "S4"}
-    for row in claims.values():  # every claim measured on ci's 2 training seeds, with its interval
+    assert set(claims) == {"S1", "S2", "S3", "S4", "S5"}
+    for row in claims.values():  # every claim (S5: the distillation arm) measured on ci's 2 training seeds
         assert row["verdict"] in ("holds", "does not hold", "inconclusive") and row["seeds"] == "2", row
         assert "seed 0: " in row["measured"] and "seed 1: " in row["measured"] and "[" in row[_CI_COLUMN], row
     for run in ("stage1", "stage1_continued", "stage2/main", "stage2/main/seed~1"):  # ci: 3 periodic points

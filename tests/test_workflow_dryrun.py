@@ -76,11 +76,28 @@ def test_planned_jobs(workdir, preset, target):
 
 
 def test_paper_tables_trains_three_seeds_of_the_claim_bearing_arms(workdir):
-    """tiny's training_seeds {all: 1, paper_tables: 3}: the control and the main Stage 2 (both from the one Stage 1)
-    and the 5 ablation cells the claims read (centre, 3 other t', w_b = 0.01) get seeds 1 and 2 in R/seed~j."""
+    """tiny's training_seeds {all: 1, paper_tables: 3}: the control and the main Stage 2 (both from the one Stage 1),
+    the 5 ablation cells the claims read (centre, 3 other t', w_b = 0.01), and the CD control and CD Stage 2 (both
+    from the one CD Stage 1, claim S5) get seeds 1 and 2 in R/seed~j."""
     out = snakemake(workdir, "-n", "-p", "--", "paper_tables", check=True).stdout
     counts = job_counts(out)
     assert (counts["stage1"], counts["stage1_continued"], counts["stage2"]) == (1, 1 + 2, 15 + 2 * (1 + 5))
+    assert (counts["cd_stage1"], counts["cd_stage1_continued"], counts["cd_stage2"]) == (1, 1 + 2, 1 + 2)
+    # 1- and 2-step FIDs of every run of all_ablations and all_distillation, and the 1-step FID of each extra seed
+    # (2 x (2 CT arms + 5 ablation cells + 2 CD arms)): 36 + 6 + 18
+    assert counts["fid"] == ABLATIONS["fid"] + DISTILL["fid"] + 2 * (2 + 5 + 2)
+    d = "results/tiny/distill"
+    for j in (1, 2):
+        for stage, rule in (("stage1_continued", "cd_stage1_continued"), ("stage2", "cd_stage2")):
+            line = next(x for x in out.splitlines() if f"--out {d}/{stage}/seed~{j} " in x)
+            assert f" seed={101 + j} " in line and " method=cd " in line and f'"tcm.rule": "{rule}"' in line, line
+            assert f"--run-key '{rule}:tiny:distill/{stage}/seed~{j}'" in line, line
+            assert f"--state-dir results/tiny/_state/distill/{stage}/seed~{j}/" in line, line
+            assert f"--init {d}/stage1/network.safetensors" in line  # the one CD Stage 1
+            start = f"--init-state {d}/stage1/train_state.pt" if stage == "stage1_continued" else (
+                f"--boundary-model {d}/stage1/network.safetensors")
+            assert start in line, line
+        assert f"{d}/stage2/seed~{j}/eval/fid_1step.json" in out
     r = "results/tiny"
     for j in (1, 2):
         assert f"--out {r}/stage1_continued/seed~{j} " in out and f"--out {r}/stage2/main/seed~{j} " in out
@@ -110,7 +127,8 @@ def test_paper_tables_plans_the_distillation_arm(workdir):
     out = snakemake(workdir, "-n", "--config", "preset=ci", "--", "paper_tables", check=True).stdout
     counts = job_counts(out)
     assert {k: counts[k] for k in ("cd_stage1", "cd_stage1_continued", "cd_stage2")} == {
-        "cd_stage1": 1, "cd_stage1_continued": 1, "cd_stage2": 1}
+        "cd_stage1": 1, "cd_stage1_continued": 2, "cd_stage2": 2}  # ci's training_seeds.paper_tables: 2
+    assert "results/ci/distill/stage2/seed~1/eval/fid_1step.json" in out
     assert "results/ci/tables/table5_distillation.md" in out
 
 
@@ -138,7 +156,8 @@ def test_cifar10_main_arm_by_distillation_from_a_teacher_url(workdir):
 
 def test_default_target_is_tiny_all(workdir):
     out = snakemake(workdir, "-n", check=True).stdout
-    assert job_counts(out) == EXPECTED[("tiny", "all")]
+    assert job_counts(out) == EXPECTED[("tiny", "all")]  # training_seeds.all = 1: no extra seed, no CD job
+    assert "seed~" not in out and "results/tiny/distill/" not in out
     assert "results/tiny/stage2/main/network.safetensors" in out
 
 

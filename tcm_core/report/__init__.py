@@ -21,9 +21,10 @@ Modules, each importing only those above it:
 ``merge``          files first, MLflow second, and the files-vs-MLflow cross-check (``collect``)
 ``paper``          the paper's values (``paper_values.csv``) and its default Stage-2 setting
 ``measurements``   which measured numbers a table, figure or claim uses: final FIDs, curves, ablation slices
-``tables``         Tables 1-4 and their Markdown/CSV
 ``confidence``     paired comparisons over training seeds: mean difference, 95 % t interval, verdict
-``claims``         claims S1-S4 (paired by training seed) and the claims table
+``paired``         two arms' final 1-step FIDs paired by training seed (claims S1 and S5, Table 5)
+``tables``         Tables 1-5 and their Markdown/CSV
+``claims``         claims S1-S5 (paired by training seed) and the claims table
 ``figures``        Figs. 1b, 2, 3, 4a-c, 7, 8
 ``cli``            ``build_report``, the summary and the ``tables`` command
 """

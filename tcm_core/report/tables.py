@@ -1,4 +1,4 @@
-"""Tables 1-4 of the paper with our measured values beside the paper's, as Markdown and CSV."""
+"""Tables 1-5 of the paper with our measured values beside the paper's, as Markdown and CSV."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from tcm_core.report.confidence import CONFIDENCE
 from tcm_core.report.measurements import ablation_baseline, ablation_slice, final_fid
+from tcm_core.report.paired import FidComparison, cd_stage2_vs_control
 from tcm_core.report.paper import PAPER_METRIC, PAPER_SETUP, PaperRow, paper_row
 from tcm_core.report.results import DISTILL_GRID, Measured, Results, TrainingRun
 from tcm_core.report.values import MISSING, fmt, fmt_diff, fmt_g, same_value
@@ -320,8 +322,8 @@ def table4(results: Results, paper: Sequence[PaperRow]) -> Table:
 # ----------------------------------------------------------------------------------------------------------------
 # Table 5 (App. A): consistency distillation
 
-TABLE5_HEADER = ["Stage", "NFE", "FID (ours, CD)", "our metric", "guidance w (ours)", "ODE solver (ours)",
-                 "FID (paper, MSCOCO)", "paper metric", "run"]
+TABLE5_HEADER = ["Stage", "NFE", "FID (ours, CD)", "training seeds", "per seed (ours)", "our metric",
+                 "guidance w (ours)", "ODE solver (ours)", "FID (paper, MSCOCO)", "paper metric", "run"]
 TABLE5_ROWS: list[RowSpec] = [
     ("Stage 1 (consistency distillation)", "stage1", "1", "fid_1step", "t5_stage1"),
     ("Stage 1 (consistency distillation)", "stage1", "2", "fid_2step", ""),
@@ -330,11 +332,13 @@ TABLE5_ROWS: list[RowSpec] = [
     ("TCM Stage 2 (consistency distillation)", "stage2", "1", "fid_1step", "t5_stage2"),
     ("TCM Stage 2 (consistency distillation)", "stage2", "2", "fid_2step", ""),
 ]
+TABLE5_DIFFERENCE = "TCM Stage 2 − CD control (paired by seed, claim S5)"
 TABLE5_PAPER_METRIC = "zero-shot FID on MSCOCO, 30k samples (text-to-image, Stable Diffusion 1.5 teacher)"
+TABLE5_PAIRED_ARMS = {"stage2": "a", "stage1_continued": "b"}  # their 1-step rows: the seeds of the S5 comparison
 
 
 def distill_fid(results: Results, run: TrainingRun | None, metric: str) -> Measured | None:
-    """The FID a Table-5 cell shows: the run's final evaluation (one seed set; see the module notes)."""
+    """The FID of a Table-5 cell that is not paired by seed: the run's (training seed 0's) final evaluation."""
     return final_fid(results, run, metric)
 
 
@@ -345,10 +349,29 @@ def _guidance_cell(run: TrainingRun | None) -> str:
     return fmt_g(w) if w is not None else "none (teacher as is)"
 
 
-def _table5_intro(results: Results, measured: dict[str, Measured | None]) -> list[str]:
-    labels = sorted({m.label for m in measured.values() if m is not None})
-    s1, s2 = measured.get("stage1"), measured.get("stage2")
-    ours = f"{fmt(s1.value if s1 else None)} → {fmt(s2.value if s2 else None)}"
+def _per_seed(values: Sequence[tuple[int, float]]) -> str:
+    return "; ".join(f"seed {j}: {fmt(v)}" for j, v in values) or MISSING
+
+
+def _table5_values(comparison: FidComparison, stage: str, nfe: str, m: Measured | None
+                   ) -> tuple[float | None, str, str]:
+    """(value, training seeds, per seed) of a stage row: the seed mean of the S5 comparison for the 1-step rows of
+    its two arms, else the run's own (seed 0's) value."""
+    side = TABLE5_PAIRED_ARMS.get(stage) if nfe == "1" and comparison.pairs else None
+    if side is None:
+        return (m.value if m else None), ("1" if m else MISSING), MISSING
+    return comparison.arm_mean(side), str(comparison.seeds), _per_seed(comparison.arm(side))
+
+
+def _table5_difference_row(comparison: FidComparison) -> list[str]:
+    return [TABLE5_DIFFERENCE, "1", comparison.interval_text(), str(comparison.seeds) if comparison.pairs else MISSING,
+            _per_seed(comparison.differences()), comparison.label, MISSING, MISSING, MISSING, MISSING, MISSING]
+
+
+def _table5_intro(results: Results, measured: Sequence[Measured | None], shown: dict[str, float | None],
+                  comparison: FidComparison) -> list[str]:
+    labels = sorted({m.label for m in measured if m is not None})
+    ours = f"{fmt(shown.get('stage1'))} → {fmt(shown.get('stage2'))}"
     return [
         f"Preset: `{results.preset}`. **A different data set, teacher and metric from the paper's**: the paper "
         "distils Stable Diffusion 1.5 on COYO with classifier-free guidance 6 and reports zero-shot FID on "
@@ -358,29 +381,39 @@ def _table5_intro(results: Results, measured: dict[str, Measured | None]) -> lis
         f"Our metric: **{'; '.join(labels) if labels else MISSING + ' (no evaluation yet)'}**. "
         f"Paper metric: **{TABLE5_PAPER_METRIC}**.",
         f"Stage 1 → Stage 2, 1-step FID: ours {ours}; paper 18.32 → 16.07 (lower is better).",
+        "Stage 1 is one run; every training seed of the control and of Stage 2 starts from it. The 1-step FIDs of "
+        "the control and of Stage 2 are the mean over their training seeds (`training_seeds`), paired by seed as "
+        "claim S5; their 2-step FIDs are seed 0's (the other seeds are evaluated with 1 step only).",
+        f"{TABLE5_DIFFERENCE}, 1-step FID over {comparison.seeds} training seed(s): {comparison.interval_text()} "
+        f"(mean [{CONFIDENCE:.0%} paired t interval]); verdict: **{comparison.verdict}** (holds if the interval < 0).",
         f"A cell with no run is shown as {MISSING}.",
     ]
 
 
 def table5(results: Results, paper: Sequence[PaperRow]) -> Table:
-    rows, measured = [], {}
+    comparison = cd_stage2_vs_control(results)  # claim S5's numbers (claims.claim_s5 reads the same function)
+    rows, measured, shown = [], [], {}
     for name, stage, nfe, metric, key in TABLE5_ROWS:
         run = results.distill_run(stage)
         m = distill_fid(results, run, metric)
+        value, seeds, per_seed = _table5_values(comparison, stage, nfe, m)
         if nfe == "1":
-            measured[stage] = m
+            measured.append(m)
+            shown[stage] = value
         p = paper_row(paper, key) if key else None
         solver = run.params.get("ode_solver") if run is not None else None
-        rows.append([name, nfe, fmt(m.value if m else None), m.label if m else MISSING, _guidance_cell(run),
+        rows.append([name, nfe, fmt(value), seeds, per_seed, m.label if m else MISSING, _guidance_cell(run),
                      str(solver) if solver else MISSING, fmt(p.fid if p else None),
                      TABLE5_PAPER_METRIC if p else MISSING, _run_cell(m)])
+    rows.append(_table5_difference_row(comparison))
     notes = ["The paper does not state the NFE of Table 5; its Fig. 6 shows one-step samples, so its two numbers "
              "stand beside our 1-step rows.",
              "The CD control is CD Stage 1 continued from its final training state for as long as Stage 2 runs "
-             "(as the CT control); the paper's Table 5 has no such row."]
+             "(as the CT control); the paper's Table 5 has no such row, so its numbers compare Stage 2 with Stage 1.",
+             "The run column names training seed 0's run; seed j > 0 is `<run>/seed~j`."]
     if not any(r.grid == DISTILL_GRID for r in results.runs):
         notes.append(f"Preset {results.preset} has no distillation run yet (a `distill` block and a `teacher` in "
                      "config.yaml plan one).")
     return Table("table5_distillation",
                  f"Table 5 (App. A): Stage 1 vs Stage 2 under consistency distillation — preset {results.preset}",
-                 TABLE5_HEADER, rows, intro=_table5_intro(results, measured), notes=notes)
+                 TABLE5_HEADER, rows, intro=_table5_intro(results, measured, shown, comparison), notes=notes)

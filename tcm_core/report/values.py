@@ -50,3 +50,8 @@ def fmt_diff(ours: float | None, paper: float | None) -> str:
 
 def fmt_g(value: float | None) -> str:
     return MISSING if value is None else f"{value:g}"
+
+
+def fmt_precise(value: float | None) -> str:
+    """Six significant digits: claims compare values that may differ only in the third decimal."""
+    return MISSING if value is None else f"{value:.6g}"

@@ -44,7 +44,7 @@ wildcard_constraints:
     sweep="dfid|dfid_wide",
     extractor=P["eval"]["extractor"],
     run="stage1|stage1_continued(/seed~[1-9][0-9]*)?|stage2/main(/seed~[1-9][0-9]*)?|stage3/main|stage2/ablation/.+"
-    "|distill/(stage1|stage1_continued|stage2)",
+    "|distill/(stage1|stage1_continued(/seed~[1-9][0-9]*)?|stage2(/seed~[1-9][0-9]*)?)",
 
 
 # MLflow: the tracking URI is infrastructure, not an experiment setting, so jobs read it from the
@@ -61,14 +61,23 @@ ABLATION = Paramspace(
     single_wildcard="cfg",
 )
 ABLATION_RUNS = [f"stage2/ablation/{cfg}" for cfg in ABLATION.instance_patterns]
+# The consistency-distillation arm (distillation.smk), when the preset has a `distill` block.
+DISTILL_RUNS = (
+    [f"distill/{m}" for m in presets.DISTILL_MODES] if presets.has_distillation(P) else []
+)
 # The arms the claims read get independent training seeds (training_seeds): the control and Stage 2 from the one
-# Stage-1 run, and the ablation cells of tcm_core.presets.seeded_ablation_points. Seed j > 0 of run folder R is
-# R/seed~j (tcm_core.presets.seed_run); seed 0 is R.
-SEEDED_RUNS = ["stage1_continued", "stage2/main"] + [
-    run
-    for run, point in zip(ABLATION_RUNS, presets.ablation_points(P))
-    if point in presets.seeded_ablation_points(P)
-]
+# Stage-1 run, the ablation cells of tcm_core.presets.seeded_ablation_points, and the distillation arm's control
+# and Stage 2 from the one CD Stage-1 run (claim S5). Seed j > 0 of run folder R is R/seed~j
+# (tcm_core.presets.seed_run); seed 0 is R.
+SEEDED_RUNS = (
+    ["stage1_continued", "stage2/main"]
+    + [
+        run
+        for run, point in zip(ABLATION_RUNS, presets.ablation_points(P))
+        if point in presets.seeded_ablation_points(P)
+    ]
+    + ([f"distill/{m}" for m in presets.DISTILL_SEEDED_MODES] if DISTILL_RUNS else [])
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,38 +174,34 @@ def main_targets():
         out += [f"{RESULTS}/{run}/eval/fid_{s}.json" for s in ("1step", "2step")]
         out += [f"{RESULTS}/{run}/eval/{sweep}.json" for sweep in dfid_sweeps()]
         out += [f"{RESULTS}/{run}/eval/grid_{s}.png" for s in ("1step", "2step")]
-    return out + seed_targets("all")
+    return out + seed_targets("all", [r for r in SEEDED_RUNS if grid_of(r) != "distill"])
 
 
-def extra_seed_runs(target):
-    """Run folders of the training seeds 1 .. K-1 the target needs (K = training_seeds of the target)."""
+def extra_seed_runs(target, runs=SEEDED_RUNS):
+    """Run folders of the training seeds 1 .. K-1 of `runs` the target needs (K = training_seeds of the
+    target)."""
     count = presets.training_seeds(P, target)
-    return [presets.seed_run(run, j) for j in range(1, count) for run in SEEDED_RUNS]
+    return [presets.seed_run(run, j) for j in range(1, count) for run in runs]
 
 
-def seed_targets(target):
+def seed_targets(target, runs=SEEDED_RUNS):
     """What the claims read of each extra seed: its 1-step FID, and its config.json, which stands in for the
     metrics.jsonl (periodic curves) it is written with."""
     return [
         f"{RESULTS}/{run}/{name}"
-        for run in extra_seed_runs(target)
+        for run in extra_seed_runs(target, runs)
         for name in ("eval/fid_1step.json", "config.json")
     ]
 
 
-# The consistency-distillation arm (distillation.smk), when the preset has a `distill` block.
-DISTILL_RUNS = (
-    [f"distill/{m}" for m in presets.DISTILL_MODES] if presets.has_distillation(P) else []
-)
-
-
 def distill_targets():
-    """The arm's 1- and 2-step FIDs (Table 5) and its 1-step sample grids."""
+    """The arm's 1- and 2-step FIDs (Table 5) and its 1-step sample grids, and its extra training seeds of
+    `all_distillation` (training_seeds of `all`)."""
     out = []
     for run in DISTILL_RUNS:
         out += [f"{RESULTS}/{run}/eval/fid_{s}.json" for s in ("1step", "2step")]
         out.append(f"{RESULTS}/{run}/eval/grid_1step.png")
-    return out
+    return out + seed_targets("all", [r for r in SEEDED_RUNS if grid_of(r) == "distill"])
 
 
 def ablation_targets():

@@ -3,7 +3,8 @@
 # long as Stage 2 runs, as the CT control) and CD Stage 2 (TCM), each distilling the preset's `teacher`
 # (method cd: x_s is one PF-ODE step of the frozen teacher, tcm_core.distillation). Same command builder
 # (jobs.smk: train_params / TRAIN_SHELL) and rule inheritance as training.smk; runs under
-# results/<preset>/distill/<stage>, evaluated by the rules of evaluation.smk.
+# results/<preset>/distill/<stage> (training seed j > 0 of the control and Stage 2, claim S5:
+# results/<preset>/distill/<stage>/seed~j), evaluated by the rules of evaluation.smk.
 
 if teacher_fetched():
 
@@ -39,6 +40,8 @@ if DISTILL_RUNS:
         params:
             **train_params("stage1", "distill/stage1"),
 
+    # {seed}: empty for the run of `all_distillation`; for training seed j (training_seeds) the subfolder
+    # seed~j, from the one CD Stage-1 run with seed + j (as the CT control and Stage 2, training.smk).
     use rule stage2 as cd_stage1_continued with:
         input:
             init="results/{preset}/distill/stage1/network.safetensors",
@@ -48,11 +51,13 @@ if DISTILL_RUNS:
             mlflow=ancient("results/{preset}/mlflow.json"),
             periodic=periodic_eval_inputs,
         output:
-            **train_outputs("results/{preset}/distill/stage1_continued"),
+            **train_outputs("results/{preset}/distill/stage1_continued{seed}"),
         log:
-            "results/{preset}/logs/distill/stage1_continued.log",
+            "results/{preset}/logs/distill/stage1_continued{seed}.log",
+        wildcard_constraints:
+            seed="(/seed~[1-9][0-9]*)?",
         params:
-            **train_params("stage1_continued", "distill/stage1_continued"),
+            **train_params("stage1_continued", "distill/stage1_continued{seed}"),
 
     use rule stage2 as cd_stage2 with:
         input:
@@ -63,8 +68,10 @@ if DISTILL_RUNS:
             mlflow=ancient("results/{preset}/mlflow.json"),
             periodic=periodic_eval_inputs,
         output:
-            **train_outputs("results/{preset}/distill/stage2"),
+            **train_outputs("results/{preset}/distill/stage2{seed}"),
         log:
-            "results/{preset}/logs/distill/stage2.log",
+            "results/{preset}/logs/distill/stage2{seed}.log",
+        wildcard_constraints:
+            seed="(/seed~[1-9][0-9]*)?",
         params:
-            **train_params("stage2", "distill/stage2"),
+            **train_params("stage2", "distill/stage2{seed}"),

@@ -112,7 +112,8 @@ def train_resources(alone):
     return out
 
 
-RDZV_PORT = "$((29400 + SLURM_JOB_ID % 1000))"  # per job: two jobs sharing a first node do not collide
+# per job: two jobs sharing a first node do not collide
+RDZV_PORT = "$((29400 + SLURM_JOB_ID % 1000))"
 
 
 def launcher(wildcards, resources):
@@ -162,8 +163,8 @@ def train_run_key(run):
     """Deterministic run key (rule + wildcards) of the training job that produced `run`."""
     if run == "stage1" and FOREIGN_STAGE1:
         return f"init:{PRESET}"
-    if run.startswith("distill/"):
-        return f"cd_{run.split('/', 1)[1]}:{PRESET}:{run}"
+    if run.startswith("distill/"):  # cd_<stage>, also for its training seeds distill/<stage>/seed~j
+        return f"cd_{presets.split_seed(run)[0].split('/', 1)[1]}:{PRESET}:{run}"
     rule_name = {"pretrain": "pretrain_edm"}.get(run, run.split("/", 1)[0])
     return f"{rule_name}:{PRESET}:{run}"
 
