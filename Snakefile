@@ -1,5 +1,5 @@
 # Truncated Consistency Models (ICLR 2025): reproduction workflow.
-#   snakemake --cores 2                                    # the tiny preset's `all` (CPU, ~20 min)
+#   snakemake --cores 2                                    # the tiny preset's `all` (CPU, ~11 min)
 #   snakemake --cores 2 all_ablations --config preset=ci   # every grid point, seconds-scale settings
 #   snakemake --profile profiles/slurm all_ablations --config preset=cifar10
 #   snakemake --cores 2 paper_tables                       # every table (incl. Table 5: the distillation arm)
