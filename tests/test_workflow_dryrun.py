@@ -190,7 +190,24 @@ BAD_CONFIGS = [
 ]
 
 
+# The Snakefile's check (common.smk: checked_config) is the schema, then tcm_core.presets.check_preset, the same
+# functions check-config runs: every case goes through those in-process, and one case of each kind (schema,
+# range, check_preset, architecture, distillation) through a real Snakemake, which must refuse it before any job.
+SNAKEMAKE_CASES = [BAD_CONFIGS[i] for i in (0, 4, 7, 12, 14)]
+
+
 @pytest.mark.parametrize(("overlay", "key", "allowed"), BAD_CONFIGS)
+def test_bad_config_is_refused_by_the_workflows_check(tmp_path, overlay, key, allowed):
+    from tcm_core.presets import check_config_files
+
+    write_overlay(tmp_path / "bad.yaml", overlay)
+    problems = check_config_files([REPO / "config.yaml", tmp_path / "bad.yaml"], preset="ci")
+    assert problems, overlay
+    line = problems[0].line()
+    assert key in line and allowed in line, line
+
+
+@pytest.mark.parametrize(("overlay", "key", "allowed"), SNAKEMAKE_CASES)
 def test_bad_config_fails_before_any_job(tmp_path, overlay, key, allowed):
     wd = make_workdir(tmp_path / "wf")
     write_overlay(wd / "bad.yaml", overlay)
