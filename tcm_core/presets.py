@@ -11,7 +11,8 @@ Resolution of a mode's keys from ``presets[P]`` (see docs/ARCHITECTURE.md "confi
   null: no 2-step FID) -> ``eval_mid_t``; ``periodic_dfid_ts`` (else ``dfid_ts``) -> ``eval_dfid_ts``) unless its
   section sets those keys itself;
 * an ablation point overrides ``stage2`` with its factor values and the ablation's ``batch`` and ``iterations``;
-  its periodic evaluation measures the 1-step FID only (Fig. 4b draws it; nothing draws its dFID);
+  its periodic evaluation measures the 1-step FID only, and only on the (sigma, nu) grid that Fig. 4b draws as
+  curves (:func:`curve_points`); every other cell is compared by its final evaluations;
 * training seed j of a run (``training_seeds``) is the run's keys with ``seed`` + j (:func:`seeded_keys`).
 
 * the distillation arm (``distill`` block, paper App. A / Table 5) runs Stage 1, the control and Stage 2 with the
@@ -186,13 +187,27 @@ def ablation_points(preset: dict[str, Any]) -> list[dict[str, float]]:
     return distinct
 
 
+def curve_points(preset: dict[str, Any]) -> list[dict[str, float]]:
+    """The ablation points drawn as FID-vs-iteration curves (Fig. 4b: the (sigma, nu) grid, the baseline
+    among them); the other cells are compared by their final FIDs only (Table 3, Fig. 4c, claims S3, S4)."""
+    grid = _section(preset, "ablation")
+    points = ablation_points(preset)
+    if not points:
+        return []
+    curves = [{**points[0], "student_sigma": float(s), "student_nu": float(n)} for s, n in grid.get("sigma_nu", [])]
+    return [p for p in points if p in curves]
+
+
 def ablation_keys(preset: dict[str, Any], point: dict[str, Any]) -> dict[str, Any]:
-    """Stage-2 keys of one ablation point: its factor values, the ablation's batch and iterations."""
+    """Stage-2 keys of one ablation point: its factor values, the ablation's batch and iterations. Its periodic
+    evaluation is the 1-step FID only, and only on a point a figure draws as a curve (:func:`curve_points`)."""
     grid = _section(preset, "ablation")
     keys = section_keys(preset, "stage2")
     keys.update({k: float(v) for k, v in point.items()})
     keys.update({k: grid[k] for k in ("batch", "iterations") if k in grid})
-    keys.update(eval_mid_t=None, eval_dfid_ts=[])  # periodic evaluation: the 1-step FID only
+    keys.update(eval_mid_t=None, eval_dfid_ts=[])
+    if {k: float(v) for k, v in point.items()} not in curve_points(preset):
+        keys.update(eval_every=0, eval_points=0)
     return keys
 
 

@@ -323,3 +323,21 @@ def test_imagenet_fp16_loss_scaling_is_the_official_one():
             cfg = resolve_config(repo_config, mode, preset, [])
             assert loss_scaling(cfg) == {"init_scale": 16.0, "growth_interval": 20000, "enabled": True}
     assert not loss_scaling(resolve_config(repo_config, "stage2", "cifar10", []))["enabled"]  # CIFAR-10: fp32
+
+
+def test_ablation_curves_only_where_a_figure_draws_them():
+    """Periodic evaluation of an ablation cell: the 1-step FID at the preset's points on the (sigma, nu) grid
+    (Fig. 4b's curves, the baseline among them); none on the other cells (compared by final FIDs)."""
+    from tcm_core.presets import ablation_keys, ablation_points, curve_points
+
+    preset = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())["presets"]["tiny"]
+    points = ablation_points(preset)
+    sigma_nu = {(2.0, 10000.0), (0.2, 0.01), (0.2, 2.0)}
+    assert {(p["student_sigma"], p["student_nu"]) for p in curve_points(preset)} == sigma_nu
+    for point in points:
+        keys = ablation_keys(preset, point)
+        on_curve = point["t_prime"] == 1.0 and point["rho"] == 0.25 and point["w_b"] == 0.1
+        assert keys["eval_points"] == (preset["eval"]["points"] if on_curve else 0), point
+        assert keys["eval_mid_t"] is None and keys["eval_dfid_ts"] == []
+        if not on_curve:
+            assert keys["eval_every"] == 0

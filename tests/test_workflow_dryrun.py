@@ -106,6 +106,13 @@ def test_paper_tables_trains_three_seeds_of_the_claim_bearing_arms(workdir):
     assert " seed=103 " in control and f"--init-state {r}/stage1/train_state.pt" in control  # Stage 1's state
     assert " eval_points=6 " in control and " eval_num=256 " in control  # periodic: 6 points, 256 samples
     assert f"{r}/stage2/ablation/t_prime~1.0/rho~0.1/w_b~0.1/student_sigma~0.2/student_nu~0.01/seed~1" not in out
+    # periodic curves only where a figure draws them: the (sigma, nu) grid of Fig. 4b, not the t' cells
+    cell = "stage2/ablation/t_prime~1.0/rho~0.25/w_b~0.1/student_sigma~{}/student_nu~{} "
+    for sigma, nu, points in (("2.0", "10000.0", 6), ("0.2", "2.0", 6), ("0.2", "0.01", 6)):
+        line = next(x for x in out.splitlines() if f"--out {r}/" + cell.format(sigma, nu) in x)
+        assert f" eval_points={points} " in line, line
+    t_cell = next(x for x in out.splitlines() if f"--out {r}/stage2/ablation/t_prime~0.17/" in x)
+    assert " eval_points=0 " in t_cell and " eval_every=0 " in t_cell, t_cell
 
 
 @pytest.mark.parametrize("preset", ["tiny", "ci"])
