@@ -441,7 +441,8 @@ def check_distillation(preset: dict[str, Any], configs: dict[str, TrainConfig], 
     if distilling and not preset.get("teacher"):
         raise ConfigError(f"method cd ({', '.join(distilling)}) needs a teacher diffusion model", f"{where}.teacher",
                           "add e.g. teacher: {kind: pretrain} or {kind: checkpoint, name: edm-cifar10-uncond-vp}")
-    check_teacher(preset, where)
+    if distilling:  # a teacher no job distils is never built (nor fetched)
+        check_teacher(preset, where)
     for cfg in {**configs, **arm}.values():
         check_guided_teacher(preset, cfg, where)
     return arm

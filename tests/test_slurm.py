@@ -78,6 +78,7 @@ def _stage2_alone(stage1: Path, data: Path, nodes: int, gpu: int) -> dict:
     ema_beta=0 makes the saved network the trained weights themselves; the ablation batch is one the planned
     ablation points split over 2 ranks (they are checked at the preset's world size too)."""
     return {"init": {"kind": "path", "path": str(stage1), "provides": "stage1"}, "dataset": {"path": str(data)},
+            "distill": None,  # ci's distillation arm trains its own Stage 1, which a Stage-1 init cannot give
             "resources": {"train": {"gpu": gpu, "nodes": nodes}},
             "stage2": {"batch_gpu": 2, "ema_beta": 0, "lr": 1.0e-3}, "ablation": {"batch": 12}}
 
@@ -423,9 +424,12 @@ def test_cancelled_training_job_resumes_from_its_state(runs):
     end, start, resumed = (int(g) for g in m.groups())
     assert start == runs["stage1_start"] and end == start + PREEMPT_ITERATIONS
     assert start < cancelled["iteration"] <= resumed < end, (cancelled, m.groups())
-    metrics = (run.work / "results/ci/stage1/metrics.jsonl").read_text().splitlines()
-    steps = [json.loads(line)["step"] for line in metrics]
-    assert steps == sorted(set(steps)) and steps[-1] == end, steps  # no step twice, none lost at the end
+    metrics = _jsonl(run.work / "results/ci/stage1/metrics.jsonl")
+    # no step twice, none lost at the end: the training records, and the periodic evaluations (which share a step
+    # with the training record of the same iteration)
+    for kind in ("loss", "periodic/fid_1step"):
+        steps = [r["step"] for r in metrics if kind in r]
+        assert steps == sorted(set(steps)) and steps[-1] == end, (kind, steps)
     _, children = _mlflow_children(runs["server"], run.experiment)
     child = next(c for c in children if c.data.tags.get("tcm.rule") == "stage1")
     assert child.info.status == "FINISHED"
@@ -476,11 +480,14 @@ def test_two_nodes_train_what_one_process_trains(runs):
     assert max((w1[k] - initial[k]).abs().max().item() for k in w1) > 1e-3  # the runs did train
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)
-    m1, m2 = (_jsonl(d / "metrics.jsonl") for d in (one, two))
+    rows1, rows2 = (_jsonl(d / "metrics.jsonl") for d in (one, two))
+    m1, m2 = ([r for r in rows if "loss" in r] for rows in (rows1, rows2))  # training records (not periodic evals)
     assert [r["step"] for r in m2] == [r["step"] for r in m1] and m2, (m1, m2)
     for a, b in zip(m1, m2):
         for key in ("loss", "loss_regular", "loss_boundary", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a, b)
+    periodic1, periodic2 = ([r["step"] for r in rows if "periodic/fid_1step" in r] for rows in (rows1, rows2))
+    assert periodic2 == periodic1, (periodic1, periodic2)  # rank 0 evaluated, once per point
     log = (run.work / "results/ci/logs/stage2/main.log").read_text()
     assert log.count("train: stage2 finished") == 1, log[-3000:]
 

@@ -269,3 +269,17 @@ def test_a_preset_refuses_a_distillation_it_cannot_run(preset, change, where):
     with pytest.raises(ConfigError) as error:
         check_preset(config, preset)
     assert where in error.value.where
+
+
+def test_an_overlay_switches_the_distillation_arm_off_with_null(tmp_path):
+    """`distill: null` in an overlay removes a preset's arm (a mapping would merge into it), so a Stage-1 init,
+    which the arm cannot train from, passes; the teacher of no CD job is not checked."""
+    from tcm_core.presets import check_config_files
+
+    repo = Path(__file__).resolve().parents[1]
+    stage1_init = "presets:\n  ci:\n    init: {kind: path, path: /x/stage1.safetensors, provides: stage1}\n"
+    (tmp_path / "on.yaml").write_text(stage1_init)
+    (tmp_path / "off.yaml").write_text(stage1_init + "    distill: null\n")
+    refused = check_config_files([repo / "config.yaml", tmp_path / "on.yaml"], preset="ci")
+    assert refused and "presets.ci.distill" in refused[0].line()
+    assert check_config_files([repo / "config.yaml", tmp_path / "off.yaml"], preset="ci") == []
