@@ -329,8 +329,8 @@ def benchmark_train_iterations(net_name: str = "tiny", batch: int = 64, device: 
                                warmup: int = 2, rounds: int = 2, modes: tuple[str, ...] = ("stage1", "stage2"),
                                arch_overrides: dict[str, Any] | None = None, seed: int = 0,
                                config: dict[str, Any] | None = None, precision: str = "fp32",
-                               inputs: SyntheticInputs | None = None, methods: tuple[str, ...] = ("ct",)
-                               ) -> dict[str, Any]:
+                               inputs: SyntheticInputs | None = None, methods: tuple[str, ...] = ("ct",),
+                               ode_solver: str = "heun", guidance: float | None = None) -> dict[str, Any]:
     """Seconds per iteration of the REAL training driver (``training.train``) for each mode and method, on
     synthetic data.
 
@@ -338,12 +338,17 @@ def benchmark_train_iterations(net_name: str = "tiny", batch: int = 64, device: 
     so drifting machine load hits all alike); the best post-warm-up iteration over all rounds is reported. An
     iteration is everything the loop does per step (data, loss, backward, grad norm, optimiser, EMA, host
     sync) except the periodic outputs (metrics lines, state files), which are excluded from the timing. Method
-    ``cd`` distils the init network itself (as teacher, Heun: two teacher passes per iteration).
+    ``cd`` distils the init network itself with ``ode_solver`` (Heun: two teacher passes per iteration, Euler:
+    one) and ``guidance`` (each teacher pass over the doubled batch; the synthetic net is then class-conditional
+    with label dropout, as a guided teacher must be).
     """
     variants = bench_variants(modes, methods)
     if repeats < 1 or warmup < 0 or rounds < 1:
         raise ValueError(f"need repeats >= 1, warmup >= 0, rounds >= 1; got {repeats}, {warmup}, {rounds}")
     keys = {**PRECISIONS[precision], **(config or {})}
+    cd_keys = {"method": "cd", "ode_solver": ode_solver, "guidance": guidance}
+    if guidance is not None:
+        arch_overrides = {"label_dim": 10, "label_dropout": 0.1, **(arch_overrides or {})}
     times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     cpu_times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     with contextlib.ExitStack() as stack:
@@ -352,29 +357,29 @@ def benchmark_train_iterations(net_name: str = "tiny", batch: int = 64, device: 
             inputs = write_synthetic_inputs(folder, net_name, arch_overrides, seed)
         for round_index in range(rounds):
             for name, mode, method in variants:
-                result = _train_once(inputs, mode, method, batch, device, warmup + repeats, seed + round_index,
-                                     keys, folder / f"{name}-{round_index}")
+                result = _train_once(inputs, mode, keys if method == "ct" else {**keys, **cd_keys}, batch, device,
+                                     warmup + repeats, seed + round_index, folder / f"{name}-{round_index}")
                 times[name].extend(result.iteration_seconds[warmup:])
                 cpu_times[name].extend(result.iteration_cpu_seconds[warmup:])
     report = train_report(inputs, batch, device, repeats, warmup, rounds, keys, times, cpu_times)
     report["methods"] = list(methods)
+    if "cd" in methods:
+        report["cd"] = cd_keys
     return report
 
 
-def _train_once(inputs: SyntheticInputs, mode: str, method: str, batch: int, device: str, iterations: int,
-                seed: int, keys: dict[str, Any], out: Path) -> Any:
+def _train_once(inputs: SyntheticInputs, mode: str, keys: dict[str, Any], batch: int, device: str, iterations: int,
+                seed: int, out: Path) -> Any:
     from tcm_core.training import train
 
     cfg_keys = {"iterations": iterations, "batch": batch, "seed": seed, "curriculum": "cap", "log_every": 10**6,
                 "state_every": 10**6, **keys}
     if mode == "pretrain":
         cfg_keys["arch"] = {"preset": inputs.net_name, **inputs.arch_overrides}
-    if method == "cd":
-        cfg_keys["method"] = "cd"
     cfg = build_config(cfg_keys, mode)
     return train(cfg, mode=mode, data=inputs.data, out=out, init=None if mode == "pretrain" else inputs.init,
                  boundary_model=inputs.init if mode in TRUNCATED_MODES else None,
-                 teacher=inputs.init if method == "cd" else None, device=device, progress=False)
+                 teacher=inputs.init if cfg.method == "cd" else None, device=device, progress=False)
 
 
 def train_report(inputs: SyntheticInputs, batch: int, device: str, repeats: int, warmup: int, rounds: int,
@@ -423,6 +428,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="--train: rounds of short runs, modes interleaved")
     parser.add_argument("--method", default="ct", help="--train: ct, cd or ct,cd (CD distils the init network; "
                         "ct,cd also reports the CD/CT time per iteration of each mode)")
+    parser.add_argument("--ode-solver", default="heun", choices=("euler", "heun"), help="--train: CD's solver")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="--train: CD's classifier-free guidance scale (default: none)")
 
 
 def _emit(args: argparse.Namespace, result: dict[str, Any], line: Callable[[dict[str, Any]], str]) -> None:
@@ -458,7 +466,7 @@ def run_bench(args: argparse.Namespace) -> int:
         methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
         result = benchmark_train_iterations(args.net, args.batch, device, repeats=args.repeats, warmup=args.warmup,
                                             rounds=args.rounds, modes=modes, precision=args.precision,
-                                            methods=methods)
+                                            methods=methods, ode_solver=args.ode_solver, guidance=args.guidance)
         _emit(args, result, _train_line)
         return 0
     result = run_step_benchmark(args.net, args.batch, device, args.repeats, warmup=args.warmup,

@@ -232,11 +232,16 @@ def seed_run(run: str, index: int) -> str:
     return run if index == 0 else f"{run}/{SEED_FOLDER}{index}"
 
 
-def seeded_keys(keys: dict[str, Any], index: int) -> dict[str, Any]:
-    """The keys of training seed ``index``: ``seed`` + index (seed 0 is the preset's run unchanged)."""
+def seeded_keys(keys: dict[str, Any], index: int, curves: bool = True) -> dict[str, Any]:
+    """The keys of training seed ``index``: ``seed`` + index (seed 0 is the preset's run unchanged). With
+    ``curves`` off the extra seed evaluates nothing mid-run: the distillation arm's seeds are compared by their
+    final FIDs (claim S5, Table 5), no figure draws their curves, and seed 0's curves stay in MLflow."""
     if index == 0:
         return keys
-    return {**keys, "seed": int(keys.get("seed", TrainConfig.seed)) + index}
+    out = {**keys, "seed": int(keys.get("seed", TrainConfig.seed)) + index}
+    if not curves:
+        out.update(eval_every=0, eval_points=0)
+    return out
 
 
 def seeded_ablation_points(preset: dict[str, Any]) -> list[dict[str, float]]:

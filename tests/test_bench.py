@@ -56,5 +56,11 @@ def test_train_bench_times_ct_and_cd_of_each_mode():
     assert result["stage1_train_s_per_it"] > 0 and result["stage1_cd_train_s_per_it"] > 0
     assert result["stage1_cd_over_ct_train_time"] == pytest.approx(
         result["stage1_cd_train_s_per_it"] / result["stage1_train_s_per_it"])
+    assert result["cd"] == {"method": "cd", "ode_solver": "heun", "guidance": None}
+    # a guided Euler teacher (the tiny preset's distillation arm): the synthetic net is made class-conditional
+    guided = benchmark_train_iterations("tiny", batch=4, repeats=1, warmup=0, rounds=1, modes=("stage2",),
+                                        methods=("cd",), arch_overrides=micro, ode_solver="euler", guidance=1.5)
+    assert guided["cd"] == {"method": "cd", "ode_solver": "euler", "guidance": 1.5}
+    assert guided["stage2_cd_train_s_per_it"] > 0
     with pytest.raises(ValueError, match="methods"):
         bench_variants(("stage1",), ("ddim",))

@@ -339,3 +339,18 @@ def test_bad_arch_raises_value_error():
         build_precond(arch_preset("tiny", embedding_type="fourier"))
     # EDM's own names for the variant we build are accepted.
     build_precond(arch_preset("tiny", embedding_type="positional", encoder_type="standard"))
+
+
+@pytest.mark.parametrize("taps", [(1, 1), (1, 3, 3, 1)])
+def test_a_fresh_resampling_convs_filter_is_the_normalised_outer_product(taps):
+    from tcm_core.networks.songunet import Conv2d
+
+    f = np.asarray(taps, dtype=np.float64)
+    expected = np.outer(f, f) / f.sum() ** 2  # EDM's 2-D FIR low-pass, unit sum
+    for up, down in ((True, False), (False, True)):
+        conv = Conv2d(4, 4, kernel=3, up=up, down=down, resample_filter=taps)
+        assert conv.resample_filter.shape == (1, 1, len(taps), len(taps))
+        np.testing.assert_allclose(conv.resample_filter[0, 0].numpy(), expected, rtol=1e-7)
+        assert float(conv.resample_filter.sum()) == pytest.approx(1.0)
+    with torch.device("meta"):  # how network files are first built (no memory)
+        assert Conv2d(4, 4, kernel=3, up=True, resample_filter=taps).resample_filter.is_meta

@@ -13,7 +13,8 @@ OWN_PRETRAIN = {"mlflow_init": 1, "prepare_dataset": 1, "pretrain_edm": 1, "trai
                 "reference_stats": 1}
 TRAIN_MAIN = {"stage1": 1, "stage1_continued": 1, "stage2": 1}
 # 14 distinct ablation points (baseline + 3 t' + 8 rho x w_b + 2 (sigma, nu)) + the main Stage-2 run
-ABLATIONS = {"stage2": 15, "stage3": 1, "fid": 6 + 2 * 14 + 2}
+# the main runs' 1- and 2-step FIDs; the 1-step FID (Tables 3, 4, Fig. 4) of each ablation point and Stage 3
+ABLATIONS = {"stage2": 15, "stage3": 1, "fid": 6 + 14 + 1}
 
 EXPECTED = {
     ("tiny", "all"): {**OWN_PRETRAIN, **TRAIN_MAIN, **EVALS_MAIN, "all": 1},
@@ -83,8 +84,8 @@ def test_paper_tables_trains_three_seeds_of_the_claim_bearing_arms(workdir):
     counts = job_counts(out)
     assert (counts["stage1"], counts["stage1_continued"], counts["stage2"]) == (1, 1 + 2, 15 + 2 * (1 + 5))
     assert (counts["cd_stage1"], counts["cd_stage1_continued"], counts["cd_stage2"]) == (1, 1 + 2, 1 + 2)
-    # 1- and 2-step FIDs of every run of all_ablations and all_distillation, and the 1-step FID of each extra seed
-    # (2 x (2 CT arms + 5 ablation cells + 2 CD arms)): 36 + 6 + 18
+    # 1- and 2-step FIDs of the main and distillation runs, 1-step of each ablation cell and Stage 3, and the
+    # 1-step FID of each extra seed (2 x (2 CT arms + 5 ablation cells + 2 CD arms)): 21 + 6 + 18
     assert counts["fid"] == ABLATIONS["fid"] + DISTILL["fid"] + 2 * (2 + 5 + 2)
     d = "results/tiny/distill"
     for j in (1, 2):
@@ -92,6 +93,10 @@ def test_paper_tables_trains_three_seeds_of_the_claim_bearing_arms(workdir):
             line = next(x for x in out.splitlines() if f"--out {d}/{stage}/seed~{j} " in x)
             assert f" seed={101 + j} " in line and " method=cd " in line and f'"tcm.rule": "{rule}"' in line, line
             assert f"--run-key '{rule}:tiny:distill/{stage}/seed~{j}'" in line, line
+            # compared by final FIDs (S5, Table 5): no mid-run evaluation; seed 0 keeps its curves
+            assert " eval_points=0 " in line and " eval_every=0 " in line, line
+            seed0 = next(x for x in out.splitlines() if f"--out {d}/{stage} " in x)
+            assert " eval_points=6 " in seed0, seed0
             assert f"--state-dir results/tiny/_state/distill/{stage}/seed~{j}/" in line, line
             assert f"--init {d}/stage1/network.safetensors" in line  # the one CD Stage 1
             start = f"--init-state {d}/stage1/train_state.pt" if stage == "stage1_continued" else (
@@ -113,6 +118,8 @@ def test_paper_tables_trains_three_seeds_of_the_claim_bearing_arms(workdir):
         assert f" eval_points={points} " in line, line
     t_cell = next(x for x in out.splitlines() if f"--out {r}/stage2/ablation/t_prime~0.17/" in x)
     assert " eval_points=0 " in t_cell and " eval_every=0 " in t_cell, t_cell
+    assert "t_prime~0.17/rho~0.25/w_b~0.1/student_sigma~0.2/student_nu~0.01/eval/fid_2step.json" not in out
+    assert "stage3/main/eval/fid_1step.json" in out and "stage3/main/eval/fid_2step.json" not in out
 
 
 @pytest.mark.parametrize("preset", ["tiny", "ci"])
@@ -122,7 +129,8 @@ def test_distillation_arm_distils_the_pretrained_teacher(workdir, preset):
     teacher = f"--teacher results/{preset}/pretrain/network.safetensors"
     for stage in ("stage1", "stage1_continued", "stage2"):
         line = next(x for x in out.splitlines() if f"--out results/{preset}/distill/{stage} " in x)
-        assert teacher in line and " method=cd ode_solver=heun " in line and " guidance=1.5 " in line, line
+        solver = {"tiny": "euler", "ci": "heun"}[preset]
+        assert teacher in line and f" method=cd ode_solver={solver} " in line and " guidance=1.5 " in line, line
         assert '"tcm.grid": "distill"' in line and f'"tcm.rule": "cd_{stage}"' in line
     assert f"--boundary-model results/{preset}/distill/stage1/network.safetensors" in out
     assert f"--init-state results/{preset}/distill/stage1/train_state.pt" in out

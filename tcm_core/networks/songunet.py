@@ -73,9 +73,11 @@ class Conv2d(nn.Module):
         if self.weight is not None:
             _xavier_uniform_(self.weight, in_channels * kernel * kernel, out_channels * kernel * kernel, init_weight)
         if up or down:
-            f = torch.as_tensor(list(resample_filter), dtype=torch.float32)
-            # Outer product normalised to unit sum: a 2-D low-pass kernel, shape (1, 1, k, k).
-            self.register_buffer("resample_filter", (torch.outer(f, f) / f.sum().square())[None, None])
+            # Outer product normalised to unit sum: a 2-D low-pass kernel, shape (1, 1, k, k). Computed in Python:
+            # on the meta device (tcm_core.network_files) the first tensor arithmetic costs about a second.
+            taps = [float(v) for v in resample_filter]
+            kernel = [[a * b / sum(taps) ** 2 for b in taps] for a in taps]
+            self.register_buffer("resample_filter", torch.tensor(kernel, dtype=torch.float32)[None, None])
         else:
             self.resample_filter = None
 

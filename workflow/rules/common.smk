@@ -205,5 +205,7 @@ def distill_targets():
 
 
 def ablation_targets():
+    """The 1-step FID of every ablation cell and of Stage 3: what Tables 3 and 4 and Fig. 4 report (a cell's
+    2-step FID is still one `snakemake results/.../eval/fid_2step.json` away)."""
     runs = list(ABLATION_RUNS) + (["stage3/main"] if 3 in ABL.get("stages", []) else [])
-    return [f"{RESULTS}/{run}/eval/fid_{s}.json" for run in runs for s in ("1step", "2step")]
+    return [f"{RESULTS}/{run}/eval/fid_1step.json" for run in runs]

@@ -68,7 +68,7 @@ def train_keys(mode, run):
         keys["control"] = (
             "ema_restart"  # no Stage-1 training state exists: the named, visible variant
         )
-    return presets.seeded_keys(keys, seed_index)
+    return presets.seeded_keys(keys, seed_index, curves=not base.startswith("distill/"))
 
 
 def state_dir(run, keys):
