@@ -76,7 +76,8 @@ class Conv2d(nn.Module):
             # Outer product normalised to unit sum: a 2-D low-pass kernel, shape (1, 1, k, k). Computed in Python:
             # on the meta device (tcm_core.network_files) the first tensor arithmetic costs about a second.
             taps = [float(v) for v in resample_filter]
-            kernel = [[a * b / sum(taps) ** 2 for b in taps] for a in taps]
+            norm = sum(taps) ** 2
+            kernel = [[a * b / norm for b in taps] for a in taps]
             self.register_buffer("resample_filter", torch.tensor(kernel, dtype=torch.float32)[None, None])
         else:
             self.resample_filter = None

@@ -57,7 +57,8 @@ def train_keys(mode, run):
     """The TrainConfig keys of one training job (training seed j of a run folder R/seed~j: seed + j), as
     tcm_core.presets resolves them."""
     base, seed_index = presets.split_seed(run)
-    if base.startswith("distill/"):
+    distill = grid_of(base) == "distill"
+    if distill:
         keys = presets.section_keys(P, mode, "distill")
     elif mode == "stage2" and is_ablation(base):
         point = ABLATION.instance({"cfg": base[len("stage2/ablation/") :]})
@@ -68,7 +69,8 @@ def train_keys(mode, run):
         keys["control"] = (
             "ema_restart"  # no Stage-1 training state exists: the named, visible variant
         )
-    return presets.seeded_keys(keys, seed_index, curves=not base.startswith("distill/"))
+    # the CD arm's extra seeds: claim S5 reads their final FIDs only
+    return presets.seeded_keys(keys, seed_index, curves=not distill)
 
 
 def state_dir(run, keys):
