@@ -64,3 +64,19 @@ def test_train_bench_times_ct_and_cd_of_each_mode():
     assert guided["stage2_cd_train_s_per_it"] > 0
     with pytest.raises(ValueError, match="methods"):
         bench_variants(("stage1",), ("ddim",))
+
+
+def test_profile_script_compares_the_two_stages_op_by_op():
+    """scripts/profile_stage2_step.py: both stages' op time per step, their ratio, and the frozen net's extra call
+    (Stage 2 makes more convolution calls than Stage 1 on the same batch; only it copies sub-batches)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "profile_stage2_step.py")
+    cmd = [sys.executable, script, "--batch", "8", "--rounds", "1", "--steps", "1", "--top", "1000"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    head, *rows = proc.stdout.splitlines()
+    assert head.startswith("op time per step: Stage 1 ") and "ratio" in head
+    calls = {row.split()[2]: row for row in rows}
+    assert "aten::index_select" in calls and "Stage 1    0.00 ms (0 calls)" in calls["aten::index_select"]
+    conv = calls["aten::mkldnn_convolution"]
+    s1, s2 = (int(part.split("(")[1].split()[0]) for part in conv.split("Stage ")[1:])
+    assert s2 > s1
