@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stop the daemons that scripts/slurm-up.sh started (listed in $SLURM_DIR/owned), by PID from their pid
 # files, newest first. Daemons it found already running are not touched. Idempotent; never pkill/killall.
+# Then put back the /etc/slurm files slurm-up.sh replaced (and remove the ones it created).
 #   SLURM_DIR=DIR   the same scratch folder slurm-up.sh used (default /tmp/tcm-slurm)
 D=${SLURM_DIR:-/tmp/tcm-slurm}
 [ -f "$D/owned" ] || exit 0
@@ -25,4 +26,10 @@ tac "$D/owned" | while read -r f; do
   rm -f "$f"
 done
 : > "$D/owned"
+if [ -f "$D/etc-saved/list" ]; then
+  while read -r action f; do
+    if [ "$action" = restore ]; then cp -p "$D/etc-saved/$f" "/etc/slurm/$f"; else rm -f "/etc/slurm/$f"; fi
+  done < "$D/etc-saved/list"
+  rm -rf "$D/etc-saved"
+fi
 exit 0

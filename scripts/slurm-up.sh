@@ -63,6 +63,17 @@ OVERRIDES=""
 if [ "$MEM" -gt "$REAL_MEM" ] || [ "$CPUS" -gt "$(nproc)" ]; then OVERRIDES="SlurmdParameters=config_overrides"; fi
 GRES_NODE=""; GRES_TYPES=""
 mkdir -p /etc/slurm
+# The /etc/slurm files this script writes replace what was there: keep the originals (once per SLURM_DIR), and
+# slurm-down.sh puts them back (or removes ours). A slurm.conf left behind that names a stopped slurmctld makes
+# every `scontrol` wait ~10 s for it, and the Snakemake SLURM plugin runs `scontrol show config` each time
+# Snakemake starts, with or without --executor slurm.
+if [ ! -f "$D/etc-saved/list" ]; then
+  mkdir -p "$D/etc-saved"
+  for f in slurm.conf gres.conf slurmdbd.conf; do
+    if [ -e "/etc/slurm/$f" ]; then cp -p "/etc/slurm/$f" "$D/etc-saved/$f"; echo "restore $f"; else echo "remove $f"; fi
+  done > "$D/etc-saved/list.tmp"
+  mv "$D/etc-saved/list.tmp" "$D/etc-saved/list"
+fi
 if [ "$NGPU" -gt 0 ]; then
   GRES_TYPES="GresTypes=gpu"; GRES_NODE="Gres=gpu:fake:$NGPU"
   # gres/gpu needs File= on a character device, one per GPU: Count-only lines are ignored (node INVAL),
