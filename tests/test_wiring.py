@@ -312,6 +312,26 @@ def test_each_presets_stage2_starts_at_the_ratio_cap(preset):
     assert paper_ratio(start, stage2.q, stage2.double_iters, stage2.ratio_limit) == stage2.ratio_limit
 
 
+def test_distillation_arm_walks_its_curriculum_to_the_cap_and_compares_like_for_like():
+    """The tiny CD arm (its own size: batch 16, 200 iterations): CD Stage 1 reaches the ratio cap before it ends,
+    so the CD control and CD Stage 2 run at the cap (App. E), and both continue CD Stage 1 with its batch for the
+    same number of iterations (the control is CD Stage 1 going on: same state, schedule and batch semantics)."""
+    from tcm_core.presets import check_preset
+    from tcm_core.schedules import curriculum_ratio
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+    configs = check_preset(config, "tiny")
+    stage1, control, stage2 = (configs[f"distill/{mode}"] for mode in ("stage1", "stage1_continued", "stage2"))
+    assert {cfg.method for cfg in (stage1, control, stage2)} == {"cd"}
+    assert stage1.batch == control.batch == stage2.batch == config["presets"]["tiny"]["distill"]["batch"]
+    assert control.iterations == stage2.iterations
+    last = stage1.iterations - 1  # CD Stage 1's last iteration already trains at the cap
+    for cfg in (stage1, control, stage2):
+        assert curriculum_ratio(last, cfg.q, cfg.double_iters, cfg.ratio_limit) == cfg.ratio_limit
+        assert paper_ratio(last, cfg.q, cfg.double_iters, cfg.ratio_limit) == cfg.ratio_limit
+    assert curriculum_ratio(stage1.iterations // 2, stage1.q, stage1.double_iters, stage1.ratio_limit) < 0.99
+
+
 def test_imagenet_fp16_loss_scaling_is_the_official_one():
     """App. E: mixed precision with dynamic loss scaling; the official ImageNet runs start at 16 (--ls=16) and
     grow the scale every 20000 overflow-free iterations."""
