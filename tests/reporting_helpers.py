@@ -20,7 +20,7 @@ PERIODIC_LABEL = "FID (LeNet features, 256)"  # the periodic evaluation's (confi
 PERIODIC = "periodic/"  # mlflow_store.PERIODIC_PREFIX
 DFID_TS = (0.2, 0.5, 2.0, 4.0, 80.0)
 BASELINE = {"t_prime": 1.0, "rho": 0.25, "w_b": 0.1, "student_sigma": 0.2, "student_nu": 0.01}
-CD = {"method": "cd", "ode_solver": "heun", "guidance": 1.5}
+CD = {"method": "cd", "ode_solver": "heun", "guidance": 1.5, "batch": 16}
 DISTILL_FIDS = {"stage1": 45.0, "stage1_continued": 43.0, "stage2": 38.0}  # unlike every CT number
 
 

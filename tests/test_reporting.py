@@ -176,6 +176,7 @@ def test_table5_shows_the_cd_arm_beside_the_papers_mscoco_numbers_without_a_delt
                        "1.5", "heun", "16.07"]
     assert control[2:5] == [f"{sum(control_seeds) / 3:.2f}", "3", "seed 0: 43.00; seed 1: 42.90; seed 2: 42.80"]
     assert control[8] == MISSING
+    assert s1[10] == "16 × 400" and s2[10] == control[10] == "16 × 400"  # each run's batch and iterations (params)
     assert _row(md, "TCM Stage 2 (consistency distillation)", "2")[2:5] == [f"{DISTILL_FIDS['stage2'] * 0.8:.2f}",
                                                                            "1", MISSING]  # seed 0's 2-step FID
     # the paired difference Stage 2 − control: d = -5.0, -4.7, -4.4, mean -4.7 ± t(0.975, 2) 4.303 x 0.3 / √3

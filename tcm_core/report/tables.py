@@ -323,7 +323,8 @@ def table4(results: Results, paper: Sequence[PaperRow]) -> Table:
 # Table 5 (App. A): consistency distillation
 
 TABLE5_HEADER = ["Stage", "NFE", "FID (ours, CD)", "training seeds", "per seed (ours)", "our metric",
-                 "guidance w (ours)", "ODE solver (ours)", "FID (paper, MSCOCO)", "paper metric", "run"]
+                 "guidance w (ours)", "ODE solver (ours)", "FID (paper, MSCOCO)", "paper metric",
+                 "batch × iterations (ours)", "run"]
 TABLE5_ROWS: list[RowSpec] = [
     ("Stage 1 (consistency distillation)", "stage1", "1", "fid_1step", "t5_stage1"),
     ("Stage 1 (consistency distillation)", "stage1", "2", "fid_2step", ""),
@@ -349,6 +350,13 @@ def _guidance_cell(run: TrainingRun | None) -> str:
     return fmt_g(w) if w is not None else "none (teacher as is)"
 
 
+def _size_cell(run: TrainingRun | None) -> str:
+    """The run's global batch and the iterations it trained (its params): the CD arm's size is its own."""
+    if run is None:
+        return MISSING
+    return f"{fmt_g(run.param('batch'))} × {fmt_g(run.param('iterations'))}"
+
+
 def _per_seed(values: Sequence[tuple[int, float]]) -> str:
     return "; ".join(f"seed {j}: {fmt(v)}" for j, v in values) or MISSING
 
@@ -365,7 +373,8 @@ def _table5_values(comparison: FidComparison, stage: str, nfe: str, m: Measured 
 
 def _table5_difference_row(comparison: FidComparison) -> list[str]:
     return [TABLE5_DIFFERENCE, "1", comparison.interval_text(), str(comparison.seeds) if comparison.pairs else MISSING,
-            _per_seed(comparison.differences()), comparison.label, MISSING, MISSING, MISSING, MISSING, MISSING]
+            _per_seed(comparison.differences()), comparison.label, MISSING, MISSING, MISSING, MISSING, MISSING,
+            MISSING]
 
 
 def _table5_intro(results: Results, measured: Sequence[Measured | None], shown: dict[str, float | None],
@@ -404,13 +413,16 @@ def table5(results: Results, paper: Sequence[PaperRow]) -> Table:
         solver = run.params.get("ode_solver") if run is not None else None
         rows.append([name, nfe, fmt(value), seeds, per_seed, m.label if m else MISSING, _guidance_cell(run),
                      str(solver) if solver else MISSING, fmt(p.fid if p else None),
-                     TABLE5_PAPER_METRIC if p else MISSING, _run_cell(m)])
+                     TABLE5_PAPER_METRIC if p else MISSING, _size_cell(run), _run_cell(m)])
     rows.append(_table5_difference_row(comparison))
     notes = ["The paper does not state the NFE of Table 5; its Fig. 6 shows one-step samples, so its two numbers "
              "stand beside our 1-step rows.",
              "The CD control is CD Stage 1 continued from its final training state for as long as Stage 2 runs "
              "(as the CT control); the paper's Table 5 has no such row, so its numbers compare Stage 2 with Stage 1.",
-             "The run column names training seed 0's run; seed j > 0 is `<run>/seed~j`."]
+             "The run column names training seed 0's run; seed j > 0 is `<run>/seed~j`.",
+             "The batch × iterations column is each run's own (its MLflow params): a preset may size the CD arm "
+             "apart from the CT arms (tiny: App. A's quick validation, batch 16); within the arm the control and "
+             "Stage 2 continue Stage 1 with its batch for equally many iterations."]
     if not any(r.grid == DISTILL_GRID for r in results.runs):
         notes.append(f"Preset {results.preset} has no distillation run yet (a `distill` block and a `teacher` in "
                      "config.yaml plan one).")
