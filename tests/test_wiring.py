@@ -313,9 +313,9 @@ def test_each_presets_stage2_starts_at_the_ratio_cap(preset):
 
 
 def test_distillation_arm_walks_its_curriculum_to_the_cap_and_compares_like_for_like():
-    """The tiny CD arm (its own size: batch 16, 200 iterations): CD Stage 1 reaches the ratio cap before it ends,
-    so the CD control and CD Stage 2 run at the cap (App. E), and both continue CD Stage 1 with its batch for the
-    same number of iterations (the control is CD Stage 1 going on: same state, schedule and batch semantics)."""
+    """The tiny CD arm (its own length: 200 iterations per run): CD Stage 1 reaches the ratio cap before it ends,
+    so the CD control and CD Stage 2 run at the cap (App. E), and both continue CD Stage 1 with its batch (the CT
+    arms') for the same number of iterations (the control is CD Stage 1 going on: same state, schedule, batch)."""
     from tcm_core.presets import check_preset
     from tcm_core.schedules import curriculum_ratio
 
@@ -323,7 +323,7 @@ def test_distillation_arm_walks_its_curriculum_to_the_cap_and_compares_like_for_
     configs = check_preset(config, "tiny")
     stage1, control, stage2 = (configs[f"distill/{mode}"] for mode in ("stage1", "stage1_continued", "stage2"))
     assert {cfg.method for cfg in (stage1, control, stage2)} == {"cd"}
-    assert stage1.batch == control.batch == stage2.batch == config["presets"]["tiny"]["distill"]["batch"]
+    assert stage1.batch == control.batch == stage2.batch == configs["stage1"].batch
     assert control.iterations == stage2.iterations
     last = stage1.iterations - 1  # CD Stage 1's last iteration already trains at the cap
     for cfg in (stage1, control, stage2):

@@ -421,8 +421,8 @@ def table5(results: Results, paper: Sequence[PaperRow]) -> Table:
              "(as the CT control); the paper's Table 5 has no such row, so its numbers compare Stage 2 with Stage 1.",
              "The run column names training seed 0's run; seed j > 0 is `<run>/seed~j`.",
              "The batch × iterations column is each run's own (its MLflow params): a preset may size the CD arm "
-             "apart from the CT arms (tiny: App. A's quick validation, batch 16); within the arm the control and "
-             "Stage 2 continue Stage 1 with its batch for equally many iterations."]
+             "apart from the CT arms (tiny: 200 iterations per run, a quick validation as App. A calls its own); "
+             "within the arm the control and Stage 2 continue Stage 1 with its batch for equally many iterations."]
     if not any(r.grid == DISTILL_GRID for r in results.runs):
         notes.append(f"Preset {results.preset} has no distillation run yet (a `distill` block and a `teacher` in "
                      "config.yaml plan one).")
