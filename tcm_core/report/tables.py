@@ -372,9 +372,9 @@ def _table5_values(comparison: FidComparison, stage: str, nfe: str, m: Measured 
 
 
 def _table5_difference_row(comparison: FidComparison) -> list[str]:
-    return [TABLE5_DIFFERENCE, "1", comparison.interval_text(), str(comparison.seeds) if comparison.pairs else MISSING,
-            _per_seed(comparison.differences()), comparison.label, MISSING, MISSING, MISSING, MISSING, MISSING,
-            MISSING]
+    cells = [TABLE5_DIFFERENCE, "1", comparison.interval_text(), str(comparison.seeds) if comparison.pairs else MISSING,
+             _per_seed(comparison.differences()), comparison.label]
+    return cells + [MISSING] * (len(TABLE5_HEADER) - len(cells))  # no guidance, solver, paper value, size or run
 
 
 def _table5_intro(results: Results, measured: Sequence[Measured | None], shown: dict[str, float | None],
