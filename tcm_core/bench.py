@@ -15,8 +15,12 @@ log-Student-t 0/0.2/0.01 on [1, 80]); both at the curriculum cap (``curriculum: 
 Precision: ``fp32``; ``tf32`` = fp32 with ``tf32: true`` (TF32 matmuls/convolutions on CUDA, a no-op on CPU);
 ``bf16`` / ``fp16`` = the config's ``precision`` (autocast; fp16 with the GradScaler), CUDA only.
 
-Time: best of ``repeats`` measurements with the two stages interleaved (S1, S2, S1, S2, ...) after warm-up, so
-drifting machine load affects both alike.
+Time: best of ``repeats`` measurements with the two stages interleaved in pairs (S1 S2, S2 S1, S1 S2, ...) after
+warm-up, so drifting machine load affects both alike and neither always runs first. The ratio of the bests is
+the headline figure; its uncertainty comes from the pairs (``time_pairs``): each repeat's S2/S1 ratio (adjacent
+in time, so slow drift cancels), their median and the distribution-free 95% interval of that median (binomial
+order statistics, ``scipy.stats.quantile_test``; needs >= 6 repeats), and a verdict against the goal: "meets" if
+the interval lies at or below it, "misses" if above it, else "inconclusive".
 
 Memory: the peak of the bytes the measured work holds, static state included: weights, EMA, gradients, optimizer
 state, the frozen copy (Stage 2), activations and temporaries. Each stage is measured separately, building its
@@ -60,6 +64,10 @@ PRECISIONS: dict[str, dict[str, Any]] = {  # --precision -> TrainConfig keys
     "fp16": {"precision": "fp16", "tf32": False},
 }
 STAGE_MODES = {1: "stage1", 2: "stage2"}
+GOALS = {"time": 1.05, "mem": 1.10}  # Stage-2 / Stage-1 goals of this code (the paper: 1.18, 1.15)
+CONFIDENCE = 0.95  # of the paired-ratio interval
+STEP_REPEATS = 25  # default step-benchmark repeats: enough pairs for a 95% interval of a few per cent on CPU
+TRAIN_REPEATS = 5  # default --train iterations per round
 SYNTHETIC_IMAGES = 256  # images in the synthetic data set (the sampler wraps around for larger batches)
 
 
@@ -238,7 +246,8 @@ def _device_kind(device: str) -> str:
 
 def measure_step_times(inputs: SyntheticInputs, batch: int, device: str, precision: str = "fp32", repeats: int = 5,
                        warmup: int = 1, seed: int = 0) -> dict[str, list[float]]:
-    """Seconds per ``train_step`` of a Stage-1 and a Stage-2 run of the same net and batch, interleaved S1, S2, ...
+    """Seconds per ``train_step`` of a Stage-1 and a Stage-2 run of the same net and batch, interleaved in pairs
+    (S1 S2, S2 S1, S1 S2, ...).
 
     Returns lists of wall-clock seconds ("wall1", "wall2") and of this process's CPU seconds ("cpu1", "cpu2").
     On a shared CPU machine the CPU time is the steadier figure (it does not count time waiting for a core).
@@ -251,7 +260,8 @@ def measure_step_times(inputs: SyntheticInputs, batch: int, device: str, precisi
         runs = {stage: build_run(inputs, mode, bench_config(mode, batch, precision, seed), device,
                                  Path(out) / mode) for stage, mode in STAGE_MODES.items()}
         for rep in range(warmup + repeats):
-            for stage, run in runs.items():
+            # adjacent pairs, alternating S1 S2 / S2 S1, so neither stage always runs first
+            for stage, run in (list(runs.items()) if rep % 2 == 0 else list(runs.items())[::-1]):
                 sync(dev)
                 start, start_cpu = time.perf_counter(), time.process_time()
                 train_step(run)
@@ -288,6 +298,7 @@ def step_report(inputs: SyntheticInputs, batch: int, device: str, precision: str
     t1, t2 = min(times["wall1"]), min(times["wall2"])
     c1, c2 = min(times["cpu1"]), min(times["cpu2"])
     m1, m2 = memory[1]["peak_bytes"], memory[2]["peak_bytes"]
+    paired = paired_ratio(times["wall1"], times["wall2"])
     return {
         **device_fields(device), "net": inputs.net_name, "batch": batch, "precision": precision,
         "parameters": inputs.parameters, "repeats": repeats, "warmup": warmup, "ema": True,
@@ -296,11 +307,31 @@ def step_report(inputs: SyntheticInputs, batch: int, device: str, precision: str
         "stage1_peak_bytes": m1, "stage2_peak_bytes": m2,
         "stage1_static_bytes": memory[1]["static_bytes"], "stage2_static_bytes": memory[2]["static_bytes"],
         "stage2_over_stage1_time": t2 / t1, "stage2_over_stage1_mem": m2 / m1,
+        "time_pairs": paired, "goals": GOALS,
+        "mem_verdict": "meets" if m2 / m1 <= GOALS["mem"] else "misses",  # the peak bytes do not vary run to run
         "memory_method": "cuda.max_memory_allocated" if device == "cuda" else "profiler allocator events",
         "settings": {"stage1": "lognormal(-1.1, 2.0) on [0.002, 80]", "stage2": "student_t(0, 0.2, 0.01) on [1, 80]",
                      "t_prime": 1.0, "rho": 0.25, "w_b": 0.1, "c": 1e-8, "weighting": "inv_delta_t",
                      "ratio": 0.999, "step": "tcm_core.train_step.train_step"},
     }
+
+
+def paired_ratio(first: list[float], second: list[float], goal: float = GOALS["time"],
+                 confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """The per-repeat ratios second[i] / first[i], their median, its distribution-free ``confidence`` interval
+    (None with too few repeats) and the verdict against ``goal`` (see the module docstring)."""
+    from scipy.stats import quantile_test
+
+    ratios = [b / a for a, b in zip(first, second, strict=True)]
+    median = float(np.median(ratios))
+    ci = quantile_test(ratios, q=median, p=0.5).confidence_interval(confidence)
+    low, high = (None, None) if math.isnan(ci.low) or math.isnan(ci.high) else (float(ci.low), float(ci.high))
+    if low is None:
+        verdict = f"inconclusive (an interval needs >= 6 repeats, got {len(ratios)})"
+    else:
+        verdict = "meets" if high <= goal else "misses" if low > goal else "inconclusive"
+    return {"ratios": ratios, "median": median, "interval": [low, high], "confidence": confidence, "goal": goal,
+            "verdict": verdict}
 
 
 def device_fields(device: str) -> dict[str, Any]:
@@ -417,7 +448,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
                         help="fp32, tf32 (fp32 with TF32 matmuls), bf16 or fp16 (autocast; CUDA only)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats per variant (best kept)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved timed repeats per variant (best "
+                        f"kept; default {STEP_REPEATS} for the step benchmark, {TRAIN_REPEATS} iterations per round "
+                        "for --train)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -443,7 +476,15 @@ def _step_line(r: dict[str, Any]) -> str:
     return (f"{r['net']} batch {r['batch']} {r['precision']} on {r['device_name']}: time S1 {r['stage1_time_s']:.4f}s "
             f"S2 {r['stage2_time_s']:.4f}s (x{r['stage2_over_stage1_time']:.3f}, CPU time "
             f"x{r['stage2_over_stage1_cpu_time']:.3f}); peak memory S1 {r['stage1_peak_bytes'] / 2**20:.1f} MiB "
-            f"S2 {r['stage2_peak_bytes'] / 2**20:.1f} MiB (x{r['stage2_over_stage1_mem']:.3f})")
+            f"S2 {r['stage2_peak_bytes'] / 2**20:.1f} MiB (x{r['stage2_over_stage1_mem']:.3f}, {r['mem_verdict']} "
+            f"<= {r['goals']['mem']}); {_pairs_text(r['time_pairs'])}")
+
+
+def _pairs_text(pairs: dict[str, Any]) -> str:
+    low, high = pairs["interval"]
+    interval = "no interval" if low is None else f"{pairs['confidence']:.0%} interval [{low:.3f}, {high:.3f}]"
+    return (f"paired time ratio median {pairs['median']:.3f} over {len(pairs['ratios'])} repeats, {interval}: "
+            f"{pairs['verdict']} <= {pairs['goal']}")
 
 
 def _train_line(r: dict[str, Any]) -> str:
@@ -464,12 +505,14 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.train:
         modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
         methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
-        result = benchmark_train_iterations(args.net, args.batch, device, repeats=args.repeats, warmup=args.warmup,
+        repeats = TRAIN_REPEATS if args.repeats is None else args.repeats
+        result = benchmark_train_iterations(args.net, args.batch, device, repeats=repeats, warmup=args.warmup,
                                             rounds=args.rounds, modes=modes, precision=args.precision,
                                             methods=methods, ode_solver=args.ode_solver, guidance=args.guidance)
         _emit(args, result, _train_line)
         return 0
-    result = run_step_benchmark(args.net, args.batch, device, args.repeats, warmup=args.warmup,
+    repeats = STEP_REPEATS if args.repeats is None else args.repeats
+    result = run_step_benchmark(args.net, args.batch, device, repeats, warmup=args.warmup,
                                 precision=args.precision)
     _emit(args, result, _step_line)
     return 0

@@ -3,13 +3,14 @@
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tcm_core.bench import cpu_peak_bytes
+from tcm_core.bench import cpu_peak_bytes, paired_ratio
 
 MiB = 2**20
 
@@ -25,6 +26,53 @@ def test_cpu_peak_counts_live_allocator_bytes():
         d = torch.empty(MiB // 2, dtype=torch.uint8)
         del d
     assert result["peak"] == pytest.approx(5 * MiB, rel=0.01)
+
+
+def _median_rank_interval(n: int, confidence: float) -> tuple[int, int]:
+    """1-based ranks of the distribution-free interval of a median: the largest k with P(Bin(n, 1/2) < k) <= a/2."""
+    below = lambda k: sum(math.comb(n, i) for i in range(k)) / 2**n  # noqa: E731  P(Bin(n, 1/2) <= k - 1)
+    k = max(k for k in range(1, n // 2 + 1) if below(k) <= (1 - confidence) / 2)
+    return k, n + 1 - k
+
+
+@pytest.mark.parametrize("n", [6, 20, 25, 41])
+def test_paired_ratio_interval_is_the_median_order_statistics(n):
+    gen = torch.Generator().manual_seed(n)
+    first = (0.2 + 0.1 * torch.rand(n, generator=gen)).tolist()
+    second = (0.2 + 0.1 * torch.rand(n, generator=gen)).tolist()
+    result = paired_ratio(first, second)
+    ratios = sorted(b / a for a, b in zip(first, second))
+    assert result["ratios"] == pytest.approx([b / a for a, b in zip(first, second)])
+    assert result["median"] == pytest.approx(statistics.median(ratios))
+    low, high = _median_rank_interval(n, 0.95)
+    assert (low, high) == {6: (1, 6), 20: (6, 15)}.get(n, (low, high))  # textbook ranks
+    assert result["interval"] == pytest.approx([ratios[low - 1], ratios[high - 1]])
+
+
+def test_paired_ratio_verdict_against_the_goal():
+    base = [0.2 + 0.001 * i for i in range(10)]
+    meets = paired_ratio(base, [b * (1.0 + 0.002 * (i % 3)) for i, b in enumerate(base)], goal=1.05)
+    misses = paired_ratio(base, [b * (1.08 + 0.002 * (i % 3)) for i, b in enumerate(base)], goal=1.05)
+    straddles = paired_ratio(base, [b * (1.0 + 0.02 * i) for i, b in enumerate(base)], goal=1.05)
+    assert (meets["verdict"], misses["verdict"], straddles["verdict"]) == ("meets", "misses", "inconclusive")
+    assert straddles["interval"][0] < 1.05 < straddles["interval"][1]
+    few = paired_ratio(base[:5], base[:5], goal=1.05)
+    assert few["interval"] == [None, None] and few["verdict"].startswith("inconclusive (an interval needs >= 6")
+
+
+def test_step_benchmark_pairs_are_the_measured_steps():
+    """The report's paired ratios are the measured Stage-2 / Stage-1 times, repeat by repeat."""
+    from tcm_core.bench import GOALS, run_step_benchmark
+
+    micro = {"model_channels": 8, "channel_mult": [1], "num_blocks": 1, "attn_resolutions": []}
+    report = run_step_benchmark("tiny", batch=4, repeats=6, warmup=0, arch_overrides=micro)
+    pairs = report["time_pairs"]
+    assert pairs["ratios"] == pytest.approx([b / a for a, b in zip(report["stage1_times_s"], report["stage2_times_s"])])
+    assert len(pairs["ratios"]) == 6 and pairs["goal"] == GOALS["time"]
+    assert pairs["interval"] == pytest.approx([min(pairs["ratios"]), max(pairs["ratios"])])  # n = 6: ranks 1 and 6
+    assert report["stage2_over_stage1_time"] == pytest.approx(min(report["stage2_times_s"])
+                                                              / min(report["stage1_times_s"]))
+    assert report["mem_verdict"] == ("meets" if report["stage2_over_stage1_mem"] <= GOALS["mem"] else "misses")
 
 
 @pytest.mark.slow
