@@ -188,6 +188,8 @@ def bench_case(ctx: Context, spec: NetSpec, precision: str) -> dict[str, Any]:
     result = bench.run_step_benchmark(spec.net, spec.batch, ctx.device, plan.bench_repeats,
                                       warmup=plan.bench_warmup, precision=precision, inputs=ctx.inputs(spec))
     result.pop("settings", None)
+    pairs = result["time_pairs"]
+    result.update(time_paired_median=pairs["median"], time_interval=pairs["interval"], time_verdict=pairs["verdict"])
     for key in ("stage2_over_stage1_time", "stage2_over_stage1_mem"):
         if not (math.isfinite(result[key]) and result[key] > 0):
             raise CheckFailed(f"{key} is {result[key]}", result)

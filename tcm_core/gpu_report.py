@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from tcm_core.bench import GOALS
 from tcm_core.errors import ConfigError
 
 GIB = 2**30
@@ -30,6 +31,10 @@ def _num(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _interval(value: Any) -> str:
+    return "—" if not value or value[0] is None else f"[{value[0]:.3f}, {value[1]:.3f}]"
+
+
 def _gib(value: Any) -> str:
     return "—" if value is None else f"{value / GIB:.2f} GiB"
 
@@ -42,7 +47,9 @@ COLUMNS: dict[str, list[tuple[str, str, Callable[[Any], str]]]] = {
     "precision": [("step-1 loss vs fp32", "first_loss_rel_diff", _num), ("tolerance", "tolerance", _num),
                   ("cap loss / fp32", "cap_loss_over_fp32", _num), ("scaler skips", "updates_skipped_by_scaler", _num),
                   ("loss scale", "loss_scale", _num), ("s/step", "seconds_per_step", _num)],
-    "bench": [("S2/S1 time", "stage2_over_stage1_time", _num), ("S2/S1 memory", "stage2_over_stage1_mem", _num),
+    "bench": [("S2/S1 time", "stage2_over_stage1_time", _num), ("paired median", "time_paired_median", _num),
+              ("95% interval", "time_interval", _interval), ("time verdict", "time_verdict", _num),
+              ("S2/S1 memory", "stage2_over_stage1_mem", _num), ("memory verdict", "mem_verdict", _num),
               ("S1 s/step", "stage1_time_s", _num), ("S1 peak", "stage1_peak_bytes", _gib),
               ("S2 peak", "stage2_peak_bytes", _gib)],
     "ddp": [("max weight diff", "max_diff_to_one_process", _num), ("tolerance", "tolerance", _num),
@@ -67,9 +74,11 @@ NOTES = {
         "1.07-1.7x for fp16 at 0.999 on the tiny net). fp16 is the config's `precision: fp16` (autocast + "
         "GradScaler); edm_fp16 is EDM's own fp16 (`--fp16=1`: the UNet input cast to float16, weights cast "
         "inside the layers, GradScaler(init_scale=16)), which the config cannot select: a check-only hook adds it."),
-    "bench": "`python -m tcm_core.bench` on the real `train_step`: best of interleaved repeats; peak of what the "
-             "measured work allocates (CUDA allocator), never RSS. Goal at ddpmpp batch 128: time <= 1.05, "
-             "memory <= 1.10 (the paper reports 1.18 and 1.15 on EDM2-S).",
+    "bench": "`python -m tcm_core.bench` on the real `train_step`: 'S2/S1 time' is the ratio of the best of "
+             "interleaved repeats; the paired median, its distribution-free 95 % interval and the verdict come from "
+             "the per-repeat S2/S1 ratios; peak of what the measured work allocates (CUDA allocator), never RSS. "
+             f"Goal at ddpmpp batch 128: time <= {GOALS['time']}, memory <= {GOALS['mem']} (the paper reports 1.18 "
+             "and 1.15 on EDM2-S).",
     "ddp": "Stage 2 for 3 iterations (batch_gpu chunks, global boundary draw, frozen model, dropout replay) vs one "
            "process: the weights must agree within 1 % of the largest weight change (tests/test_ddp.py's bound).",
     "train_speed": "`bench --train`: the best of the timed iterations of `training.train` for that mode at the "

@@ -154,7 +154,7 @@ def gpu_plan(config: Path, budget_s: float) -> Plan:
     jobs = paper_jobs(config)
     nets = [NetSpec("ddpmpp", 128, label="cifar10"), NetSpec("edm2_s", 32, label="imagenet64_s")]
     return Plan(dry_run=False, device="cuda", budget_s=budget_s, precision_nets=nets, precision_steps=20,
-                bench_repeats=5, bench_warmup=1, train_specs=jobs, train_repeats=5, train_warmup=2,
+                bench_repeats=12, bench_warmup=1, train_specs=jobs, train_repeats=5, train_warmup=2,
                 ddp=NetSpec("ddpmpp", 16, label="cifar10"), ddp_batch_gpu=4, ddp_iterations=3, ddp_timeout_s=240,
                 samples=[(nets[0], _mid_t(config, "cifar10")), (nets[1], _mid_t(config, "imagenet64_s"))],
                 sample_num=1024, sample_batch=256, feature_batch=256, memory_tries=5, cost_jobs=cost_jobs(config))
