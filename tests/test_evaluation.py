@@ -19,13 +19,7 @@ from tcm_core.sampling import generate, sample_batches, to_uint8
 OFFICIAL_INCEPTION = Path(os.environ.get("TCM_OFFICIAL_INCEPTION", "/tmp/inception-2015-12-05.pt"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These workloads are tiny; on a busy 2-core machine two intra-op threads made them ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,13 @@
 """EDM, Stage-1 CT and Stage-2 TCM losses, checked against direct re-computations of the paper's formulas."""
 
 import copy
+import functools
 import math
 
 import numpy as np
 import pytest
 import torch
+from training_helpers import perturbed_micro_net
 
 from tcm_core.losses import (
     ConsistencyLoss,
@@ -15,31 +17,13 @@ from tcm_core.losses import (
     loss_weight,
     pseudo_huber,
 )
-from tcm_core.networks import arch_preset, build_precond
 from tcm_core.precond import edm_coefficients
 from tcm_core.schedules import TruncatedLogNormal, TruncatedLogStudentT, curriculum_ratio, earlier_time
 
 B = 8
 
 
-def small_net(dropout: float = 0.0, seed: int = 0, label_dim: int = 0) -> torch.nn.Module:
-    """A few-thousand-parameter DDPM++ on 16x16 with weights perturbed away from EDM's zero-init,
-    so that every layer (and dropout) visibly changes the output."""
-    torch.manual_seed(seed)
-    arch = arch_preset(
-        "tiny",
-        model_channels=8,
-        channel_mult=[1, 2],
-        num_blocks=1,
-        attn_resolutions=[8],
-        dropout=dropout,
-        label_dim=label_dim,
-    )
-    net = build_precond(arch)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return net.train()
+small_net = functools.partial(perturbed_micro_net, dropout=0.0)
 
 
 def images(seed: int = 1) -> torch.Tensor:

@@ -27,13 +27,7 @@ TINY_EDM2 = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny nets gain nothing from intra-op threads; on a loaded 2-core box OpenMP spinning slows them 50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _meta_build(arch):

@@ -1,29 +1,15 @@
 """Consistency sampler: formulas, seeding, batch-size invariance, class labels, uint8 quantisation."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
+from training_helpers import perturbed_micro_net
 
-from tcm_core.networks import arch_preset, build_precond
 from tcm_core.sampling import SEED_STRIDE, generate, sample_batches, to_uint8
 
-
-def small_net(label_dim: int = 0, dropout: float = 0.2) -> torch.nn.Module:
-    torch.manual_seed(0)
-    arch = arch_preset(
-        "tiny",
-        model_channels=8,
-        channel_mult=[1, 2],
-        num_blocks=1,
-        attn_resolutions=[8],
-        dropout=dropout,
-        label_dim=label_dim,
-    )
-    net = build_precond(arch)
-    with torch.no_grad():  # move away from EDM's zero-init so the output depends on every input
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return net.train()
+small_net = functools.partial(perturbed_micro_net, dropout=0.2)
 
 
 def test_one_step_is_f_of_scaled_latent():

@@ -37,6 +37,21 @@ def micro_network(seed: int = 0) -> torch.nn.Module:
     return build_precond(arch_preset(spec.pop("preset"), **spec))
 
 
+def perturbed_micro_net(*, dropout: float, seed: int = 0, label_dim: int = 0) -> torch.nn.Module:
+    """A few-thousand-parameter DDPM++ on 16x16 (train mode) with weights perturbed away from EDM's zero-init,
+    so that every layer, every input and dropout visibly change the output."""
+    from tcm_core.networks import arch_preset, build_precond
+
+    torch.manual_seed(seed)
+    arch = arch_preset("tiny", model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
+                       dropout=dropout, label_dim=label_dim)
+    net = build_precond(arch)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return net.train()
+
+
 def save_micro_checkpoint(path: Path, iteration: int, seed: int = 0) -> Path:
     from tcm_core.network_files import save_network
 
