@@ -12,7 +12,8 @@ its share is spent, and everything stops at 1.4x the budget):
 
 * precision: ``ddpmpp`` at batch 128 and ``edm2_s`` at 32, Stage 1 and Stage 2, 20 real training steps in fp32,
   TF32, bf16 autocast, fp16 autocast with the GradScaler (``precision: fp16``) and EDM-style fp16 (check-only
-  hook): finite losses and weights, step-1 loss within tolerance of fp32 on the same inputs;
+  hook): finite losses and weights, step-1 loss within tolerance of fp32 on the same inputs (the dry run runs
+  the autocast cases under CPU autocast with a CPU GradScaler; TF32 only on CUDA);
 * bench: Stage-2 / Stage-1 step time and peak-memory ratios per precision (``tcm_core.bench``);
 * ddp: 2 processes under torchrun (nccl on one GPU if NCCL allows it) and a 1-process DDP wrap, each against
   one process at the same global batch (the world-size invariance of tests/test_ddp.py);
@@ -188,7 +189,7 @@ def precision_cases(plan: Plan) -> list[Case]:
             prec = order[rank]
             cases += [Case("precision", f"{spec.net} batch {spec.batch} {mode} {prec}",
                            functools.partial(checks.precision_case, spec=spec, precision=prec, mode=mode),
-                           needs_cuda=prec in checks.CUDA_PRECISIONS) for mode in ("stage1", "stage2")]
+                           needs_cuda=prec not in checks.CPU_PRECISION_CASES) for mode in ("stage1", "stage2")]
     return cases
 
 

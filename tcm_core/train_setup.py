@@ -140,8 +140,8 @@ def check_inputs(cfg: TrainConfig, mode: str, paths: RunPaths) -> None:
             raise MissingFileError("input file does not exist", f"{label} {path}", "build or fetch it first")
 
 
-def check_precision(cfg: TrainConfig, device_kind: str) -> None:
-    if device_kind != "cuda" and cfg.precision != "fp32":
+def check_precision(cfg: TrainConfig, device_kind: str, cpu_autocast: bool = False) -> None:
+    if device_kind != "cuda" and cfg.precision != "fp32" and not cpu_autocast:
         raise ConfigError(f"bf16/fp16 autocast is CUDA only, got precision {cfg.precision!r} on {device_kind}",
                           "config key 'precision'", "use precision=fp32 on this device")
 
@@ -309,11 +309,14 @@ def load_teacher(cfg: TrainConfig, paths: RunPaths, student: nn.Module, dataset:
     return teacher.eval().requires_grad_(False)
 
 
-def setup(cfg: TrainConfig, mode: str, paths: RunPaths, device: str = "auto") -> Run:
-    """Build the run (networks, loss, optimiser, sampler) and restore its newest state or Stage 1's final one."""
+def setup(cfg: TrainConfig, mode: str, paths: RunPaths, device: str = "auto", *, cpu_autocast: bool = False) -> Run:
+    """Build the run (networks, loss, optimiser, sampler) and restore its newest state or Stage 1's final one.
+
+    ``cpu_autocast`` lets bf16/fp16 (autocast, GradScaler) run on CPU: only the GPU check's dry run asks for it,
+    to run those code paths without a GPU; no config key reaches it, and training on CPU refuses them."""
     check_inputs(cfg, mode, paths)
     device_kind = distributed.pick_device(device)
-    check_precision(cfg, device_kind)
+    check_precision(cfg, device_kind, cpu_autocast)
     dist_info = distributed.init_distributed(device_kind)
     validate_config(cfg, mode, dist_info.world_size)
     chunk, chunks_per_rank = batch_split(cfg, mode, dist_info.world_size)
@@ -333,7 +336,7 @@ def setup(cfg: TrainConfig, mode: str, paths: RunPaths, device: str = "auto") ->
               ema=copy.deepcopy(net).eval().requires_grad_(False), frozen=frozen, teacher=teacher,
               loss_fn=build_loss(cfg, mode, float(getattr(net, "sigma_data", 0.5)), frozen, teacher),
               optimizer=build_optimizer(cfg, net.parameters()),
-              scaler=build_scaler(cfg), chunk=chunk,
+              scaler=build_scaler(cfg, device_kind), chunk=chunk,
               chunks_per_rank=chunks_per_rank, sampler=None, start_iteration=start, iteration=start,
               curriculum_at_cap=curriculum_at_cap(cfg, mode, info["init_iteration"], continued), info=info)
     sampler_position = restore(run)

@@ -121,6 +121,32 @@ def test_a_spent_budget_skips_the_rest_of_its_check_and_the_run():
     assert "run's time limit" in records[3]["reason"]
 
 
+def test_dry_run_precision_check_runs_autocast_and_the_grad_scaler_on_cpu():
+    """The bf16/fp16/EDM-fp16 code paths run before a GPU arrives: CPU autocast really rounds (the step-1 loss
+    moves off fp32's, within the tolerance) and fp16 steps through an enabled GradScaler that backs off on overflow."""
+    plan = gpucheck.dry_run_plan(gpucheck.DEFAULT_CONFIG, 3600)
+    plan.checks = ("precision",)
+    cases = gpucheck.build_cases(plan)
+    assert {c.name.split()[-1] for c in cases if c.needs_cuda} == {"tf32"}
+    records = gpucheck.run_all(plan, cases, lambda rs: None)
+    passed = {(r["figures"]["precision"], r["figures"]["mode"]): r["figures"] for r in records if r["status"] == "pass"}
+    assert set(passed) == {(p, m) for p in ("fp32", "bf16", "fp16", "edm_fp16") for m in ("stage1", "stage2")}, [
+        (r["name"], r["status"], r["reason"]) for r in records]
+    for (precision, _), figures in passed.items():
+        if precision == "fp32":
+            assert figures["loss_scale"] is None
+            continue
+        assert 0 < figures["first_loss_rel_diff"] <= gpu_checks.LOSS_TOLERANCE[precision], figures
+        if precision == "bf16":
+            assert figures["loss_scale"] is None and figures["updates_skipped_by_scaler"] == 0, figures
+            continue
+        # GradScaler: the initial scale, halved at each overflowed (skipped) step, no growth within 3 steps
+        initial = (gpu_checks.EDM_FP16_SCALER["init_scale"] if precision == "edm_fp16"
+                   else gpu_checks.bench.bench_config("stage1", 4, "fp16").loss_scale)
+        skipped = figures["updates_skipped_by_scaler"]
+        assert figures["loss_scale"] == initial * 0.5**skipped and skipped < figures["steps"], figures
+
+
 @pytest.mark.slow
 def test_dry_run_checks_every_path_on_cpu_and_its_json_feeds_the_cost_table(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -136,6 +162,8 @@ def test_dry_run_checks_every_path_on_cpu_and_its_json_feeds_the_cost_table(tmp_
         if record["status"] == "skipped":
             assert record["reason"] == "skipped: needs CUDA", record
             assert any(p in record["name"] for p in gpu_checks.CUDA_PRECISIONS), record["name"]
+    autocast = {r["name"].split()[-1] for r in doc["cases"] if r["check"] == "precision" and r["status"] == "pass"}
+    assert autocast == {"fp32", *gpu_checks.AUTOCAST_PRECISIONS}, autocast  # CPU autocast in the dry run
     by_check = {r["check"]: r["figures"] for r in doc["cases"] if r["status"] == "pass"}
     assert by_check["ddp"]["max_diff_to_one_process"] <= by_check["ddp"]["tolerance"]
     assert by_check["memory"]["largest_fitting_batch"] >= 8 and by_check["memory"]["tries"][0]["fits"]
