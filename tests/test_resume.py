@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from training_helpers import (
+    MICRO_ARCH,
     REPO,
     cli_command,
     cli_env,
@@ -23,6 +24,43 @@ from training_helpers import (
 )
 
 from tcm_core.train_state import list_states
+
+
+def test_fp16_grad_scaler_resumes_bit_identically(tmp_path):
+    """fp16's GradScaler (scale and growth tracker) is part of the training state: a Stage-2 run stopped after 3
+    steps and rebuilt from its saved state goes on exactly as the uninterrupted run, through backoffs and growths
+    of the scale (CPU autocast, as the GPU check's dry run runs it)."""
+    from tcm_core import bench
+    from tcm_core.train_state import save_state, state_of
+    from tcm_core.train_step import train_step
+
+    arch = {k: v for k, v in MICRO_ARCH.items() if k != "preset"}
+    inputs = bench.write_synthetic_inputs(tmp_path / "inputs", "tiny", arch)
+    cfg = bench.bench_config("stage2", 4, "fp16", loss_scale_growth=2, lr=1e-3)
+
+    def build(name: str):
+        return bench.build_run(inputs, "stage2", cfg, "cpu", tmp_path / name, cpu_autocast=True)
+
+    def steps(run, count: int) -> list[float]:
+        """The loss scale after each of ``count`` training steps."""
+        scales = []
+        for _ in range(count):
+            train_step(run)
+            scales.append(float(run.scaler.get_scale()))
+        return scales
+
+    whole = build("whole")
+    whole_scales = steps(whole, 6)
+    cut = build("cut")
+    cut_scales = steps(cut, 3)
+    save_state(cut.paths.state_folder, state_of(cut))
+    resumed = build("cut")
+    assert resumed.resumed_from == cut.iteration and resumed.scaler.get_scale() == cut_scales[-1]
+    assert cut_scales + steps(resumed, 3) == whole_scales
+    assert len(set(whole_scales)) > 2, whole_scales  # the scale moved both ways: backoff and growth were resumed
+    for name in ("net", "ema"):
+        for key, value in getattr(whole, name).state_dict().items():
+            assert torch.equal(value, getattr(resumed, name).state_dict()[key]), (name, key)
 
 
 def _metrics(run: Path) -> list[dict]:
