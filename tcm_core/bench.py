@@ -137,14 +137,13 @@ def bench_config(mode: str, batch: int, precision: str = "fp32", seed: int = 0, 
     return build_config({**base, **keys}, mode)
 
 
-def build_run(inputs: SyntheticInputs, mode: str, cfg: TrainConfig, device: str, out: Path, *,
-              cpu_autocast: bool = False):
+def build_run(inputs: SyntheticInputs, mode: str, cfg: TrainConfig, device: str, out: Path):
     """A real training run (``train_setup.setup``) of ``mode`` on the synthetic inputs."""
     from tcm_core.train_setup import RunPaths, setup
 
     paths = RunPaths(data=inputs.data, out=out, init=inputs.init,
                      boundary_model=inputs.init if mode in TRUNCATED_MODES else None)
-    return setup(cfg, mode, paths, device, cpu_autocast=cpu_autocast)
+    return setup(cfg, mode, paths, device)
 
 
 # ---------------------------------------------------------------------------------------------------------- memory

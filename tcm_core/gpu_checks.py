@@ -33,13 +33,12 @@ from tcm_core import bench
 # Measured with CPU autocast (tiny, batch 16; ddpmpp, batch 4): bf16 0.3e-4 to 2.7e-4, fp16 0.6e-6 to 3.4e-5.
 LOSS_TOLERANCE = {"fp32": 0.0, "tf32": 4 * 2**-11, "bf16": 4 * 2**-8, "fp16": 4 * 2**-11, "edm_fp16": 4 * 2**-11}
 CHECK_PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "edm_fp16")
-# Training refuses autocast on CPU; the dry run's precision check runs it there all the same (CPU autocast and
-# a CPU GradScaler: the same code paths, CPU kernels), the bench, train_speed and memory checks skip it on CPU.
+# Training refuses autocast on CPU; the dry run runs every case inside train_setup.cpu_autocast_allowed(), so its
+# bf16/fp16 cases take the same code paths under CPU autocast with a CPU GradScaler (CPU kernels and rounding).
 # TF32 is a CUDA setting (on CPU the same code runs fp32): the precision and bench checks, which are about
 # TF32, skip it on CPU; a paper job run at its preset's TF32 (train_speed, memory) runs on CPU in fp32.
 AUTOCAST_PRECISIONS = ("bf16", "fp16", "edm_fp16")
-CUDA_PRECISIONS = ("tf32", *AUTOCAST_PRECISIONS)
-CPU_PRECISION_CASES = ("fp32", *AUTOCAST_PRECISIONS)  # what the precision check runs on CPU (the dry run)
+CUDA_ONLY_PRECISIONS = ("tf32",)
 # The precision check walks the Δt curriculum from ratio 0.5 (iteration 0) to the 0.999 cap (iteration 9 on).
 PRECISION_KEYS = {"curriculum": "continue", "q": 2.0, "double_iters": 1, "ratio_limit": 0.999, "dropout": 0.0}
 EDM_FP16_SCALER = {"init_scale": 16.0, "growth_interval": 20000}  # official ImageNet: --ls=16 (GradScaler)
@@ -142,8 +141,7 @@ def precision_case(ctx: Context, spec: NetSpec, precision: str, mode: str) -> di
 
     config_precision = "fp32" if precision == "edm_fp16" else precision
     cfg = bench.bench_config(mode, spec.batch, config_precision, **PRECISION_KEYS)
-    run = bench.build_run(ctx.inputs(spec), mode, cfg, ctx.device, ctx.scratch(f"precision-{precision}"),
-                          cpu_autocast=ctx.plan.dry_run)
+    run = bench.build_run(ctx.inputs(spec), mode, cfg, ctx.device, ctx.scratch(f"precision-{precision}"))
     if precision == "edm_fp16":
         use_edm_fp16(run)
     stats = [train_step(run) for _ in range(ctx.plan.precision_steps)]

@@ -73,9 +73,7 @@ NOTES = {
         "rounding noise inflates the loss there (a finding, not a criterion; CPU autocast gave 2-10x for bf16 and "
         "1.07-1.7x for fp16 at 0.999 on the tiny net). fp16 is the config's `precision: fp16` (autocast + "
         "GradScaler); edm_fp16 is EDM's own fp16 (`--fp16=1`: the UNet input cast to float16, weights cast "
-        "inside the layers, GradScaler(init_scale=16)), which the config cannot select: a check-only hook adds it. "
-        "In the dry run the bf16/fp16 cases run under CPU autocast with a CPU GradScaler: the same code, CPU "
-        "kernels and rounding, not CUDA's."),
+        "inside the layers, GradScaler(init_scale=16)), which the config cannot select: a check-only hook adds it."),
     "bench": "`python -m tcm_core.bench` on the real `train_step`: 'S2/S1 time' is the ratio of the best of "
              "interleaved repeats; the paired median, its distribution-free 95 % interval and the verdict come from "
              "the per-repeat S2/S1 ratios; peak of what the measured work allocates (CUDA allocator), never RSS. "
@@ -115,7 +113,11 @@ def markdown(doc: dict[str, Any]) -> str:
               f"- Result: {counts.get('pass', 0)} passed, {counts.get('fail', 0)} failed, {counts.get('skipped', 0)} "
               f"skipped in {doc.get('seconds', 0):.0f} s (budget {doc['budget_s']:.0f} s)"
               + ("" if doc.get("complete") else " — INCOMPLETE (the run was cut short)"),
-              "- Command: `scripts/gpu-check.sh`" + (" --dry-run" if doc["dry_run"] else ""), ""]
+              "- Command: `scripts/gpu-check.sh`" + (" --dry-run" if doc["dry_run"] else "")]
+    if doc["dry_run"]:
+        lines.append("- Dry run: TF32 is skipped (a CUDA setting); the bf16/fp16 cases ran under CPU autocast with "
+                     "a CPU GradScaler: the code paths, not CUDA's kernels, rounding, speed or memory")
+    lines.append("")
     for check in COLUMNS:
         records = [r for r in doc["cases"] if r["check"] == check]
         if not records:

@@ -4,6 +4,9 @@
     python -m tcm_core.gpucheck --dry-run       # on CPU, micro sizes, through the same functions (a test runs it)
     python -m tcm_core.gpucheck --cost-table docs/gpu/<date>-<gpu>.json   # the README's cost rows from it
 
+The dry run skips only TF32 (a CUDA setting); its bf16/fp16 cases run under CPU autocast with a CPU GradScaler
+(``train_setup.cpu_autocast_allowed``): the same code paths, CPU kernels and rounding.
+
 Writes ``<out-root>/<date>-<gpu>/<date>-<gpu>.json`` and ``.md`` (rewritten after every case, so a run cut
 short still leaves its results) and exits 1 if any case failed (0 when every case passed or was skipped).
 
@@ -12,8 +15,7 @@ its share is spent, and everything stops at 1.4x the budget):
 
 * precision: ``ddpmpp`` at batch 128 and ``edm2_s`` at 32, Stage 1 and Stage 2, 20 real training steps in fp32,
   TF32, bf16 autocast, fp16 autocast with the GradScaler (``precision: fp16``) and EDM-style fp16 (check-only
-  hook): finite losses and weights, step-1 loss within tolerance of fp32 on the same inputs (the dry run runs
-  the autocast cases under CPU autocast with a CPU GradScaler; TF32 only on CUDA);
+  hook): finite losses and weights, step-1 loss within tolerance of fp32 on the same inputs;
 * bench: Stage-2 / Stage-1 step time and peak-memory ratios per precision (``tcm_core.bench``);
 * ddp: 2 processes under torchrun (nccl on one GPU if NCCL allows it) and a 1-process DDP wrap, each against
   one process at the same global batch (the world-size invariance of tests/test_ddp.py);
@@ -26,6 +28,7 @@ its share is spent, and everything stops at 1.4x the budget):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -46,6 +49,7 @@ from tcm_core import gpu_checks as checks
 from tcm_core.atomic import write_text_atomic
 from tcm_core.errors import ConfigError, as_expected
 from tcm_core.gpu_checks import NetSpec, TrainSpec
+from tcm_core.train_setup import cpu_autocast_allowed
 
 # The paper's GPUs per job (TCM README: CIFAR-10 on 1 node x 8, ImageNet-64 on 8 nodes x 8 A100) and the
 # architecture of each preset's init checkpoint.
@@ -189,7 +193,7 @@ def precision_cases(plan: Plan) -> list[Case]:
             prec = order[rank]
             cases += [Case("precision", f"{spec.net} batch {spec.batch} {mode} {prec}",
                            functools.partial(checks.precision_case, spec=spec, precision=prec, mode=mode),
-                           needs_cuda=prec not in checks.CPU_PRECISION_CASES) for mode in ("stage1", "stage2")]
+                           needs_cuda=prec in checks.CUDA_ONLY_PRECISIONS) for mode in ("stage1", "stage2")]
     return cases
 
 
@@ -198,7 +202,7 @@ def build_cases(plan: Plan) -> list[Case]:
     cases = precision_cases(plan)
     nets = plan.precision_nets
     cases += [Case("bench", f"{nets[i].net} batch {nets[i].batch} {prec}", p(checks.bench_case, spec=nets[i],
-                   precision=prec), needs_cuda=prec in checks.CUDA_PRECISIONS)
+                   precision=prec), needs_cuda=prec in checks.CUDA_ONLY_PRECISIONS)
               for i, prec in BENCH_ORDER if i < len(nets)]
     two = "2 processes, nccl on one GPU" if plan.device == "cuda" else "2 processes, gloo on CPU"
     cases += [Case("ddp", f"{plan.ddp.net} batch {plan.ddp.batch} stage2: {two}", checks.ddp_two_process_case),
@@ -210,12 +214,12 @@ def build_cases(plan: Plan) -> list[Case]:
             cases.append(Case("sampling", f"{spec.net}: Inception features of the {len(steps)}-step images",
                               p(checks.features_case, spec=spec, steps=len(steps))))
     cases += [Case("train_speed", f"{s.preset} {s.mode}: {s.net.net} per-GPU batch {s.net.batch} {s.precision}",
-                   p(checks.train_speed_case, spec=s), needs_cuda=s.precision in checks.AUTOCAST_PRECISIONS)
+                   p(checks.train_speed_case, spec=s))
               for s in sorted(plan.train_specs, key=lambda s: (s.preset, s.mode != "stage2"))]
     stage2 = [s for s in plan.train_specs if s.mode == "stage2"]
     cases += [Case("memory", f"{s.preset} ({s.net.net}, {s.precision}): largest per-GPU Stage-2 batch from "
-                   f"{s.net.batch}", p(checks.largest_batch_case, spec=s.net, precision=s.precision),
-                   needs_cuda=s.precision in checks.AUTOCAST_PRECISIONS) for s in stage2]
+                   f"{s.net.batch}", p(checks.largest_batch_case, spec=s.net, precision=s.precision))
+              for s in stage2]
     return [case for case in cases if case.check in plan.checks]
 
 
@@ -259,7 +263,10 @@ def run_all(plan: Plan, cases: list[Case], on_record: Callable[[list[dict[str, A
     records: list[dict[str, Any]] = []
     started = time.perf_counter()
     check_started: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="tcm-gpucheck-") as work:
+    with contextlib.ExitStack() as stack:
+        work = stack.enter_context(tempfile.TemporaryDirectory(prefix="tcm-gpucheck-"))
+        if plan.dry_run:  # bf16/fp16 cases under CPU autocast (training itself refuses them on CPU)
+            stack.enter_context(cpu_autocast_allowed())
         ctx = checks.Context(plan, Path(work))
         for case in cases:
             now = time.perf_counter()

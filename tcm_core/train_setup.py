@@ -18,9 +18,12 @@ App. E, "for the second stage, we start with the maximum r values ... and do not
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,8 +143,23 @@ def check_inputs(cfg: TrainConfig, mode: str, paths: RunPaths) -> None:
             raise MissingFileError("input file does not exist", f"{label} {path}", "build or fetch it first")
 
 
-def check_precision(cfg: TrainConfig, device_kind: str, cpu_autocast: bool = False) -> None:
-    if device_kind != "cuda" and cfg.precision != "fp32" and not cpu_autocast:
+# bf16/fp16 (autocast, GradScaler) on CPU: refused in training; allowed only inside cpu_autocast_allowed(), which
+# the GPU check's dry run uses to run those code paths (CPU autocast, a CPU GradScaler) without a GPU.
+_CPU_AUTOCAST_ALLOWED = contextvars.ContextVar("tcm_cpu_autocast_allowed", default=False)
+
+
+@contextlib.contextmanager
+def cpu_autocast_allowed() -> Iterator[None]:
+    """Within the block, runs set up on CPU accept ``precision`` bf16/fp16 (no config key reaches this)."""
+    token = _CPU_AUTOCAST_ALLOWED.set(True)
+    try:
+        yield
+    finally:
+        _CPU_AUTOCAST_ALLOWED.reset(token)
+
+
+def check_precision(cfg: TrainConfig, device_kind: str) -> None:
+    if device_kind != "cuda" and cfg.precision != "fp32" and not _CPU_AUTOCAST_ALLOWED.get():
         raise ConfigError(f"bf16/fp16 autocast is CUDA only, got precision {cfg.precision!r} on {device_kind}",
                           "config key 'precision'", "use precision=fp32 on this device")
 
@@ -309,14 +327,11 @@ def load_teacher(cfg: TrainConfig, paths: RunPaths, student: nn.Module, dataset:
     return teacher.eval().requires_grad_(False)
 
 
-def setup(cfg: TrainConfig, mode: str, paths: RunPaths, device: str = "auto", *, cpu_autocast: bool = False) -> Run:
-    """Build the run (networks, loss, optimiser, sampler) and restore its newest state or Stage 1's final one.
-
-    ``cpu_autocast`` lets bf16/fp16 (autocast, GradScaler) run on CPU: only the GPU check's dry run asks for it,
-    to run those code paths without a GPU; no config key reaches it, and training on CPU refuses them."""
+def setup(cfg: TrainConfig, mode: str, paths: RunPaths, device: str = "auto") -> Run:
+    """Build the run (networks, loss, optimiser, sampler) and restore its newest state or Stage 1's final one."""
     check_inputs(cfg, mode, paths)
     device_kind = distributed.pick_device(device)
-    check_precision(cfg, device_kind, cpu_autocast)
+    check_precision(cfg, device_kind)
     dist_info = distributed.init_distributed(device_kind)
     validate_config(cfg, mode, dist_info.world_size)
     chunk, chunks_per_rank = batch_split(cfg, mode, dist_info.world_size)

@@ -31,6 +31,7 @@ def test_fp16_grad_scaler_resumes_bit_identically(tmp_path):
     steps and rebuilt from its saved state goes on exactly as the uninterrupted run, through backoffs and growths
     of the scale (CPU autocast, as the GPU check's dry run runs it)."""
     from tcm_core import bench
+    from tcm_core.train_setup import cpu_autocast_allowed
     from tcm_core.train_state import save_state, state_of
     from tcm_core.train_step import train_step
 
@@ -39,7 +40,8 @@ def test_fp16_grad_scaler_resumes_bit_identically(tmp_path):
     cfg = bench.bench_config("stage2", 4, "fp16", loss_scale_growth=2, lr=1e-3)
 
     def build(name: str):
-        return bench.build_run(inputs, "stage2", cfg, "cpu", tmp_path / name, cpu_autocast=True)
+        with cpu_autocast_allowed():
+            return bench.build_run(inputs, "stage2", cfg, "cpu", tmp_path / name)
 
     def steps(run, count: int) -> list[float]:
         """The loss scale after each of ``count`` training steps."""
