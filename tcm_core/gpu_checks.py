@@ -37,7 +37,6 @@ CHECK_PRECISIONS = ("fp32", "tf32", "bf16", "fp16", "edm_fp16")
 # bf16/fp16 cases take the same code paths under CPU autocast with a CPU GradScaler (CPU kernels and rounding).
 # TF32 is a CUDA setting (on CPU the same code runs fp32): the precision and bench checks, which are about
 # TF32, skip it on CPU; a paper job run at its preset's TF32 (train_speed, memory) runs on CPU in fp32.
-AUTOCAST_PRECISIONS = ("bf16", "fp16", "edm_fp16")
 CUDA_ONLY_PRECISIONS = ("tf32",)
 # The precision check walks the Δt curriculum from ratio 0.5 (iteration 0) to the 0.999 cap (iteration 9 on).
 PRECISION_KEYS = {"curriculum": "continue", "q": 2.0, "double_iters": 1, "ratio_limit": 0.999, "dropout": 0.0}

@@ -264,7 +264,7 @@ def loss_scaling(cfg: TrainConfig) -> dict[str, Any]:
     return {"init_scale": cfg.loss_scale, "growth_interval": cfg.loss_scale_growth, "enabled": cfg.precision == "fp16"}
 
 
-def build_scaler(cfg: TrainConfig, device_kind: str = "cuda") -> torch.amp.GradScaler:
+def build_scaler(cfg: TrainConfig, device_kind: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device_kind, **loss_scaling(cfg))
 
 
