@@ -16,7 +16,7 @@ from snakemake.utils import min_version
 
 from tcm_core.errors import TcmError
 from tcm_core.presets import read_yaml
-from tcm_core.mlflow_store import compare_view_url
+from tcm_core.tracking.mlflow_store import compare_view_url
 
 min_version("9.0")
 

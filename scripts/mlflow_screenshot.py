@@ -2,7 +2,7 @@
 
     python scripts/mlflow_screenshot.py results/ci/mlflow.db docs/mlflow-compare.png
 
-Starts `mlflow server` on a free 127.0.0.1 port over the store, opens the compare view (tcm_core.mlflow_store
+Starts `mlflow server` on a free 127.0.0.1 port over the store, opens the compare view (tcm_core.tracking.mlflow_store
 .compare_view_url) in Chromium (Debian's `chromium`; driven over --remote-debugging-pipe, so nothing but the
 standard library is needed), expands the study's row, closes the assistant panel and the shared-view banner, and
 writes a small palette PNG. Used by hand for the docs; no test needs Chromium.
@@ -23,7 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tcm_core.mlflow_store import compare_view_url
+from tcm_core.tracking.mlflow_store import compare_view_url
 
 CHROMIUM = "/usr/lib/chromium/chromium"  # the binary: Debian's /usr/bin/chromium wrapper closes inherited fds
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

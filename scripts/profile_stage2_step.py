@@ -2,7 +2,7 @@
 
     python scripts/profile_stage2_step.py [--net tiny] [--batch 32] [--rounds 6] [--steps 3] [--threads 1]
 
-Builds the two runs as `python -m tcm_core.bench` does (`bench.build_run` on synthetic files: same net, same
+Builds the two runs as `python -m tcm_core bench` does (`bench.build_run` on synthetic files: same net, same
 batch, both at the curriculum cap), warms each up, then profiles `steps` calls of the real `train_step` of each
 stage in turn for `rounds` interleaved rounds (S1, S2, S1, S2, ... so drifting load affects both alike). Prints
 the op time per step of each stage (median over rounds), their ratio, and the ops whose time per step differs
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tcm_core import bench
-from tcm_core.train_step import train_step
+from tcm_core.gpu import bench
+from tcm_core.training.step import train_step
 
 
 def op_times(run, steps: int) -> dict[str, tuple[float, float]]:

@@ -15,16 +15,18 @@ from tcm_core.errors import as_expected
 
 # command -> (module, function suffix, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("tcm_core.training", "train", "train a network: pretrain, stage1, stage1_continued, stage2, stage3"),
-    "fetch": ("tcm_core.downloads", "fetch", "download a checkpoint with resume and sha256 verification"),
-    "inspect": ("tcm_core.network_files", "inspect", "print format, architecture and sha256 of a checkpoint"),
+    "train": ("tcm_core.training.loop", "train", "train a network: pretrain, stage1, stage1_continued, stage2, stage3"),
+    "fetch": ("tcm_core.io.downloads", "fetch", "download a checkpoint with resume and sha256 verification"),
+    "inspect": ("tcm_core.io.network_files", "inspect", "print format, architecture and sha256 of a checkpoint"),
     "prepare-dataset": ("tcm_core.data", "prepare_dataset", "build a dataset in EDM layout (mnist5k, cifar10)"),
-    "train-feature-net": ("tcm_core.features", "train_feature_net", "train the LeNet FID feature network"),
-    "reference-stats": ("tcm_core.evaluation", "reference_stats", "compute FID reference statistics"),
-    "evaluate": ("tcm_core.evaluation", "evaluate", "FID, dFID sweeps and sample grids"),
-    "mlflow-init": ("tcm_core.mlflow_store", "mlflow_init", "create the MLflow experiment and study parent run"),
+    "train-feature-net": ("tcm_core.evaluation.features", "train_feature_net", "train the LeNet FID feature network"),
+    "reference-stats": ("tcm_core.evaluation.commands", "reference_stats", "compute FID reference statistics"),
+    "evaluate": ("tcm_core.evaluation.commands", "evaluate", "FID, dFID sweeps and sample grids"),
+    "mlflow-init": ("tcm_core.tracking.mlflow_store", "mlflow_init",
+                    "create the MLflow experiment and study parent run"),
     "tables": ("tcm_core.report.cli", "tables", "build the paper tables, figures and claims check"),
-    "gpu-check": ("tcm_core.gpucheck", "gpucheck", "check every CUDA path on synthetic data (--dry-run on CPU)"),
+    "gpu-check": ("tcm_core.gpu.check", "gpucheck", "check every CUDA path on synthetic data (--dry-run on CPU)"),
+    "bench": ("tcm_core.gpu.bench", "bench", "Stage-2 / Stage-1 step cost and training iterations per mode"),
     "check-config": ("tcm_core.presets", "check_config", "check config.yaml and --configfile overlays (file, line)"),
 }
 

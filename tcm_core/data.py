@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tcm_core.atomic import atomic_path
 from tcm_core.errors import ConfigError, MissingFileError, RefusedFileError, TcmError, one_line, storage_error
-from tcm_core.hashing import file_digest, sha256_file
+from tcm_core.io.atomic import atomic_path
+from tcm_core.io.hashing import file_digest, sha256_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
 # Decode everything up front below this many bytes of pixels; above it, decode lazily per item.
@@ -362,7 +362,7 @@ def prepare_cifar10(source: str | Path, out: str | Path, verify_md5: bool = True
                     sha256: str | None = None) -> int:
     source_str = str(source)
     if source_str.startswith(("http://", "https://")):
-        from tcm_core.downloads import fetch  # lazy: only for URL sources
+        from tcm_core.io.downloads import fetch  # lazy: only for URL sources
 
         source = fetch(source_str, Path(out).parent / "cifar-10-python.tar.gz", sha256=sha256)
     images, labels = load_cifar10_tarball(source, verify_md5=verify_md5)

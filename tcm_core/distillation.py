@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from tcm_core.networks import no_forced_weight_norm
-from tcm_core.train_config import CHOICES, CONSISTENCY_MODES
+from tcm_core.training.config import CHOICES, CONSISTENCY_MODES
 
 ODE_SOLVERS = CHOICES["ode_solver"]
 

@@ -44,7 +44,7 @@ from typing import Any
 import yaml
 
 from tcm_core.errors import ConfigError, MissingFileError
-from tcm_core.train_config import MODES, TrainConfig, build_config, parse_overrides, validate_config
+from tcm_core.training.config import MODES, TrainConfig, build_config, parse_overrides, validate_config
 
 # eval-block key(s) -> TrainConfig key of the periodic evaluation (the first key present wins)
 EVAL_BLOCK_KEYS = {"eval_every": ("every",), "eval_points": ("points",), "eval_num": ("periodic_num", "num"),

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from tcm_core.atomic import atomic_path, write_bytes_atomic, write_text_atomic
+from tcm_core.io.atomic import atomic_path, write_bytes_atomic, write_text_atomic
 
 
 def test_success_replaces_the_target_with_a_normal_mode(tmp_path):

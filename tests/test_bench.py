@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tcm_core.bench import cpu_peak_bytes, paired_ratio
+from tcm_core.gpu.bench import cpu_peak_bytes, paired_ratio
 
 MiB = 2**20
 
@@ -62,7 +62,7 @@ def test_paired_ratio_verdict_against_the_goal():
 
 def test_step_benchmark_pairs_are_the_measured_steps():
     """The report's paired ratios are the measured Stage-2 / Stage-1 times, repeat by repeat."""
-    from tcm_core.bench import GOALS, run_step_benchmark
+    from tcm_core.gpu.bench import GOALS, run_step_benchmark
 
     micro = {"model_channels": 8, "channel_mult": [1], "num_blocks": 1, "attn_resolutions": []}
     report = run_step_benchmark("tiny", batch=4, repeats=6, warmup=0, arch_overrides=micro)
@@ -77,8 +77,8 @@ def test_step_benchmark_pairs_are_the_measured_steps():
 
 @pytest.mark.slow
 def test_bench_command_smoke():
-    cmd = [sys.executable, "-m", "tcm_core.bench", "--net", "tiny", "--batch", "8", "--repeats", "1", "--warmup", "0"]
-    cmd += ["--device", "cpu", "--threads", "1", "--json"]
+    cmd = [sys.executable, "-m", "tcm_core", "bench", "--net", "tiny", "--batch", "8", "--repeats", "1"]
+    cmd += ["--warmup", "0", "--device", "cpu", "--threads", "1", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
@@ -94,7 +94,7 @@ def test_bench_command_smoke():
 
 
 def test_train_bench_times_ct_and_cd_of_each_mode():
-    from tcm_core.bench import bench_variants, benchmark_train_iterations
+    from tcm_core.gpu.bench import bench_variants, benchmark_train_iterations
 
     assert bench_variants(("pretrain", "stage2"), ("ct", "cd")) == [
         ("pretrain", "pretrain", "ct"), ("stage2", "stage2", "ct"), ("stage2_cd", "stage2", "cd")]

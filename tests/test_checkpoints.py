@@ -23,11 +23,11 @@ from checkpoint_helpers import (
     write_pickle,
 )
 
-from tcm_core.foreign_checkpoints import CheckpointError
-from tcm_core.hashing import sha256_file, sha256_sidecar
-from tcm_core.network_files import inspect_checkpoint, load_network, save_network
+from tcm_core.io.foreign_checkpoints import CheckpointError
+from tcm_core.io.hashing import sha256_file, sha256_sidecar
+from tcm_core.io.network_files import inspect_checkpoint, load_network, save_network
+from tcm_core.io.safe_pickle import UnsafePickleError, safe_load
 from tcm_core.networks import arch_preset, build_precond, count_parameters
-from tcm_core.safe_pickle import UnsafePickleError, safe_load
 
 TINY_EDM2 = dict(
     img_resolution=16, img_channels=3, label_dim=10, model_channels=32, channel_mult=[1, 2], num_blocks=1,

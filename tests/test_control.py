@@ -17,8 +17,8 @@ from training_helpers import MICRO_ARCH, load_weights, make_small_mnist, run_cli
 
 from tcm_core.errors import ConfigError, RefusedFileError
 from tcm_core.presets import resolve_config
-from tcm_core.train_setup import RunPaths, setup
-from tcm_core.train_state import load_state_file
+from tcm_core.training.setup import RunPaths, setup
+from tcm_core.training.state import load_state_file
 
 N, M = 5, 4
 STAGE1 = {"iterations": N, "batch": 8, "batch_gpu": 4, "optimizer": "radam", "lr": 1e-3, "ema": "power",
@@ -93,7 +93,7 @@ def test_ema_restart_from_a_foreign_checkpoint_is_visible_and_at_the_ratio_cap(f
 
 
 def test_a_state_of_another_stage1_run_is_refused(files, tmp_path):
-    from tcm_core.training import train
+    from tcm_core.training.loop import train
 
     stage1_cfg = resolve_config(files["config"], "stage1", "micro", ["iterations=1", "lr=5e-4"])
     state = tmp_path / "other" / "train_state.pt"

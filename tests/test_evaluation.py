@@ -10,10 +10,11 @@ import torch
 from eval_helpers import micro_network, run_cli, uint8_features_input, write_mnist_subset
 from PIL import Image
 
-from tcm_core import evaluation, metrics
 from tcm_core.data import open_dataset
 from tcm_core.errors import RefusedFileError
-from tcm_core.features import load_extractor, train_feature_net
+from tcm_core.evaluation import commands as evaluation
+from tcm_core.evaluation import metrics
+from tcm_core.evaluation.features import load_extractor, train_feature_net
 from tcm_core.sampling import generate, sample_batches, to_uint8
 
 OFFICIAL_INCEPTION = Path(os.environ.get("TCM_OFFICIAL_INCEPTION", "/tmp/inception-2015-12-05.pt"))
@@ -39,7 +40,7 @@ def lenet_world(tmp_path_factory):
 def test_inception_bundled_weights_follow_cleanfid_clean_mode(tmp_path):
     """Our streamed Inception features equal clean-fid's own folder pipeline (mode="clean") on the same PNGs."""
     from tcm_core.data import load_mnist5k, mnist_to_resolution
-    from tcm_core.tv_compat import import_cleanfid_fid
+    from tcm_core.evaluation.tv_compat import import_cleanfid_fid
 
     digits, _ = load_mnist5k()
     grey = np.stack([mnist_to_resolution(d, 16) for d in digits[:10]])  # (10, 1, 16, 16): repeated to RGB
@@ -171,7 +172,7 @@ def test_labels_and_constants():
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_lenet_pipeline_through_cli(tmp_path):
-    from tcm_core.network_files import save_network
+    from tcm_core.io.network_files import save_network
 
     env = {"TCM_CACHE_DIR": str(tmp_path / "cache")}
     data, lenet, stats = tmp_path / "mnist5k.zip", tmp_path / "lenet.pt", tmp_path / "ref.npz"

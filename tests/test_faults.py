@@ -31,9 +31,9 @@ import pytest
 from training_helpers import MICRO_ARCH, load_weights, make_small_mnist, train_args
 
 from tcm_core import cli
-from tcm_core.train_config import build_config
-from tcm_core.train_state import list_states, load_latest_state, load_state_file, tensors_finite
-from tcm_core.training import train
+from tcm_core.training.config import build_config
+from tcm_core.training.loop import train
+from tcm_core.training.state import list_states, load_latest_state, load_state_file, tensors_finite
 
 # the settings of the good run every storage case resumes (equal settings: the state is compatible)
 KEYS = {"iterations": 2, "batch": 4, "log_every": 1, "state_every": 2}
@@ -185,7 +185,7 @@ def _storage_cases(world) -> dict[str, dict]:
 
 
 def _mlflow_store(folder: Path) -> tuple[Path, Path]:
-    from tcm_core.mlflow_store import init_study
+    from tcm_core.tracking.mlflow_store import init_study
 
     folder.mkdir(parents=True)
     db = folder / "mlflow.db"
@@ -408,8 +408,8 @@ def test_train_on_a_hostile_dataset_is_one_line_and_writes_nothing(world, tmp_pa
 @pytest.fixture(scope="module")
 def eval_world(world):
     """A LeNet feature net and reference statistics of the test dataset (the evaluation commands' inputs)."""
-    from tcm_core.evaluation import compute_reference_stats, save_ref_stats
-    from tcm_core.features import load_extractor, train_feature_net
+    from tcm_core.evaluation.commands import compute_reference_stats, save_ref_stats
+    from tcm_core.evaluation.features import load_extractor, train_feature_net
 
     root = world.root / "eval"
     lenet = root / "lenet.pt"

@@ -20,11 +20,11 @@ from checkpoint_helpers import write_pickle
 from training_helpers import make_small_mnist, train_args
 
 from tcm_core import errors
-from tcm_core.features import verify_inception_weights
-from tcm_core.foreign_checkpoints import CheckpointError
-from tcm_core.hashing import sha256_file
-from tcm_core.network_files import inspect_checkpoint, load_network, save_network
-from tcm_core.safe_pickle import UnsafePickleError
+from tcm_core.evaluation.features import verify_inception_weights
+from tcm_core.io.foreign_checkpoints import CheckpointError
+from tcm_core.io.hashing import sha256_file
+from tcm_core.io.network_files import inspect_checkpoint, load_network, save_network
+from tcm_core.io.safe_pickle import UnsafePickleError
 
 
 class _System:
@@ -226,8 +226,8 @@ def test_saved_bytes_are_deterministic(tmp_path):
 
 
 def test_inception_weights_are_hashed_once_and_refused_when_changed(tmp_path, monkeypatch):
-    from tcm_core import features, hashing
-
+    from tcm_core.evaluation import features
+    from tcm_core.io import hashing
     bundled = features.bundled_inception_path()
     assert verify_inception_weights(bundled) == features.FID_HELPER_SHA256
     copy = tmp_path / "default_1.pt"

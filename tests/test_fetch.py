@@ -17,9 +17,9 @@ import fault_helpers as fh
 import pytest
 from checkpoint_helpers import FileServer, closed_port
 
-from tcm_core.downloads import REGISTRY, fetch
 from tcm_core.errors import MissingFileError, OfflineError, RefusedFileError
-from tcm_core.hashing import recorded_sha256, sha256_file, sha256_sidecar, verify_file
+from tcm_core.io.downloads import REGISTRY, fetch
+from tcm_core.io.hashing import recorded_sha256, sha256_file, sha256_sidecar, verify_file
 
 
 @pytest.fixture(autouse=True)
@@ -138,7 +138,7 @@ def test_first_download_records_hash_then_enforces_it(tmp_path, payload, capsys)
 
 _DISK_FULL_SCRIPT = """
 import resource, signal, sys
-from tcm_core.downloads import fetch
+from tcm_core.io.downloads import fetch
 from tcm_core.errors import StorageError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG (an OSError)
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))

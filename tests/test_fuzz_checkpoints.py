@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tcm_core.errors import TcmError
-from tcm_core.foreign_checkpoints import read_network_pickle
-from tcm_core.network_files import load_network
+from tcm_core.io.foreign_checkpoints import read_network_pickle
+from tcm_core.io.network_files import load_network
 
 SCALE = int(os.environ.get("TCM_FUZZ_SCALE", "1"))
 HEADROOM = 2 << 30

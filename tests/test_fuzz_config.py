@@ -26,7 +26,7 @@ from training_helpers import REPO
 
 from tcm_core import presets
 from tcm_core.errors import ConfigError
-from tcm_core.train_config import FIELD_NAMES, MODES
+from tcm_core.training.config import FIELD_NAMES, MODES
 
 SCALE = int(os.environ.get("TCM_FUZZ_SCALE", "1"))
 PRESETS = ("tiny", "ci")  # the small ones: their architecture checks take milliseconds

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tcm_core import gpu_checks, gpu_report, gpucheck
+from tcm_core import cli
 from tcm_core.errors import ConfigError
-from tcm_core.train_setup import check_precision
+from tcm_core.gpu import cases as gpu_checks
+from tcm_core.gpu import check as gpucheck
+from tcm_core.gpu import report as gpu_report
+from tcm_core.training.setup import check_precision
 
 HOURS = 3600.0
 # images per second of one GPU per (preset, mode) for the synthetic JSON
@@ -153,7 +156,7 @@ def test_dry_run_precision_check_runs_autocast_and_the_grad_scaler_on_cpu():
 @pytest.mark.slow
 def test_dry_run_checks_every_path_on_cpu_and_its_json_feeds_the_cost_table(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tcm_core.gpucheck", "--dry-run", "--out-root", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "tcm_core", "gpu-check", "--dry-run", "--out-root", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [json_path] = list(tmp_path.glob("*-cpu-dry-run/*-cpu-dry-run.json"))
@@ -179,11 +182,11 @@ def test_dry_run_checks_every_path_on_cpu_and_its_json_feeds_the_cost_table(tmp_
     # the same JSON, with GPU figures put in, recomputes the README cost table through the command line
     synthetic = tmp_path / "synthetic.json"
     synthetic.write_text(json.dumps(_synthetic_doc(doc)))
-    table = subprocess.run([sys.executable, "-m", "tcm_core.gpucheck", "--cost-table", str(synthetic)],
+    table = subprocess.run([sys.executable, "-m", "tcm_core", "gpu-check", "--cost-table", str(synthetic)],
                            capture_output=True, text=True, timeout=120, env=env)
     assert table.returncode == 0, table.stderr
     _check_cost_rows(table.stdout)
-    refused = subprocess.run([sys.executable, "-m", "tcm_core.gpucheck", "--cost-table", str(json_path)],
+    refused = subprocess.run([sys.executable, "-m", "tcm_core", "gpu-check", "--cost-table", str(json_path)],
                              capture_output=True, text=True, timeout=120, env=env)
     assert refused.returncode == 2 and refused.stderr.startswith("tcm: error: this JSON is a --dry-run")
 
@@ -191,5 +194,5 @@ def test_dry_run_checks_every_path_on_cpu_and_its_json_feeds_the_cost_table(tmp_
 def test_dry_run_without_cuda_is_the_only_way_on_cpu(capsys):
     if gpu_checks.torch.cuda.is_available():
         pytest.skip("a CUDA device is visible")
-    assert gpucheck.main(["--out-root", str(Path("/nonexistent"))]) == 2
+    assert cli.main(["gpu-check", "--out-root", str(Path("/nonexistent"))]) == 2
     assert "no CUDA device is visible" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tcm_core.metrics import (
+from tcm_core.evaluation.metrics import (
     StatsAccumulator,
     dfid_subset,
     feature_stats,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import json
 
-from tcm_core.progress import LineProgress, format_duration
 from tcm_core.report.headline import headline_lines
+from tcm_core.tracking.progress import LineProgress, format_duration
 
 
 def test_line_progress_writes_counts_rate_and_eta_and_the_last_line():

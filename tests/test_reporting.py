@@ -22,7 +22,7 @@ from tcm_core.report.cli import build_report, format_summary, output_files
 from tcm_core.report.paper import load_paper_values
 from tcm_core.report.tables import DELTA
 from tcm_core.report.values import MISSING
-from tcm_core.tracking import read_metrics
+from tcm_core.tracking.tracker import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_TEXT = REPO.parent / "shared" / "paper" / "tcm-paper.txt"

@@ -23,7 +23,7 @@ from training_helpers import (
     train_args,
 )
 
-from tcm_core.train_state import list_states
+from tcm_core.training.state import list_states
 
 
 def test_fp16_grad_scaler_resumes_bit_identically(tmp_path):
@@ -31,10 +31,10 @@ def test_fp16_grad_scaler_resumes_bit_identically(tmp_path):
     steps and rebuilt from its saved state goes on exactly as the uninterrupted run, through backoffs and growths
     of the scale (CPU autocast, as the GPU check's dry run runs it). From scale 1024 the micro net overflows 3
     times (1024 -> 128), then takes 2 updates (the growth tracker is at 1 at the cut), grows and overflows again."""
-    from tcm_core import bench
-    from tcm_core.train_setup import cpu_autocast_allowed
-    from tcm_core.train_state import save_state, state_of
-    from tcm_core.train_step import train_step
+    from tcm_core.gpu import bench
+    from tcm_core.training.setup import cpu_autocast_allowed
+    from tcm_core.training.state import save_state, state_of
+    from tcm_core.training.step import train_step
 
     arch = {k: v for k, v in MICRO_ARCH.items() if k != "preset"}
     inputs = bench.write_synthetic_inputs(tmp_path / "inputs", "tiny", arch)

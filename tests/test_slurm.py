@@ -73,8 +73,8 @@ def _gpu_overrides() -> dict:
 
 def _stage2_alone(stage1: Path, data: Path, nodes: int, gpu: int) -> dict:
     """The ci preset's main Stage 2 alone: from a given Stage-1 network and data set (no pretraining, no Stage 1,
-    no prepare_dataset), at an explicit
-    batch_gpu: 2 ranks and 1 process then cut the global batch into the same loss calls (tcm_core.global_batch).
+    no prepare_dataset), at an explicit batch_gpu: 2 ranks and 1 process then cut the global batch into the same
+    loss calls (tcm_core.training.global_batch).
     ema_beta=0 makes the saved network the trained weights themselves; the ablation batch is one the planned
     ablation points split over 2 ranks (they are checked at the preset's world size too)."""
     return {"init": {"kind": "path", "path": str(stage1), "provides": "stage1"}, "dataset": {"path": str(data)},

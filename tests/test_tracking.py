@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tcm_core.cli import main as cli_main
-from tcm_core.mlflow_store import init_study
-from tcm_core.tracking import ENV_ARTIFACTS, ENV_TAGS, JsonlTracker, open_tracker, read_metrics
+from tcm_core.tracking.mlflow_store import init_study
+from tcm_core.tracking.tracker import ENV_ARTIFACTS, ENV_TAGS, JsonlTracker, open_tracker, read_metrics
 
 
 def _uri(tmp_path: Path) -> str:
@@ -231,7 +231,7 @@ def test_parent_runs_while_a_child_runs_and_ends_with_the_last(tmp_path, study):
 
 
 def test_results_logged_on_another_run_are_idempotent(tmp_path, study):
-    from tcm_core.mlflow_store import log_on_run
+    from tcm_core.tracking.mlflow_store import log_on_run
 
     record, parent = study
     uri = _uri(tmp_path)

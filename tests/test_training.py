@@ -13,13 +13,13 @@ import yaml
 from training_helpers import MICRO_ARCH, load_weights, make_small_mnist, run_cli, save_micro_checkpoint, train_args
 
 from tcm_core.errors import NonFiniteTrainingError
-from tcm_core.global_batch import chunk_seed
-from tcm_core.optim import ema_beta, learning_rate, update_ema
 from tcm_core.presets import resolve_config
-from tcm_core.train_config import TrainConfig, build_config, validate_config
-from tcm_core.train_outputs import PeriodicEval
-from tcm_core.train_state import list_states, load_latest_state, save_state
-from tcm_core.training import train
+from tcm_core.training.config import TrainConfig, build_config, validate_config
+from tcm_core.training.global_batch import chunk_seed
+from tcm_core.training.loop import train
+from tcm_core.training.optim import ema_beta, learning_rate, update_ema
+from tcm_core.training.outputs import PeriodicEval
+from tcm_core.training.state import list_states, load_latest_state, save_state
 
 
 @pytest.fixture(scope="module")
@@ -312,8 +312,8 @@ def test_cli_rejects_invalid_config_before_compute(data, tmp_path):
 
 
 def test_periodic_fid_dfid_and_grids_start_at_the_stage_start(data, tmp_path):
-    from tcm_core.evaluation import compute_reference_stats, save_ref_stats
-    from tcm_core.features import load_extractor, train_feature_net
+    from tcm_core.evaluation.commands import compute_reference_stats, save_ref_stats
+    from tcm_core.evaluation.features import load_extractor, train_feature_net
 
     train_feature_net(data, tmp_path / "lenet.pt", epochs=1, batch=16, log=None)
     extractor = load_extractor("lenet", feature_net=tmp_path / "lenet.pt")
@@ -335,7 +335,7 @@ def test_periodic_fid_dfid_and_grids_start_at_the_stage_start(data, tmp_path):
 
 
 def test_benchmark_times_real_training_iterations():
-    from tcm_core.bench import benchmark_train_iterations
+    from tcm_core.gpu.bench import benchmark_train_iterations
 
     overrides = {k: v for k, v in MICRO_ARCH.items() if k != "preset"}
     report = benchmark_train_iterations("tiny", batch=4, repeats=2, warmup=0, rounds=1, modes=("stage1", "stage2"),
@@ -352,7 +352,7 @@ def test_benchmark_times_real_training_iterations():
 
 @pytest.mark.parametrize("batch, rho", [(8, 0.25), (128, 0.1), (10, 0.3), (16, 0.5)])
 def test_boundary_samples_are_counted_in_the_global_batch(batch, rho):
-    from tcm_core.global_batch import boundary_positions, chunk_plan
+    from tcm_core.training.global_batch import boundary_positions, chunk_plan
 
     mask = boundary_positions(7, 3, batch, rho)
     assert int(mask.sum()) == int(np.floor(batch * rho))  # N_B = ⌊B·ρ⌋ (128, 0.1: 12, where per-GPU floors give 8)

@@ -19,9 +19,9 @@ import yaml
 from scipy import stats
 from training_helpers import MICRO_ARCH, CallRecorder, make_small_mnist, save_micro_checkpoint
 
-from tcm_core.global_batch import boundary_positions, chunk_plan
 from tcm_core.presets import resolve_config
-from tcm_core.train_setup import RunPaths, setup
+from tcm_core.training.global_batch import boundary_positions, chunk_plan
+from tcm_core.training.setup import RunPaths, setup
 
 STAGE1 = {"iterations": 4, "batch": 8, "optimizer": "radam", "lr": 3e-4, "p_mean": -0.2, "p_std": 1.3,
           "t_min": 0.005, "t_max": 60.0, "q": 5.0, "ratio_limit": 0.995, "double_iters": 7, "c": 0.02,
@@ -204,7 +204,7 @@ def measured_ratio(run, student: CallRecorder, frozen: CallRecorder | None) -> f
 
 def drive(run, steps: int) -> list[dict[str, float]]:
     """``steps`` real iterations; per step the lr the optimiser held, the ratio the loss used, the EMA β applied."""
-    from tcm_core.train_step import train_step
+    from tcm_core.training.step import train_step
 
     student = CallRecorder(run.net)
     frozen = CallRecorder(run.frozen) if run.frozen is not None else None
@@ -243,7 +243,7 @@ def test_stage1_schedules_run_from_iteration_0(files, tmp_path):
 
 
 def test_control_continues_stage1_schedules(files, tmp_path):
-    from tcm_core.training import train
+    from tcm_core.training.loop import train
 
     state = tmp_path / "stage1" / "train_state.pt"
     cfg = resolve_config(files["config"], "stage1", "micro", [])
@@ -335,7 +335,7 @@ def test_distillation_arm_walks_its_curriculum_to_the_cap_and_compares_like_for_
 def test_imagenet_fp16_loss_scaling_is_the_official_one():
     """App. E: mixed precision with dynamic loss scaling; the official ImageNet runs start at 16 (--ls=16) and
     grow the scale every 20000 overflow-free iterations."""
-    from tcm_core.train_setup import loss_scaling
+    from tcm_core.training.setup import loss_scaling
 
     repo_config = Path(__file__).resolve().parents[1] / "config.yaml"
     for preset in ("imagenet64_s", "imagenet64_xl"):

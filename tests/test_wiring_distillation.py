@@ -17,10 +17,10 @@ import yaml
 from training_helpers import MICRO_ARCH, load_weights, make_small_mnist
 
 from tcm_core.errors import ConfigError
-from tcm_core.global_batch import boundary_positions, chunk_plan
-from tcm_core.hashing import sha256_file
+from tcm_core.io.hashing import sha256_file
 from tcm_core.presets import resolve_config
-from tcm_core.train_setup import RunPaths, setup
+from tcm_core.training.global_batch import boundary_positions, chunk_plan
+from tcm_core.training.setup import RunPaths, setup
 
 COND_ARCH = {**MICRO_ARCH, "label_dim": 10}
 STAGE1 = {"iterations": 3, "batch": 8, "lr": 3e-4, "p_mean": -0.4, "p_std": 1.5, "q": 4.0, "ratio_limit": 0.99,
@@ -35,7 +35,7 @@ PRESETS = {"preset": "micro", "presets": {"micro": {
 
 def conditional_checkpoint(path: Path, seed: int, label_dropout: float) -> Path:
     """A class-conditional micro network (weights moved off their zero init so the labels matter)."""
-    from tcm_core.network_files import save_network
+    from tcm_core.io.network_files import save_network
     from tcm_core.networks import arch_preset, build_precond
 
     spec = dict(COND_ARCH)
@@ -166,7 +166,7 @@ def test_cd_stage2_x_s_is_one_guided_heun_step_and_the_boundary_targets_get_it(f
 
 
 def test_cd_training_steps_leave_the_teacher_untouched_and_record_it(files, tmp_path):
-    from tcm_core.training import train
+    from tcm_core.training.loop import train
 
     cfg = resolve_config(files["config"], "stage1", "micro", [])
     out = tmp_path / "run"
@@ -180,8 +180,8 @@ def test_cd_training_steps_leave_the_teacher_untouched_and_record_it(files, tmp_
     params = json.loads((out / "params.json").read_text())
     assert (params["method"], params["ode_solver"], params["guidance"]) == ("cd", "euler", 1.7)
     assert params["teacher"] == str(files["teacher"])
-    from tcm_core.evaluation import checkpoint_method
-    from tcm_core.network_files import load_network
+    from tcm_core.evaluation.commands import checkpoint_method
+    from tcm_core.io.network_files import load_network
 
     # what an evaluation run of this network logs as its params
     assert checkpoint_method(load_network(result.network)[1]) == {"method": "cd", "ode_solver": "euler",
@@ -189,7 +189,7 @@ def test_cd_training_steps_leave_the_teacher_untouched_and_record_it(files, tmp_
     assert checkpoint_method(load_network(files["teacher"])[1]) == {"method": None, "ode_solver": None,
                                                                     "guidance": None}
     _, run = build(files, "stage1", tmp_path, init=files["student"], teacher=files["teacher"])
-    from tcm_core.train_step import train_step
+    from tcm_core.training.step import train_step
 
     before = {k: v.clone() for k, v in run.teacher.state_dict().items()}
     for _ in range(2):
@@ -199,7 +199,7 @@ def test_cd_training_steps_leave_the_teacher_untouched_and_record_it(files, tmp_
 
 
 def test_pretrain_label_dropout_reaches_the_network_and_its_file(files, tmp_path):
-    from tcm_core.training import train
+    from tcm_core.training.loop import train
 
     cfg = resolve_config(files["config"], "pretrain", "micro", [])
     _, run = build(files, "pretrain", tmp_path)

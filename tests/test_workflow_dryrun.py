@@ -277,7 +277,7 @@ def test_lint_and_format(preset):
 def test_registry_names_match_schema():
     import yaml
 
-    from tcm_core.downloads import REGISTRY
+    from tcm_core.io.downloads import REGISTRY
 
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
     usable = {name for name, entry in REGISTRY.items() if entry["format"] != "folder"}
@@ -287,7 +287,7 @@ def test_registry_names_match_schema():
 def test_schema_train_keys_match_trainconfig():
     import yaml
 
-    from tcm_core.train_config import FIELD_NAMES
+    from tcm_core.training.config import FIELD_NAMES
 
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
     # `arch` comes from the preset's own `arch` block (pretraining from scratch only)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tcm_core.tracking import read_metrics
+from tcm_core.tracking.tracker import read_metrics
 from tests.workflow_helpers import SNAKEMAKE, env, job_counts, make_workdir, snakemake, write_overlay
 
 pytestmark = pytest.mark.slow
@@ -131,7 +131,7 @@ def test_rest_api_compares_the_training_runs_with_their_fids(ran, server):
     """What a person comparing Stage 1, the control and Stage 2 sees: each training run carries the FIDs of its
     final network (at step = that network's iteration) beside its losses, and the params that tell the runs apart
     have the same names (and values) on the training runs and on the evaluation runs of their networks."""
-    from tcm_core.mlflow_store import COMPARE_VIEW, COMPARED_PARAMS
+    from tcm_core.tracking.mlflow_store import COMPARE_VIEW, COMPARED_PARAMS
 
     wd, _ = ran
     experiment = _rest(server, "experiments/get-by-name?experiment_name=tcm-ci")["experiment"]

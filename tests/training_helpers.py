@@ -53,7 +53,7 @@ def perturbed_micro_net(*, dropout: float, seed: int = 0, label_dim: int = 0) ->
 
 
 def save_micro_checkpoint(path: Path, iteration: int, seed: int = 0) -> Path:
-    from tcm_core.network_files import save_network
+    from tcm_core.io.network_files import save_network
 
     save_network(micro_network(seed), path, iteration=iteration, provenance={"note": "test"})
     return path

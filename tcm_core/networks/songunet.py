@@ -74,7 +74,7 @@ class Conv2d(nn.Module):
             _xavier_uniform_(self.weight, in_channels * kernel * kernel, out_channels * kernel * kernel, init_weight)
         if up or down:
             # Outer product normalised to unit sum: a 2-D low-pass kernel, shape (1, 1, k, k). Computed in Python:
-            # on the meta device (tcm_core.network_files) the first tensor arithmetic costs about a second.
+            # on the meta device (tcm_core.io.network_files) the first tensor arithmetic costs about a second.
             taps = [float(v) for v in resample_filter]
             norm = sum(taps) ** 2
             kernel = [[a * b / norm for b in taps] for a in taps]

@@ -10,7 +10,7 @@ Numbers come from two places and are cross-checked:
   value by value (``tables/crosscheck.csv``).
 
 A cell with no measurement is written as "—", never estimated. Paper numbers come only from
-``tcm_core/paper_values.csv`` (transcribed once, with the table or figure each number is printed in).
+``tcm_core/report/paper_values.csv`` (transcribed once, with the table or figure each number is printed in).
 
 Modules, each importing only those above it:
 

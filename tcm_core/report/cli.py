@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tcm_core.atomic import write_bytes_atomic
+from tcm_core.io.atomic import write_bytes_atomic
 from tcm_core.report.claims import Claim, claims, claims_table
 from tcm_core.report.figures import FIGURE_BUILDERS, FIGURES
 from tcm_core.report.merge import CROSSCHECK_COLUMNS, collect
@@ -139,7 +139,7 @@ def add_tables_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="writes OUT/tables/*.md|csv and OUT/figures/*.png")
     parser.add_argument("--mlflow-parent", type=Path, default=None,
                         help="mlflow.json of the study: the tables and figures become artifacts of its parent run")
-    parser.add_argument("--paper-values", type=Path, default=None, help="override of tcm_core/paper_values.csv")
+    parser.add_argument("--paper-values", type=Path, default=None, help="override of tcm_core/report/paper_values.csv")
     parser.add_argument("--no-figures", action="store_true", help="write the tables and claims only (quick look)")
 
 
@@ -150,7 +150,7 @@ def run_tables(args: argparse.Namespace) -> int:
     )
     print(format_summary(report, time.perf_counter() - start), flush=True)
     if args.mlflow_parent and args.tracking_uri and args.tracking_uri.lower() != "none":
-        from tcm_core.mlflow_store import log_on_parent
+        from tcm_core.tracking.mlflow_store import log_on_parent
 
         parent = log_on_parent(args.tracking_uri, args.mlflow_parent, report.files)
         print(f"  MLflow: {len(report.files)} files logged as artifacts of the study's parent run {parent}", flush=True)

@@ -11,7 +11,7 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-from tcm_core.atomic import write_bytes_atomic
+from tcm_core.io.atomic import write_bytes_atomic
 from tcm_core.report.measurements import (
     ablation_baseline,
     ablation_runs,

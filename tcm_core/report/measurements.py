@@ -5,10 +5,10 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from tcm_core.mlflow_store import PERIODIC_PREFIX
 from tcm_core.report.paper import PAPER_DEFAULTS
 from tcm_core.report.results import SWEPT_PARAMS, Measured, Results, TrainingRun, dfid_t
 from tcm_core.report.values import as_float, same_value
+from tcm_core.tracking.mlflow_store import PERIODIC_PREFIX
 
 Points = list[tuple[int, float]]  # (global iteration, value), sorted by iteration
 # The run each stage starts from: its final checkpoint is the first point of the next stage's curves.

@@ -7,9 +7,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from tcm_core.mlflow_store import PERIODIC_PREFIX, sqlite_path
 from tcm_core.report.results import TRAIN_STAGES, Evaluation, TrainingRun, dfid_t, full_label
 from tcm_core.report.values import as_float
+from tcm_core.tracking.mlflow_store import PERIODIC_PREFIX, sqlite_path
 
 # The metrics the report reads (their MLflow histories are fetched; dfid_t* and the periodic ones as well).
 REPORTED_METRICS = ("fid_1step", "fid_2step", "grad_norm", "loss")

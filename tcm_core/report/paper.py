@@ -1,4 +1,4 @@
-"""The paper's numbers: ``tcm_core/paper_values.csv`` (transcribed once, each with the table or figure that
+"""The paper's numbers: ``tcm_core/report/paper_values.csv`` (transcribed once, each with the table or figure that
 prints it) and the paper's own setting where the report needs one."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tcm_core.report.values import as_float
 
-PAPER_VALUES = Path(__file__).parents[1] / "paper_values.csv"
+PAPER_VALUES = Path(__file__).parent / "paper_values.csv"
 PAPER_METRIC = "FID (Inception, 50k; paper)"
 PAPER_SETUP = ("inception", 50000)  # (extractor, samples) of the paper's FIDs: a Δ column needs ours to equal it
 # The paper's Stage-2 setting (Sec. 4.1 and 4.4); used only to break ties when guessing the ablation baseline.

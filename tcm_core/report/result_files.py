@@ -86,7 +86,7 @@ def _infer_grid(config: dict[str, Any], parts: Sequence[str]) -> str:
 
 def _training_run(results_dir: Path, metrics_path: Path) -> TrainingRun | None:
     """The run of a folder holding ``metrics.jsonl``, or None when its ``config.json`` is no training config."""
-    from tcm_core.tracking import read_metrics
+    from tcm_core.tracking.tracker import read_metrics
 
     run_dir = metrics_path.parent
     rel = run_dir.relative_to(results_dir)

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tcm_core.mlflow_store import PERIODIC_PREFIX
 from tcm_core.presets import split_seed
 from tcm_core.report.values import as_float
+from tcm_core.tracking.mlflow_store import PERIODIC_PREFIX
 
 TRAIN_STAGES = ("pretrain", "stage1", "stage1_continued", "stage2", "stage3")
 # the Stage-2 hyperparameters the ablation grid varies

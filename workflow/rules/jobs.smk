@@ -25,7 +25,7 @@ def fill(template, wildcards):
 
 
 def mlflow_env(run_key, stage, grid="main", target=None, artifacts=()):
-    """Environment prefix that tags the job's MLflow child run (read by tcm_core.tracking.open_tracker)."""
+    """Environment prefix that tags the job's MLflow child run (read by tcm_core.tracking.tracker.open_tracker)."""
     tags = {
         "tcm.run_key": run_key,
         "tcm.rule": run_key.split(":", 1)[0],

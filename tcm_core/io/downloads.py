@@ -10,7 +10,7 @@
   partial's length with an HTTP Range request (``If-Range``: a file changed upstream restarts from byte 0; a
   server without Range support sends it whole). Broken transfers are retried with exponential backoff.
 * The expected sha256 is ``sha256``, else the registry's, else the one recorded in ``OUT.sha256`` (the
-  sidecar of :mod:`tcm_core.hashing`) by an earlier fetch. Without one, the download's hash is recorded and a
+  sidecar of :mod:`tcm_core.io.hashing`) by an earlier fetch. Without one, the download's hash is recorded and a
   hint on pinning it is printed. A file already at ``out`` is used only when it matches the expected hash, or
   when it is itself the source (``--path OUT``): an unverified file is never adopted, so a truncated leftover
   cannot get pinned.
@@ -35,7 +35,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tcm_core.atomic import file_mode
 from tcm_core.errors import (
     ConfigError,
     MissingFileError,
@@ -44,7 +43,8 @@ from tcm_core.errors import (
     one_line,
     storage_error,
 )
-from tcm_core.hashing import (
+from tcm_core.io.atomic import file_mode
+from tcm_core.io.hashing import (
     CHUNK_BYTES,
     is_sha256,
     record_sha256,

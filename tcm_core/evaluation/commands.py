@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from tcm_core import metrics
-from tcm_core.atomic import atomic_path
 from tcm_core.errors import ConfigError, MissingFileError, RefusedFileError, storage_error
+from tcm_core.evaluation import metrics
+from tcm_core.io.atomic import atomic_path
 from tcm_core.schedules import T_MAX
 
 DFID_TS_OFFICIAL: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0)  # TCM's --dfid_ts default
@@ -177,7 +177,7 @@ def _progress(total: int, desc: str, enabled: bool = True):
     """What an evaluation is sampling and how far (tqdm on a terminal, plain lines in a job's log)."""
     if not enabled:
         return None
-    from tcm_core.progress import progress_bar
+    from tcm_core.tracking.progress import progress_bar
 
     return progress_bar(total, desc)
 
@@ -217,20 +217,19 @@ def _open_tracker(args: argparse.Namespace, out: Path):
     """
     if not (args.mlflow_uri or args.run_key):
         return None
-    from tcm_core import tracking
-
+    from tcm_core.tracking import tracker
     tags = {"tcm.stage": "eval"}
     if args.target_run_key:
         tags["tcm.target_run_key"] = args.target_run_key
     run_dir = args.track_dir or out.parent / f"{out.stem}.tracking"
-    return tracking.open_tracker(run_dir, mlflow_uri=args.mlflow_uri, parent=args.mlflow_parent,
-                                 run_key=args.run_key, tags=tags)
+    return tracker.open_tracker(run_dir, mlflow_uri=args.mlflow_uri, parent=args.mlflow_parent,
+                                run_key=args.run_key, tags=tags)
 
 
 def compared_params(meta: dict[str, Any]) -> dict[str, Any]:
     """The evaluated network's ``mlflow_store.COMPARED_PARAMS`` (mode, t_prime, ..., seed, init) from its provenance,
     so an evaluation run carries them under the names and values of the training run; none for a foreign file."""
-    from tcm_core.mlflow_store import COMPARED_PARAMS
+    from tcm_core.tracking.mlflow_store import COMPARED_PARAMS
 
     provenance = meta.get("provenance") or {}
     config = provenance.get("config") if isinstance(provenance.get("config"), dict) else {}
@@ -266,7 +265,7 @@ def _track(args: argparse.Namespace, out: Path, params: dict, values: dict[str, 
         raise
     tracker.close("FINISHED")
     if values and args.mlflow_uri and args.mlflow_parent and args.target_run_key:
-        from tcm_core.mlflow_store import log_on_run
+        from tcm_core.tracking.mlflow_store import log_on_run
 
         written = int(os.stat(args.ckpt).st_mtime * 1000)  # the same for every evaluation of this checkpoint
         log_on_run(args.mlflow_uri, args.mlflow_parent, args.target_run_key, values, step, written)
@@ -298,7 +297,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_extractor(args: argparse.Namespace, device: torch.device):
-    from tcm_core.features import load_extractor
+    from tcm_core.evaluation.features import load_extractor
 
     return load_extractor(args.extractor, feature_net=args.feature_net, inception_path=args.inception,
                           device=device, inception_sha256=args.inception_sha256)
@@ -375,7 +374,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _load_net(args: argparse.Namespace, device: torch.device):
-    from tcm_core.network_files import load_network
+    from tcm_core.io.network_files import load_network
 
     net, meta = load_network(args.ckpt, device)
     if meta["iteration"] is None:  # a foreign checkpoint: evaluated (and tracked) at step 0
@@ -502,7 +501,7 @@ def make_periodic_evaluator(*, extractor, ref_stats, feature_net=None, data=None
     Everything heavy is loaded once, here.
     """
     from tcm_core.data import open_dataset
-    from tcm_core.features import load_extractor
+    from tcm_core.evaluation.features import load_extractor
 
     if num < 2:
         raise ValueError(f"num must be >= 2, got {num}")

@@ -27,12 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tcm_core.distributed import finish_distributed
 from tcm_core.presets import resolve_config
-from tcm_core.train_config import MODES, TrainConfig
-from tcm_core.train_outputs import PeriodicEval, RunOutputs, Tracking
-from tcm_core.train_setup import Run, RunPaths, setup
-from tcm_core.train_step import train_step
+from tcm_core.training.config import MODES, TrainConfig
+from tcm_core.training.distributed import finish_distributed
+from tcm_core.training.outputs import PeriodicEval, RunOutputs, Tracking
+from tcm_core.training.setup import Run, RunPaths, setup
+from tcm_core.training.step import train_step
 
 log = logging.getLogger(__name__)
 

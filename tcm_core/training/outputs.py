@@ -25,14 +25,14 @@ from typing import Any
 
 import torch
 
-from tcm_core.atomic import write_text_atomic
 from tcm_core.errors import NonFiniteTrainingError
-from tcm_core.mlflow_store import PERIODIC_PREFIX
-from tcm_core.progress import format_duration
-from tcm_core.train_config import CONSISTENCY_MODES
-from tcm_core.train_setup import Run
-from tcm_core.train_state import save_final_state, save_state, state_of, tensors_finite
-from tcm_core.train_step import StepStats
+from tcm_core.io.atomic import write_text_atomic
+from tcm_core.tracking.mlflow_store import PERIODIC_PREFIX
+from tcm_core.tracking.progress import format_duration
+from tcm_core.training.config import CONSISTENCY_MODES
+from tcm_core.training.setup import Run
+from tcm_core.training.state import save_final_state, save_state, state_of, tensors_finite
+from tcm_core.training.step import StepStats
 
 # curves start at the stage's first iteration (Stage 1 at 0, the others at the split point)
 CURVE_START_MODES = ("stage1", "stage1_continued", "stage2", "stage3")
@@ -105,18 +105,17 @@ class RunOutputs:
                   + (f" (resumed from {run.resumed_from})" if run.resumed_from else ""), file=sys.stderr, flush=True)
 
     def _open_tracker(self) -> Any:
-        from tcm_core import tracking
-
+        from tcm_core.tracking import tracker
         run, key = self.run, self.tracking.run_key
         tags = {"tcm.stage": run.mode, **({"tcm.run_key": key} if key else {})}
         if run.mode == "stage1_continued":
             tags["tcm.control"] = run.info.get("control_resolved", "")
         parent = Path(self.tracking.mlflow_parent) if self.tracking.mlflow_parent else None
-        return tracking.open_tracker(run.paths.out, mlflow_uri=self.tracking.mlflow_uri, parent=parent, run_key=key,
-                                     tags=tags, resume_step=run.resumed_from)
+        return tracker.open_tracker(run.paths.out, mlflow_uri=self.tracking.mlflow_uri, parent=parent, run_key=key,
+                                    tags=tags, resume_step=run.resumed_from)
 
     def _periodic_evaluator(self) -> Any:
-        from tcm_core.evaluation import make_periodic_evaluator
+        from tcm_core.evaluation.commands import make_periodic_evaluator
 
         run, p = self.run, self.periodic
         return make_periodic_evaluator(
@@ -189,7 +188,7 @@ class RunOutputs:
                                          "lower lr or set grad_clip; network.safetensors was not written")
         if run.paths.final_state is not None:
             save_final_state(run.paths.final_state, state_of(run))
-        from tcm_core.network_files import save_network
+        from tcm_core.io.network_files import save_network
 
         network = run.paths.out / "network.safetensors"
         provenance = {"mode": run.mode, "config": run.cfg.to_dict(), **{k: v for k, v in run.info.items()
@@ -219,7 +218,7 @@ def evaluation_iterations(cfg: Any, mode: str, start: int) -> Callable[[int], bo
 
 
 def write_grids(run: Run, iteration: int) -> None:
-    from tcm_core.evaluation import save_grid
+    from tcm_core.evaluation.commands import save_grid
     from tcm_core.sampling import sample_batches
 
     cfg = run.cfg

@@ -1,10 +1,10 @@
 """Stage-2 / Stage-1 cost of one full training step (time and peak memory), and real training iterations per mode.
 
-    python -m tcm_core.bench --net tiny --batch 64 [--device cpu|cuda] [--precision fp32|tf32|bf16|fp16]
+    python -m tcm_core bench --net tiny --batch 64 [--device cpu|cuda] [--precision fp32|tf32|bf16|fp16]
                              [--repeats 5] --json [--out bench.json]
-    python -m tcm_core.bench --train --net tiny --batch 64 --modes stage1,stage2 [--precision ...] --json
+    python -m tcm_core bench --train --net tiny --batch 64 --modes stage1,stage2 [--precision ...] --json
 
-A "step" is the training loop's own ``train_step`` (tcm_core.train_step) on a real :class:`Run` built by
+A "step" is the training loop's own ``train_step`` (tcm_core.training.step) on a real :class:`Run` built by
 ``train_setup.setup`` from synthetic files written to a temporary folder (an EDM-layout zip of random images and
 an init checkpoint): data, loss, backward, the one clip-norm pass, the RAdam step, the non-finite weight check and
 the EMA update. Stage 1 = ``stage1`` (ConsistencyLoss, truncated log-normal −1.1/2.0 on [0.002, 80]); Stage 2 =
@@ -54,8 +54,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tcm_core.atomic import write_text_atomic
-from tcm_core.train_config import MODES, TRUNCATED_MODES, TrainConfig, build_config
+from tcm_core.io.atomic import write_text_atomic
+from tcm_core.training.config import MODES, TRUNCATED_MODES, TrainConfig, build_config
 
 PRECISIONS: dict[str, dict[str, Any]] = {  # --precision -> TrainConfig keys
     "fp32": {"precision": "fp32", "tf32": False},
@@ -90,7 +90,7 @@ def write_synthetic_inputs(folder: Path, net_name: str, arch_overrides: dict[str
                            seed: int = 0, images: int = SYNTHETIC_IMAGES) -> SyntheticInputs:
     """An EDM-layout zip of random images (random labels for a conditional net) and the preset's net (active)."""
     from tcm_core.data import write_dataset_zip
-    from tcm_core.network_files import save_network
+    from tcm_core.io.network_files import save_network
     from tcm_core.networks import arch_preset, build_precond
 
     overrides = dict(arch_overrides or {})
@@ -139,7 +139,7 @@ def bench_config(mode: str, batch: int, precision: str = "fp32", seed: int = 0, 
 
 def build_run(inputs: SyntheticInputs, mode: str, cfg: TrainConfig, device: str, out: Path):
     """A real training run (``train_setup.setup``) of ``mode`` on the synthetic inputs."""
-    from tcm_core.train_setup import RunPaths, setup
+    from tcm_core.training.setup import RunPaths, setup
 
     paths = RunPaths(data=inputs.data, out=out, init=inputs.init,
                      boundary_model=inputs.init if mode in TRUNCATED_MODES else None)
@@ -203,7 +203,7 @@ def measure_peak_memory(inputs: SyntheticInputs, stage: int, batch: int, device:
 
     Also returns ``static_bytes``: what stays allocated after the steps (weights, EMA, grads, optimizer, frozen).
     """
-    from tcm_core.train_step import train_step
+    from tcm_core.training.step import train_step
 
     dev = torch.device(_device_kind(device))
     cfg = bench_config(STAGE_MODES[stage], batch, precision, seed)
@@ -236,7 +236,7 @@ def _state_bytes(run: Any) -> int:
 
 def _device_kind(device: str) -> str:
     """"cpu" or "cuda" ("auto": cuda when available); ConfigError for cuda without CUDA."""
-    from tcm_core.distributed import pick_device
+    from tcm_core.training.distributed import pick_device
 
     return pick_device(str(device))
 
@@ -252,7 +252,7 @@ def measure_step_times(inputs: SyntheticInputs, batch: int, device: str, precisi
     Returns lists of wall-clock seconds ("wall1", "wall2") and of this process's CPU seconds ("cpu1", "cpu2").
     On a shared CPU machine the CPU time is the steadier figure (it does not count time waiting for a core).
     """
-    from tcm_core.train_step import train_step
+    from tcm_core.training.step import train_step
 
     dev = torch.device(_device_kind(device))
     times: dict[str, list[float]] = {"wall1": [], "wall2": [], "cpu1": [], "cpu2": []}
@@ -312,7 +312,7 @@ def step_report(inputs: SyntheticInputs, batch: int, device: str, precision: str
         "memory_method": "cuda.max_memory_allocated" if device == "cuda" else "profiler allocator events",
         "settings": {"stage1": "lognormal(-1.1, 2.0) on [0.002, 80]", "stage2": "student_t(0, 0.2, 0.01) on [1, 80]",
                      "t_prime": 1.0, "rho": 0.25, "w_b": 0.1, "c": 1e-8, "weighting": "inv_delta_t",
-                     "ratio": 0.999, "step": "tcm_core.train_step.train_step"},
+                     "ratio": 0.999, "step": "tcm_core.training.step.train_step"},
     }
 
 
@@ -401,7 +401,7 @@ def benchmark_train_iterations(net_name: str = "tiny", batch: int = 64, device: 
 
 def _train_once(inputs: SyntheticInputs, mode: str, keys: dict[str, Any], batch: int, device: str, iterations: int,
                 seed: int, out: Path) -> Any:
-    from tcm_core.training import train
+    from tcm_core.training.loop import train
 
     cfg_keys = {"iterations": iterations, "batch": batch, "seed": seed, "curriculum": "cap", "log_every": 10**6,
                 "state_every": 10**6, **keys}
@@ -455,7 +455,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON to this file (atomically)")
-    parser.add_argument("--train", action="store_true", help="time full iterations of tcm_core.training.train "
+    parser.add_argument("--train", action="store_true", help="time full iterations of tcm_core.training.loop.train "
                         "(data, loss, backward, grad norm, optimiser, EMA) for --modes on synthetic data")
     parser.add_argument("--modes", default="stage1,stage2", help="--train: comma-separated training modes")
     parser.add_argument("--rounds", type=int, default=2, help="--train: rounds of short runs, modes interleaved")
@@ -516,13 +516,3 @@ def run_bench(args: argparse.Namespace) -> int:
                                 precision=args.precision)
     _emit(args, result, _step_line)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tcm_core.bench", description=__doc__.splitlines()[0])
-    add_bench_arguments(parser)
-    return run_bench(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""What a GPU-check JSON (``tcm_core.gpucheck``) says, in Markdown: the summary and the README's cost-table rows.
+"""What a GPU-check JSON (``tcm_core.gpu.check``) says, in Markdown: the summary and the README's cost-table rows.
 
 Cost table: a job's GPU-hours = iterations × global batch / (images per second of ONE GPU at the paper's per-GPU
 batch, measured by the check's ``train_speed`` case) / 3600; its wall-clock time on the paper's GPUs = GPU-hours
@@ -12,8 +12,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from tcm_core.bench import GOALS
 from tcm_core.errors import ConfigError
+from tcm_core.gpu.bench import GOALS
 
 GIB = 2**30
 JOB_LABELS = {"stage1": "Stage 1", "stage1_continued": "control", "stage2": "Stage 2"}
@@ -74,7 +74,7 @@ NOTES = {
         "1.07-1.7x for fp16 at 0.999 on the tiny net). fp16 is the config's `precision: fp16` (autocast + "
         "GradScaler); edm_fp16 is EDM's own fp16 (`--fp16=1`: the UNet input cast to float16, weights cast "
         "inside the layers, GradScaler(init_scale=16)), which the config cannot select: a check-only hook adds it."),
-    "bench": "`python -m tcm_core.bench` on the real `train_step`: 'S2/S1 time' is the ratio of the best of "
+    "bench": "`python -m tcm_core bench` on the real `train_step`: 'S2/S1 time' is the ratio of the best of "
              "interleaved repeats; the paired median, its distribution-free 95 % interval and the verdict come from "
              "the per-repeat S2/S1 ratios; peak of what the measured work allocates (CUDA allocator), never RSS. "
              f"Goal at ddpmpp batch 128: time <= {GOALS['time']}, memory <= {GOALS['mem']} (the paper reports 1.18 "

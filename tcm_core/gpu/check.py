@@ -1,8 +1,8 @@
 """One command that checks every CUDA path of the pipeline on synthetic data and writes what it found.
 
-    python -m tcm_core.gpucheck                 # on a GPU machine (scripts/gpu-check.sh): about 5 minutes
-    python -m tcm_core.gpucheck --dry-run       # on CPU, micro sizes, through the same functions (a test runs it)
-    python -m tcm_core.gpucheck --cost-table docs/gpu/<date>-<gpu>.json   # the README's cost rows from it
+    python -m tcm_core gpu-check                 # on a GPU machine (scripts/gpu-check.sh): about 5 minutes
+    python -m tcm_core gpu-check --dry-run       # on CPU, micro sizes, through the same functions (a test runs it)
+    python -m tcm_core gpu-check --cost-table docs/gpu/<date>-<gpu>.json   # the README's cost rows from it
 
 The dry run skips only TF32 (a CUDA setting); its bf16/fp16 cases run under CPU autocast with a CPU GradScaler
 (``train_setup.cpu_autocast_allowed``): the same code paths, CPU kernels and rounding.
@@ -16,7 +16,7 @@ its share is spent, and everything stops at 1.4x the budget):
 * precision: ``ddpmpp`` at batch 128 and ``edm2_s`` at 32, Stage 1 and Stage 2, 20 real training steps in fp32,
   TF32, bf16 autocast, fp16 autocast with the GradScaler (``precision: fp16``) and EDM-style fp16 (check-only
   hook): finite losses and weights, step-1 loss within tolerance of fp32 on the same inputs;
-* bench: Stage-2 / Stage-1 step time and peak-memory ratios per precision (``tcm_core.bench``);
+* bench: Stage-2 / Stage-1 step time and peak-memory ratios per precision (``tcm_core.gpu.bench``);
 * ddp: 2 processes under torchrun (nccl on one GPU if NCCL allows it) and a 1-process DDP wrap, each against
   one process at the same global batch (the world-size invariance of tests/test_ddp.py);
 * sampling: 1024 images in 1 and 2 steps, and their Inception features; images per second;
@@ -45,11 +45,11 @@ from typing import Any
 
 import torch
 
-from tcm_core import gpu_checks as checks
-from tcm_core.atomic import write_text_atomic
-from tcm_core.errors import ConfigError, as_expected
-from tcm_core.gpu_checks import NetSpec, TrainSpec
-from tcm_core.train_setup import cpu_autocast_allowed
+from tcm_core.errors import ConfigError
+from tcm_core.gpu import cases as checks
+from tcm_core.gpu.cases import NetSpec, TrainSpec
+from tcm_core.io.atomic import write_text_atomic
+from tcm_core.training.setup import cpu_autocast_allowed
 
 # The paper's GPUs per job (TCM README: CIFAR-10 on 1 node x 8, ImageNet-64 on 8 nodes x 8 A100) and the
 # architecture of each preset's init checkpoint.
@@ -66,7 +66,7 @@ BENCH_ORDER = [(0, "fp32"), (0, "tf32"), (1, "fp16"), (0, "bf16"), (0, "fp16"), 
 DEFAULT_BUDGET_S = 300.0  # ~5 minutes of checks: the device budget is 15 minutes including the machine's start
 DRY_RUN_BUDGET_S = 3600.0  # the dry run's time varies 5x with the load of a shared CPU: its budget only stops hangs
 HARD_LIMIT = 1.4  # nothing starts after 1.4 x the budget
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config.yaml"
 
 
 @dataclass
@@ -241,7 +241,7 @@ def run_case(case: Case, ctx: checks.Context) -> dict[str, Any]:
         record.update(status="fail", reason=f"{type(error).__name__}: {str(error)[:600]}",
                       traceback=traceback.format_exc()[-3000:])
     finally:
-        from tcm_core.bench import free_memory
+        from tcm_core.gpu.bench import free_memory
 
         free_memory(torch.device(ctx.device))
     record["seconds"] = round(time.perf_counter() - start, 3)
@@ -309,15 +309,14 @@ def output_stem(plan: Plan, date: str, device_name: str) -> str:
 
 def run_plan(plan: Plan, out_root: Path) -> tuple[int, Path]:
     """Run every case, writing the JSON and Markdown after each; returns (exit code, JSON path)."""
-    from tcm_core import gpu_report
-
+    from tcm_core.gpu import report as gpu_report
     env = environment(plan)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     stem = output_stem(plan, date, env["name"])
     folder = out_root / stem
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    doc: dict[str, Any] = {"tool": "tcm_core.gpucheck", "format": 1, "date": date, "dry_run": plan.dry_run,
+    doc: dict[str, Any] = {"tool": "tcm_core gpu-check", "format": 1, "date": date, "dry_run": plan.dry_run,
                            "environment": env, "budget_s": plan.budget_s, "complete": False,
                            "tolerances": {"loss_rel_vs_fp32": checks.LOSS_TOLERANCE,
                                           "ddp_weight_diff_over_change": checks.DDP_MOVE_TOLERANCE},
@@ -349,13 +348,12 @@ def add_gpucheck_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_gpucheck(args: argparse.Namespace) -> int:
-    from tcm_core import gpu_report
-
+    from tcm_core.gpu import report as gpu_report
     if args.cost_table is not None:
         print(gpu_report.cost_table(json.loads(Path(args.cost_table).read_text())), end="")
         return 0
     if not args.dry_run and not torch.cuda.is_available():
-        raise ConfigError("no CUDA device is visible", "python -m tcm_core.gpucheck",
+        raise ConfigError("no CUDA device is visible", "python -m tcm_core gpu-check",
                           "run it on a GPU machine, or pass --dry-run for the CPU run at micro sizes")
     budget = args.budget_s or (DRY_RUN_BUDGET_S if args.dry_run else DEFAULT_BUDGET_S)
     plan = (dry_run_plan if args.dry_run else gpu_plan)(args.config, budget)
@@ -368,20 +366,3 @@ def run_gpucheck(args: argparse.Namespace) -> int:
     print(f"gpucheck: {counts['pass']} passed, {counts['fail']} failed, {counts['skipped']} skipped -> {path} "
           f"and {path.with_suffix('.md')}")
     return code
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tcm_core.gpucheck", description=__doc__.splitlines()[0])
-    add_gpucheck_arguments(parser)
-    try:
-        return run_gpucheck(parser.parse_args(argv))
-    except Exception as error:
-        expected = as_expected(error)
-        if expected is None:
-            raise
-        print(expected.line(), file=sys.stderr)
-        return expected.exit_code
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tcm_core.atomic import atomic_path, save_torch_atomic
 from tcm_core.errors import ConfigError, MissingFileError, RefusedFileError, one_line
-from tcm_core.hashing import cached_sha256, sha256_file
+from tcm_core.io.atomic import atomic_path, save_torch_atomic
+from tcm_core.io.hashing import cached_sha256, sha256_file
 
 OFFICIAL_INCEPTION_URL = (
     "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
@@ -165,7 +165,7 @@ def _resize_pool() -> ThreadPoolExecutor:
 def _resolve_weights(source: str | Path, sha256: str | None) -> Path:
     text = str(source)
     if text.startswith(("http://", "https://")):
-        from tcm_core.downloads import fetch
+        from tcm_core.io.downloads import fetch
 
         cache = Path(os.environ.get("TCM_CACHE_DIR", Path.home() / ".cache" / "tcm_pipeline")) / "inception"
         return Path(fetch(text, cache / OFFICIAL_INCEPTION_NAME, sha256=sha256))
@@ -206,7 +206,7 @@ class LeNet(nn.Module):
 def _read_lenet(path: Path) -> tuple[dict, LeNet]:
     """The config and network of a train-feature-net file; its config is checked against its tensors on the
     meta device first, so no size the file claims is allocated unless its weights back it."""
-    from tcm_core.foreign_checkpoints import check_torch_zip
+    from tcm_core.io.foreign_checkpoints import check_torch_zip
 
     redo = "make it again with train-feature-net"
     check_torch_zip(path)  # stored records no larger than the file: nothing inflates

@@ -31,12 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from tcm_core import distributed
 from tcm_core.errors import ConfigError, MissingFileError, RefusedFileError
-from tcm_core.optim import build_optimizer
 from tcm_core.schedules import curriculum_ratio
-from tcm_core.train_config import TRUNCATED_MODES, TrainConfig, batch_split, build_time_distribution, validate_config
-from tcm_core.train_state import (
+from tcm_core.training import distributed
+from tcm_core.training.config import TRUNCATED_MODES, TrainConfig, batch_split, build_time_distribution, validate_config
+from tcm_core.training.optim import build_optimizer
+from tcm_core.training.state import (
     check_compatible,
     discard_states,
     load_latest_state,
@@ -195,7 +195,7 @@ def apply_label_dropout(cfg: TrainConfig, net: nn.Module, where: str) -> nn.Modu
 
 def load_init(cfg: TrainConfig, path: Path, device: torch.device) -> tuple[nn.Module, int | None, str | None]:
     """(network, the iteration it carries or None, its sha256) of a checkpoint file."""
-    from tcm_core.network_files import load_network
+    from tcm_core.io.network_files import load_network
 
     net, meta = load_network(path, device, _arch_overrides(cfg))
     apply_label_dropout(cfg, net, str(path))
@@ -308,7 +308,7 @@ def load_teacher(cfg: TrainConfig, paths: RunPaths, student: nn.Module, dataset:
     info.update(teacher=str(paths.teacher) if paths.teacher else None, teacher_sha256=None)
     if cfg.method != "cd":
         return None
-    from tcm_core.network_files import load_network
+    from tcm_core.io.network_files import load_network
 
     teacher, meta = load_network(paths.teacher, device)
     info["teacher_sha256"] = meta.get("sha256")
@@ -363,7 +363,7 @@ def setup(cfg: TrainConfig, mode: str, paths: RunPaths, device: str = "auto") ->
 
 def input_hashes(run: Run) -> dict[str, str | None]:
     """sha256 of the files a run starts from: a saved state is only resumed on top of the same ones."""
-    from tcm_core.hashing import sha256_file
+    from tcm_core.io.hashing import sha256_file
 
     init_state = run.paths.init_state
     hashes = {"init": run.info["init_sha256"], "boundary_model": run.info["boundary_sha256"],

@@ -1,6 +1,6 @@
 """Checkpoints written elsewhere: EDM / EDM2 / ECT / TCM network pickles and plain state dicts.
 
-Pickles are read through the allow-list unpickler of :mod:`tcm_core.safe_pickle` (nothing from the file is
+Pickles are read through the allow-list unpickler of :mod:`tcm_core.io.safe_pickle` (nothing from the file is
 executed); the architecture comes from the pickled constructor kwargs (``arch_from_pickle``). Plain state
 dicts (``.pt``/``.pth``) are read weights-only; their architecture is given (``arch=``) or read from a sibling
 ``X.json``. ``map_state_dict`` renames the weights to ours: EDM's ``model.`` stays, EDM2's ``unet.`` becomes
@@ -8,10 +8,10 @@ dicts (``.pt``/``.pth``) are read weights-only; their architecture is given (``a
 
 Each format has a reader ``(path, sha256, arch, record) -> (state, arch, meta)`` for ``load_network`` and a
 describer ``(path, record) -> (info, tensor elements, arch found)`` for ``inspect`` (``record`` is the sibling
-``X.json``, read and checked by :mod:`tcm_core.network_files`). Foreign checkpoints carry no iteration of ours:
+``X.json``, read and checked by :mod:`tcm_core.io.network_files`). Foreign checkpoints carry no iteration of ours:
 their ``meta["iteration"]`` is ``None`` (a plain state dict's ``X.json`` may say one). A file that cannot be
 read raises :class:`CheckpointError` naming it; nothing in it is executed and nothing it claims is allocated
-before its bytes back it (:mod:`tcm_core.safe_pickle`; ``.pt`` files must be torch's zip format, uncompressed).
+before its bytes back it (:mod:`tcm_core.io.safe_pickle`; ``.pt`` files must be torch's zip format, uncompressed).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _backbone_keys(model_type: str) -> set[str]:
 
 def _backbone_of(ema: Any, outer: dict[str, Any]) -> tuple[Any, str]:
     """The backbone holder (``unet`` or ``model``, may be None) and our model type for a precond holder."""
-    from tcm_core.safe_pickle import find_submodule
+    from tcm_core.io.safe_pickle import find_submodule
 
     if find_submodule(ema, "unet") is not None:
         return find_submodule(ema, "unet"), "EDM2UNet"
@@ -118,7 +118,7 @@ def arch_from_pickle(ema: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     EDM's own sampler). ``augment_dim`` is mapped to 0 (ECT/TCM train without augmentation labels;
     ``map_augment`` is dropped).
     """
-    from tcm_core.safe_pickle import PersistentHolder
+    from tcm_core.io.safe_pickle import PersistentHolder
 
     if not isinstance(ema, PersistentHolder):
         raise CheckpointError("the pickle's network is not a persistent network object")
@@ -174,7 +174,7 @@ def map_state_dict(state: dict[str, Any], arch: dict[str, Any]) -> OrderedDict[s
 
 def _ema_from_pickle(obj: Any) -> Any:
     """The EMA network holder from a loaded pickle's top-level object (snapshot, network or training state)."""
-    from tcm_core.safe_pickle import PersistentHolder
+    from tcm_core.io.safe_pickle import PersistentHolder
 
     if isinstance(obj, PersistentHolder):
         return obj
@@ -187,7 +187,7 @@ def _ema_from_pickle(obj: Any) -> Any:
 
 def read_network_pickle(path: Path) -> tuple[Any, Any]:
     """``(top-level object, EMA network holder)`` of a network pickle, read with the allow-list unpickler."""
-    from tcm_core.safe_pickle import safe_load
+    from tcm_core.io.safe_pickle import safe_load
 
     with refusing(path, "not a readable network pickle"):
         obj = safe_load(path)
@@ -197,7 +197,7 @@ def read_network_pickle(path: Path) -> tuple[Any, Any]:
 def read_pickle_checkpoint(path: Path, digest: str, arch: dict[str, Any] | None,
                            record: dict[str, Any]) -> tuple[dict, dict, dict]:
     """``(state, arch, meta)`` of a network pickle; ``arch`` (if given) replaces the one from its kwargs."""
-    from tcm_core.safe_pickle import state_dict_from_holder
+    from tcm_core.io.safe_pickle import state_dict_from_holder
 
     _, ema = read_network_pickle(path)
     with refusing(path, "not a readable network pickle"):
@@ -215,7 +215,7 @@ def read_pickle_checkpoint(path: Path, digest: str, arch: dict[str, Any] | None,
 
 def describe_pickle(path: Path, record: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, Any]]:
     """``inspect`` facts of a network pickle, its number of tensor elements and the arch from its kwargs."""
-    from tcm_core.safe_pickle import parameter_count_from_holder, state_dict_from_holder
+    from tcm_core.io.safe_pickle import parameter_count_from_holder, state_dict_from_holder
 
     obj, ema = read_network_pickle(path)
     with refusing(path, "not a readable network pickle"):

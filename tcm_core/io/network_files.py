@@ -4,8 +4,8 @@
   ``provenance``), both atomically (both written in full before either replaces an older one) and byte-for-byte
   deterministic (sorted header, tensors in a fixed order).
 * ``load_network`` reads ours, EDM/EDM2/ECT/TCM pickles and plain state dicts (the last two through
-  :mod:`tcm_core.foreign_checkpoints`) and returns our ``Precond`` plus a ``meta`` dict. A ``FILE.sha256``
-  record beside the file (:mod:`tcm_core.downloads`) is enforced.
+  :mod:`tcm_core.io.foreign_checkpoints`) and returns our ``Precond`` plus a ``meta`` dict. A ``FILE.sha256``
+  record beside the file (:mod:`tcm_core.io.downloads`) is enforced.
 * ``inspect_checkpoint`` (CLI ``inspect``) describes a checkpoint without running anything from it.
 
 A file is never trusted with memory: the network its architecture describes is first built on the meta
@@ -26,9 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tcm_core.atomic import atomic_path
 from tcm_core.errors import ConfigError, MissingFileError, TcmError, one_line
-from tcm_core.foreign_checkpoints import (
+from tcm_core.io.atomic import atomic_path
+from tcm_core.io.foreign_checkpoints import (
     CheckpointError,
     describe_pickle,
     describe_state_dict,
@@ -37,7 +37,7 @@ from tcm_core.foreign_checkpoints import (
     read_state_dict_checkpoint,
     refusing,
 )
-from tcm_core.hashing import cached_sha256, recorded_sha256, sha256_file, sha256_sidecar
+from tcm_core.io.hashing import cached_sha256, recorded_sha256, sha256_file, sha256_sidecar
 
 MODEL_TYPES = ("SongUNet", "EDM2UNet")
 _FORMATS = "use .safetensors, .pkl, .pt or .pth"

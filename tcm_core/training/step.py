@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tcm_core.distributed import sum_over_ranks
 from tcm_core.errors import NonFiniteTrainingError
-from tcm_core.global_batch import boundary_positions, chunk_plan, chunk_seed, chunk_slice
-from tcm_core.optim import ema_beta, learning_rate, set_learning_rate, update_ema
-from tcm_core.train_config import TRUNCATED_MODES
-from tcm_core.train_setup import Run
+from tcm_core.training.config import TRUNCATED_MODES
+from tcm_core.training.distributed import sum_over_ranks
+from tcm_core.training.global_batch import boundary_positions, chunk_plan, chunk_seed, chunk_slice
+from tcm_core.training.optim import ema_beta, learning_rate, set_learning_rate, update_ema
+from tcm_core.training.setup import Run
 
 
 @dataclass

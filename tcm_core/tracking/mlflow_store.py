@@ -1,7 +1,7 @@
 """The MLflow study store: the experiment, the study's parent run and what is logged on runs of other jobs.
 
 One experiment per preset holds one parent run per study; every job's run is a child of it
-(:class:`tcm_core.tracking.MlflowTracker`). This module creates them (``mlflow-init``), keeps the parent RUNNING
+(:class:`tcm_core.tracking.tracker.MlflowTracker`). This module creates them (``mlflow-init``), keeps the parent RUNNING
 while a child runs, locks a SQLite store for read-then-write, retries transient store failures and raises the
 store's own refusals as one expected error, and holds the compare view the UI opens on.
 """
@@ -355,7 +355,7 @@ def add_mlflow_init_arguments(parser) -> None:
 
 
 def run_mlflow_init(args) -> int:
-    from tcm_core.atomic import write_text_atomic
+    from tcm_core.io.atomic import write_text_atomic
 
     record = init_study(args.tracking_uri, args.experiment, args.study)  # locks the store, not the output file
     write_text_atomic(args.out, json.dumps(record, indent=2) + "\n")
