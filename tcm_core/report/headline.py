@@ -20,15 +20,22 @@ def _fid(path: Path) -> tuple[float | None, str | None]:
         return None, None
 
 
-def headline_lines(results_dir: str | Path) -> list[str]:
-    """A small table: one line per run with its 1-step and 2-step FID and the metric's label."""
+def headline_values(results_dir: str | Path) -> tuple[str | None, dict[str, tuple[str, str]]]:
+    """The metric's label and, per headline run, its 1-step and 2-step FID as text ("—" where missing)."""
     results_dir = Path(results_dir)
-    lines, label = [], None
+    values, label = {}, None
     for run, name in HEADLINE_RUNS:
-        values = []
+        pair = []
         for steps in ("1step", "2step"):
             value, found = _fid(results_dir / run / "eval" / f"fid_{steps}.json")
             label = label or found
-            values.append(MISSING if value is None else f"{value:.2f}")
-        lines.append(f"  {name:30s} 1-step {values[0]:>8s}   2-step {values[1]:>8s}")
+            pair.append(MISSING if value is None else f"{value:.2f}")
+        values[name] = (pair[0], pair[1])
+    return label, values
+
+
+def headline_lines(results_dir: str | Path) -> list[str]:
+    """A small table: one line per run with its 1-step and 2-step FID and the metric's label."""
+    label, values = headline_values(results_dir)
+    lines = [f"  {name:30s} 1-step {one:>8s}   2-step {two:>8s}" for name, (one, two) in values.items()]
     return [f"Headline results ({label or 'FID'}, lower is better):", *lines]
