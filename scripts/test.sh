@@ -6,4 +6,8 @@ bash scripts/setup.sh
 export MLFLOW_DISABLE_TELEMETRY=true
 export PATH="$PWD/.venv/bin:$PATH"
 ruff check .
-python -m pytest -q -ra --durations=15 "$@"
+# Parallel workers (pytest-xdist): one test module per unit of work, longest first (tests/conftest.py). The
+# SLURM module mostly waits on the scheduler's status polls, so a third worker on 2 cores keeps them busy.
+# Spinning OpenMP threads of concurrent tests would steal each other's cores: waiting threads sleep instead.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+python -m pytest -q -ra --durations=15 -n "${TCM_TEST_WORKERS:-3}" --dist loadgroup --no-loadscope-reorder "$@"

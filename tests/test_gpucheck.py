@@ -111,14 +111,16 @@ def test_a_failing_case_is_recorded_and_the_others_still_run():
 
 
 def test_a_spent_budget_skips_the_rest_of_its_check_and_the_run():
-    plan = gpucheck.dry_run_plan(gpucheck.DEFAULT_CONFIG, 1.0)  # precision: 0.25 s, run limit 1.4 s
+    # budget 4 s: the precision check's share 1 s, the run's limit 5.6 s. The sleeps leave seconds of margin on
+    # both sides of each limit, so the verdicts do not hang on how fast a loaded machine runs the cases around them.
+    plan = gpucheck.dry_run_plan(gpucheck.DEFAULT_CONFIG, 4.0)
+    assert plan.budget("precision") == pytest.approx(1.0) and gpucheck.HARD_LIMIT * plan.budget_s == pytest.approx(5.6)
 
-    def slow(ctx):
-        time.sleep(0.3)
-        return {}
+    def sleeps(seconds):
+        return lambda ctx: time.sleep(seconds) or {}
 
-    cases = [gpucheck.Case("precision", "a", slow), gpucheck.Case("precision", "b", slow),
-             gpucheck.Case("bench", "c", lambda ctx: time.sleep(1.2) or {}), gpucheck.Case("memory", "d", slow)]
+    cases = [gpucheck.Case("precision", "a", sleeps(1.2)), gpucheck.Case("precision", "b", sleeps(0.1)),
+             gpucheck.Case("bench", "c", sleeps(4.6)), gpucheck.Case("memory", "d", sleeps(0.1))]
     records = gpucheck.run_all(plan, cases, lambda rs: None)
     assert [r["status"] for r in records] == ["pass", "skipped", "pass", "skipped"]
     assert "precision check's time budget" in records[1]["reason"]

@@ -178,10 +178,14 @@ def test_second_run_does_nothing(ran):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
+LONG_STAGE1 = 24  # iterations: the kill lands after the state of iteration 6, well before the end
+
+
 def test_killed_stage1_resumes(ran):
     wd, _ = ran
     # A longer Stage 1 so the kill lands between saved states (changed settings -> a fresh state folder).
-    write_overlay(wd / "long.yaml", "presets:\n  ci:\n    stage1: {iterations: 60, state_every: 5, log_every: 5}\n")
+    stage1 = f"{{iterations: {LONG_STAGE1}, state_every: 3, log_every: 3}}"
+    write_overlay(wd / "long.yaml", f"presets:\n  ci:\n    stage1: {stage1}\n")
     args = ["--cores", "2", "--configfile", "config.yaml", "long.yaml", "--config", "preset=ci", "--",
             f"{R}/stage1/network.safetensors"]
     proc = subprocess.Popen([SNAKEMAKE, *args], cwd=wd, env=env(), stdout=subprocess.DEVNULL,
@@ -193,7 +197,7 @@ def test_killed_stage1_resumes(ran):
         while time.time() < deadline and proc.poll() is None:
             folders = [f for f in (wd / R / "_state" / "stage1").glob("*") if f not in states]
             state_files = [p for f in folders for p in f.glob("state-*.pt")]
-            if any(int(p.stem.split("-")[1]) >= 10 for p in state_files):
+            if any(int(p.stem.split("-")[1]) >= 6 for p in state_files):
                 break
             time.sleep(0.2)
     finally:
@@ -210,7 +214,7 @@ def test_killed_stage1_resumes(ran):
     assert resumed_from > 0  # Stage 1 restarts the global counter at 0 (its init is a diffusion model)
     assert json.loads((wd / R / "stage1" / "mlflow_run.json").read_text())["run_id"] == run_info["run_id"]
     steps = [r["step"] for r in read_metrics(wd / R / "stage1" / "metrics.jsonl") if "loss" in r]
-    assert steps == sorted(set(steps)) and steps[-1] == 60
+    assert steps == sorted(set(steps)) and steps[-1] == LONG_STAGE1
 
     client, record, runs = _store(wd)
     stage1 = [r for r in runs if r.data.tags.get("tcm.run_key") == "stage1:ci:stage1"]
@@ -218,4 +222,4 @@ def test_killed_stage1_resumes(ran):
     tags = stage1[0].data.tags
     assert int(tags["tcm.resumed_from_step"]) == resumed_from and stage1[0].info.status == "FINISHED"
     mlflow_steps = [m.step for m in client.get_metric_history(run_info["run_id"], "loss")]
-    assert sorted(mlflow_steps) == sorted(set(mlflow_steps)) and max(mlflow_steps) == 60
+    assert sorted(mlflow_steps) == sorted(set(mlflow_steps)) and max(mlflow_steps) == LONG_STAGE1
