@@ -9,8 +9,9 @@ import pandas as pd
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import Paramspace, validate
 
-from tcm_core import presets
+from tcm_core import presets, releases
 from tcm_core.errors import ConfigError
+from tcm_core.report.results import RELEASE_GRID
 
 
 def checked_config(cfg):
@@ -36,6 +37,9 @@ EVAL = P["eval"]
 ABL = P["ablation"]
 RESULTS = f"results/{PRESET}"
 FOREIGN_STAGE1 = P["init"].get("provides") == "stage1"  # e.g. ECM-XL: Stage 1 is a given checkpoint
+# released checkpoints (released_tables), by key; evaluated as the run folder releases/<key>
+RELEASES = {r.key: r for r in releases.release_entries(P, f"presets.{PRESET}")}
+RELEASE_RUN = "releases/"
 
 
 wildcard_constraints:
@@ -44,7 +48,9 @@ wildcard_constraints:
     sweep="dfid|dfid_wide",
     extractor=P["eval"]["extractor"],
     run="stage1|stage1_continued(/seed~[1-9][0-9]*)?|stage2/main(/seed~[1-9][0-9]*)?|stage3/main|stage2/ablation/.+"
-    "|distill/(stage1|stage1_continued(/seed~[1-9][0-9]*)?|stage2(/seed~[1-9][0-9]*)?)",
+    "|distill/(stage1|stage1_continued(/seed~[1-9][0-9]*)?|stage2(/seed~[1-9][0-9]*)?)"
+    "|releases/[A-Za-z0-9_]+",
+    release="[A-Za-z0-9_]+",
 
 
 # MLflow: the tracking URI is infrastructure, not an experiment setting, so jobs read it from the
@@ -120,8 +126,21 @@ def stage1_state(wildcards=None):
     return [] if FOREIGN_STAGE1 else f"{RESULTS}/stage1/train_state.pt"
 
 
+def release_of(run):
+    """The release a run folder releases/<key> evaluates (None for a training run)."""
+    return RELEASES[run[len(RELEASE_RUN) :]] if run.startswith(RELEASE_RUN) else None
+
+
+def release_record(key):
+    """What release_check writes: the release's path, pinned sha256 and architecture."""
+    return f"{RESULTS}/{RELEASE_RUN}{key}/release.json"
+
+
 def network_of(run):
-    """Network file of a run folder (stage1, stage1_continued, stage2/main, stage2/ablation/...)."""
+    """Network file of a run folder (stage1, stage1_continued, stage2/main, stage2/ablation/..., releases/<key>)."""
+    release = release_of(run)
+    if release is not None:
+        return str(releases.locate(release) or release.path)
     return stage1_network() if run == "stage1" else f"{RESULTS}/{run}/network.safetensors"
 
 
@@ -147,6 +166,8 @@ def is_ablation(run):
 
 
 def grid_of(run):
+    if run.startswith(RELEASE_RUN):
+        return RELEASE_GRID  # a released checkpoint (released_tables), no training run of this study
     if run.startswith("distill/"):
         return "distill"  # the consistency-distillation arm (distillation.smk)
     return "ablation" if is_ablation(run) else "main"
@@ -202,6 +223,17 @@ def distill_targets():
         out += [f"{RESULTS}/{run}/eval/fid_{s}.json" for s in ("1step", "2step")]
         out.append(f"{RESULTS}/{run}/eval/grid_1step.png")
     return out + seed_targets("all", [r for r in SEEDED_RUNS if grid_of(r) == "distill"])
+
+
+def release_targets():
+    """The evaluations of every release: its FIDs at its NFEs (the paper's protocol: eval.num samples, min over
+    eval.seeds) and its dFID sweep at eval.dfid_ts."""
+    out = []
+    for release in RELEASES.values():
+        run = f"{RESULTS}/{RELEASE_RUN}{release.key}"
+        out += [f"{run}/eval/fid_{n}step.json" for n in release.steps]
+        out += [f"{run}/eval/dfid.json"] if release.dfid else []
+    return out
 
 
 def ablation_targets():

@@ -1,10 +1,11 @@
-# Evaluations of a trained network (any run folder): 1- and 2-step FID, dFID sweeps, sample grids.
-# Each is an MLflow child run tagged with the training run it evaluates (tcm.target_run_key).
+# Evaluations of a trained network (any run folder) or of a released checkpoint (releases/<key>, after
+# release_check pinned it): 1- and 2-step FID, dFID sweeps, sample grids. Each is an MLflow child run,
+# tagged with the training run it evaluates (tcm.target_run_key; none for a release, tcm.grid release).
 
 
 rule fid:
     input:
-        ckpt=eval_ckpt,
+        ckpt=eval_input,
         ref=ref_stats_path,
         feature_net=feature_net_path,
         mlflow=ancient("results/{preset}/mlflow.json"),
@@ -21,6 +22,7 @@ rule fid:
         runtime=res("eval", "runtime"),
         cpus_per_task=res("eval", "cpus_per_task"),
     params:
+        ckpt=eval_ckpt,
         steps=eval_steps,
         num=eval_num,
         seeds=eval_seeds,
@@ -29,7 +31,7 @@ rule fid:
         tracking=eval_tracking("fid"),
         env=eval_env("fid"),
     shell:
-        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate fid --ckpt {input.ckpt}"
+        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate fid --ckpt {params.ckpt:q}"
         " --steps {params.steps} --num {params.num} --seeds {params.seeds} {params.features}"
         " --ref-stats {input.ref} --out {output.json} --device {params.device}"
         " {params.tracking} > {log} 2>&1"
@@ -37,7 +39,7 @@ rule fid:
 
 rule dfid:
     input:
-        ckpt=eval_ckpt,
+        ckpt=eval_input,
         data=dataset_path,
         ref=ref_stats_path,
         feature_net=feature_net_path,
@@ -55,6 +57,7 @@ rule dfid:
         runtime=res("eval", "runtime"),
         cpus_per_task=res("eval", "cpus_per_task"),
     params:
+        ckpt=eval_ckpt,
         ts=dfid_ts,
         num=EVAL["dfid_num"],
         features=feature_args,
@@ -62,7 +65,7 @@ rule dfid:
         tracking=eval_tracking("dfid"),
         env=eval_env("dfid"),
     shell:
-        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate dfid --ckpt {input.ckpt}"
+        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate dfid --ckpt {params.ckpt:q}"
         " --data {input.data} --ts {params.ts} --num {params.num} {params.features}"
         " --ref-stats {input.ref} --out {output.json} --device {params.device}"
         " {params.tracking} > {log} 2>&1"
