@@ -80,8 +80,7 @@ rule all_distillation:
 # The preset's released checkpoints (`releases`), evaluated with the paper's protocol, beside the paper's values.
 rule released_tables:
     input:
-        f"{RESULTS}/tables/released.md",
-        f"{RESULTS}/tables/released.csv",
+        released_tables_input,
     localrule: True
 
 

@@ -167,7 +167,9 @@ def is_ablation(run):
 
 def grid_of(run):
     if run.startswith(RELEASE_RUN):
-        return RELEASE_GRID  # a released checkpoint (released_tables), no training run of this study
+        return (
+            RELEASE_GRID  # a released checkpoint (released_tables), no training run of this study
+        )
     if run.startswith("distill/"):
         return "distill"  # the consistency-distillation arm (distillation.smk)
     return "ablation" if is_ablation(run) else "main"

@@ -5,9 +5,12 @@
 # a dry run plans anyway and names the missing files.
 
 
+MISSING_NOTED = set()  # the dry run names each missing release once
+
+
 def release_file(wildcards):
     """The dropped file (release_check's input); a missing one stops a real run here, before any job runs."""
-    release = RELEASES[wildcards.release]
+    release = RELEASES[wildcards["release"]]
     try:
         found = releases.locate(release)
     except ConfigError as error:
@@ -17,8 +20,20 @@ def release_file(wildcards):
     line = releases.missing_error(release).line()
     if not workflow.dryrun:
         raise WorkflowError(line)
-    print(f"note (dry run, planned anyway): {line}", file=sys.stderr)
+    if release.key not in MISSING_NOTED:
+        MISSING_NOTED.add(release.key)
+        print(f"note (dry run, planned anyway): {line}", file=sys.stderr)
     return []
+
+
+def released_tables_input(wildcards):
+    """The target's input: the table, once every release file is in place. The target's input function always
+    runs when the target is asked for, so a missing file stops the run here, before any job (Snakemake would
+    skip a missing input of a table that exists already); a dry run plans anyway and names the missing files.
+    """
+    for key in RELEASES:
+        release_file({"release": key})
+    return [f"{RESULTS}/tables/released.md", f"{RESULTS}/tables/released.csv"]
 
 
 def release_entry(wildcards):
