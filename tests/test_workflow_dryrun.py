@@ -86,7 +86,7 @@ RELEASED = {
 }
 # (release, 2-step times, paper rows the table compares): the paper's middle times (App. E), eval.mid_t
 RELEASE_ROWS = {
-    "cifar10": [("tcm_stage2", "80,1", "cifar-stage2-2.46.pkl"), ("ect_stage1", "80,1", "ect-cifar10.pkl")],
+    "cifar10": [("tcm_stage2", "80,1.0", "cifar-stage2-2.46.pkl"), ("ect_stage1", "80,1.0", "ect-cifar10.pkl")],
     "imagenet64_s": [("tcm_stage2", "80,1.526", "imgnet-stage2-edm2s-2.88.pkl")],
     "imagenet64_xl": [("tcm_stage2", "80,1.526", "tcm-img64-edm2-xl.pkl"), ("ecm_stage1", "80,1.526",
                                                                            "ect-img64-xl.pkl")],
@@ -293,7 +293,7 @@ def test_bad_preset_choice_fails_early(workdir, config, key, allowed):
     assert "tcm: error: " in text and key in text and allowed in text, text[-2000:]
 
 
-OWN_RULE_FILES = ("common", "jobs", "data", "init", "training", "distillation", "evaluation")
+OWN_RULE_FILES = ("common", "jobs", "data", "init", "training", "distillation", "evaluation", "releases")
 
 
 @pytest.mark.parametrize("preset", ["ci", "cifar10"])

@@ -240,7 +240,7 @@ def eval_steps(wildcards):
     """1 step: T; 2 steps: T, then the middle time (a release's own mid_t, default eval.mid_t: the paper's)."""
     release = release_of(wildcards.run)
     mid_t = release.mid_t if release is not None else EVAL["mid_t"]
-    return f"{T_MAX:g}" if wildcards.steps == "1step" else f"{T_MAX:g},{mid_t:g}"
+    return f"{T_MAX:g}" if wildcards.steps == "1step" else f"{T_MAX:g},{mid_t}"
 
 
 def eval_num(wildcards):

@@ -5,41 +5,6 @@
 # a dry run plans anyway and names the missing files.
 
 
-MISSING_NOTED = set()  # the dry run names each missing release once
-
-
-def release_file(wildcards):
-    """The dropped file (release_check's input); a missing one stops a real run here, before any job runs."""
-    release = RELEASES[wildcards["release"]]
-    try:
-        found = releases.locate(release)
-    except ConfigError as error:
-        raise WorkflowError(error.line()) from None
-    if found is not None:
-        return str(found)
-    line = releases.missing_error(release).line()
-    if not workflow.dryrun:
-        raise WorkflowError(line)
-    if release.key not in MISSING_NOTED:
-        MISSING_NOTED.add(release.key)
-        print(f"note (dry run, planned anyway): {line}", file=sys.stderr)
-    return []
-
-
-def released_tables_input(wildcards):
-    """The target's input: the table, once every release file is in place. The target's input function always
-    runs when the target is asked for, so a missing file stops the run here, before any job (Snakemake would
-    skip a missing input of a table that exists already); a dry run plans anyway and names the missing files.
-    """
-    for key in RELEASES:
-        release_file({"release": key})
-    return [f"{RESULTS}/tables/released.md", f"{RESULTS}/tables/released.csv"]
-
-
-def release_entry(wildcards):
-    return shlex.quote(json.dumps(RELEASES[wildcards.release].as_dict(), sort_keys=True))
-
-
 rule release_check:
     input:
         release=release_file,
@@ -77,7 +42,8 @@ rule released_table:
     conda:
         "../../envs/tcm.yaml"
     params:
-        folders=" ".join(f"{RESULTS}/{RELEASE_RUN}{key}" for key in RELEASES),
+        # each release's folder, from its record (results/<preset>/releases/<key>/release.json)
+        folders=lambda wildcards, input: " ".join(os.path.dirname(r) for r in input.records),
     shell:
         "python -m tcm_core released-tables --preset {wildcards.preset} --releases {params.folders}"
         ' --ref-stats {input.ref} --out {output.md} --tracking-uri "$TCM_MLFLOW_URI"'
