@@ -112,7 +112,8 @@ def dfid_rows(release: dict[str, Any]) -> list[list[str]]:
             for t, value in dfid["values"].items()]
 
 
-def _intro(preset: str, releases: list[dict[str, Any]], ref_meta: dict[str, Any]) -> list[str]:
+def _intro(preset: str, releases: list[dict[str, Any]], ref_meta: dict[str, Any], ref_path: Path | None
+           ) -> list[str]:
     labels = sorted({f["label"] for r in releases for f in r["fids"].values() if f})
     two_step = "; ".join(f"{r['record']['key']}: 80, {r['record']['mid_t']:g}" for r in releases
                          if 2 in r["record"]["steps"])
@@ -123,8 +124,8 @@ def _intro(preset: str, releases: list[dict[str, Any]], ref_meta: dict[str, Any]
         f"Protocol: the preset's `eval` block; FID is the minimum over the sampling seed sets; 2-step times: "
         f"{two_step or MISSING}; class-conditional (one uniform class per image): {', '.join(conditional) or 'none'}.",
         f"Reference statistics: computed by this pipeline from the dataset you provided "
-        f"({ref_meta.get('dataset', MISSING)}, {ref_meta.get('num', MISSING)} images, "
-        f"{ref_meta.get('label', ref_meta.get('extractor', MISSING))}), not downloaded.",
+        f"(`{ref_meta.get('dataset', MISSING)}`, {ref_meta.get('num', MISSING)} images, "
+        f"{ref_meta.get('label', ref_meta.get('extractor', MISSING))}; `{ref_path or MISSING}`), not downloaded.",
         f"\"matches\": |ours − paper| <= {MATCH_TOLERANCE_FID:g} FID, judged only where our FID is the paper's metric "
         f"({PAPER_SETUP[0]}, {PAPER_SETUP[1]:,} samples, the same data set); elsewhere n/a.",
     ]
@@ -142,11 +143,12 @@ def released_table(preset: str, folders: list[Path], ref_stats: Path | None = No
         from tcm_core.evaluation.commands import load_ref_stats
 
         ref_meta = load_ref_stats(ref_stats).meta
-    notes = [f"Rows without a measurement of ours: {NOT_SAMPLED} (the paper's NFE 35 / 63 teacher FIDs).",
+    notes = ["A FID row whose metric reads 'not measured' is a diffusion teacher's multi-step FID (NFE 35 / 63): its "
+             "sampler is not part of this pipeline; the teacher's dFID rows are measured.",
              "dFID_t: the release denoises training images from y + t·z in one call; the paper only draws dFID curves.",
              "Each file was pinned by its sha256 at first use (or by the registry's); a changed file is refused."]
     return Table("released", f"Released checkpoints vs the paper — preset {preset}", HEADER, rows,
-                 intro=_intro(preset, releases, ref_meta), notes=notes)
+                 intro=_intro(preset, releases, ref_meta, ref_stats), notes=notes)
 
 
 def add_released_tables_arguments(parser: argparse.ArgumentParser) -> None:
