@@ -5,7 +5,8 @@
 
 rule fid:
     input:
-        ckpt=eval_input,
+        ckpt=eval_ckpt,
+        release=eval_release_record,
         ref=ref_stats_path,
         feature_net=feature_net_path,
         mlflow=ancient("results/{preset}/mlflow.json"),
@@ -22,7 +23,6 @@ rule fid:
         runtime=res("eval", "runtime"),
         cpus_per_task=res("eval", "cpus_per_task"),
     params:
-        ckpt=eval_ckpt,
         steps=eval_steps,
         num=eval_num,
         seeds=eval_seeds,
@@ -31,7 +31,7 @@ rule fid:
         tracking=eval_tracking("fid"),
         env=eval_env("fid"),
     shell:
-        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate fid --ckpt {params.ckpt:q}"
+        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate fid --ckpt {input.ckpt}"
         " --steps {params.steps} --num {params.num} --seeds {params.seeds} {params.features}"
         " --ref-stats {input.ref} --out {output.json} --device {params.device}"
         " {params.tracking} > {log} 2>&1"
@@ -39,7 +39,8 @@ rule fid:
 
 rule dfid:
     input:
-        ckpt=eval_input,
+        ckpt=eval_ckpt,
+        release=eval_release_record,
         data=dataset_path,
         ref=ref_stats_path,
         feature_net=feature_net_path,
@@ -57,7 +58,6 @@ rule dfid:
         runtime=res("eval", "runtime"),
         cpus_per_task=res("eval", "cpus_per_task"),
     params:
-        ckpt=eval_ckpt,
         ts=dfid_ts,
         num=EVAL["dfid_num"],
         features=feature_args,
@@ -65,7 +65,7 @@ rule dfid:
         tracking=eval_tracking("dfid"),
         env=eval_env("dfid"),
     shell:
-        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate dfid --ckpt {params.ckpt:q}"
+        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate dfid --ckpt {input.ckpt}"
         " --data {input.data} --ts {params.ts} --num {params.num} {params.features}"
         " --ref-stats {input.ref} --out {output.json} --device {params.device}"
         " {params.tracking} > {log} 2>&1"

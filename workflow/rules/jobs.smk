@@ -252,14 +252,16 @@ def eval_seeds(wildcards):
 
 
 def eval_ckpt(wildcards):
-    return network_of(wildcards.run)
-
-
-def eval_input(wildcards):
-    """An evaluation's network input: the run's network file, or a release's record (release_check pins the
-    file before any evaluation reads it)."""
+    """The evaluated network: the run's file, or a release's dropped file (release_file: a missing one stops a
+    real run with its line; a dry run plans without it)."""
     release = release_of(wildcards.run)
-    return release_record(release.key) if release is not None else eval_ckpt(wildcards)
+    return network_of(wildcards.run) if release is None else release_file({"release": release.key})
+
+
+def eval_release_record(wildcards):
+    """A release's record (release_check pins its file before any evaluation reads it); nothing for a run."""
+    release = release_of(wildcards.run)
+    return release_record(release.key) if release is not None else []
 
 
 def target_run_key(run):
