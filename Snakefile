@@ -3,6 +3,7 @@
 #   snakemake --cores 2 all_ablations --config preset=ci   # every grid point, seconds-scale settings
 #   snakemake --profile profiles/slurm all_ablations --config preset=cifar10
 #   snakemake --cores 2 paper_tables                       # every table (incl. Table 5: the distillation arm)
+#   snakemake --cores 1 released_tables --config preset=cifar10   # the released checkpoints vs the paper
 # Targets go before --config (Snakemake reads every word after --config as a key=value).
 # Settings: config.yaml (validated by workflow/schemas/config.schema.yaml before any job runs); check
 # overlays with `python -m tcm_core check-config config.yaml OVERLAY.yaml` (file and line of each problem).
@@ -50,6 +51,7 @@ include: "workflow/rules/training.smk"
 include: "workflow/rules/distillation.smk"
 include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/reporting.smk"
+include: "workflow/rules/releases.smk"
 
 
 # Stage 1, the Stage-1 control, Stage 2, their FIDs (1 and 2 steps), dFID sweeps and sample grids.
@@ -72,6 +74,13 @@ rule all_ablations:
 rule all_distillation:
     input:
         distill_targets(),
+    localrule: True
+
+
+# The preset's released checkpoints (`releases`), evaluated with the paper's protocol, beside the paper's values.
+rule released_tables:
+    input:
+        released_tables_input,
     localrule: True
 
 

@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = ["tests/test_wiring.py", "tests/test_losses.py", "tests/test_schedules.py", "tests/test_training.py",
         "tests/test_control.py", "-m", "not slow"]
 CONTROL = ["tests/test_control.py", "tests/test_wiring.py"]  # includes the slow N + M equivalence test
+# released_tables (issue 30): the release tests, the side-by-side table and the dry-run plans (ci end to end: slow)
+RELEASES = ["tests/test_releases.py", "tests/test_reporting.py", "tests/test_workflow_dryrun.py", "-k", "release"]
 DISTILL = ["tests/test_distillation.py", "tests/test_wiring_distillation.py", "tests/test_reporting.py", "-m",
            "not slow"]
 
@@ -103,6 +105,21 @@ MUTANTS = [
            "return net", tuple(DISTILL)),
     Mutant("distill-arm-in-ct-tables", "tcm_core/report/results.py", "if r.grid != DISTILL_GRID]", "]",
            tuple(DISTILL)),
+    Mutant("release-sha256-not-checked", "tcm_core/io/hashing.py",
+           "    if expected is not None and actual != expected:\n        source", "    if False:\n        source",
+           tuple(RELEASES)),
+    Mutant("release-mid-t-default-ect", "tcm_core/releases.py", 'entry.get("mid_t", mid_t)',
+           'entry.get("mid_t", 0.821)', tuple(RELEASES)),
+    Mutant("release-own-mid-t-ignored", "workflow/rules/jobs.smk",
+           'mid_t = release.mid_t if release is not None else EVAL["mid_t"]', 'mid_t = EVAL["mid_t"]', tuple(RELEASES)),
+    Mutant("fid-mean-over-seeds", "tcm_core/evaluation/commands.py", '"min": min(per_seed), "steps"',
+           '"min": sum(per_seed) / len(per_seed), "steps"', tuple(RELEASES)),
+    Mutant("release-table-mean-over-seeds", "tcm_core/report/released.py", 'ours = float(measured["min"])',
+           'ours = sum(measured["per_seed"]) / len(measured["per_seed"])', tuple(RELEASES)),
+    Mutant("release-tolerance-one-sided", "tcm_core/report/released.py", "return abs(ours - paper) <= tolerance",
+           "return ours - paper <= tolerance", tuple(RELEASES)),
+    Mutant("release-classes-not-checked", "tcm_core/releases.py",
+           "if (label_dim > 0) != release.class_conditional:", "if False:", tuple(RELEASES)),
     Mutant("control-data-order-restarts", "tcm_core/training/state.py", 'return int(state["sampler_position"])',
            "return 0", tuple(CONTROL)),
 ]

@@ -44,6 +44,7 @@ from typing import Any
 import yaml
 
 from tcm_core.errors import ConfigError, MissingFileError
+from tcm_core.releases import check_releases
 from tcm_core.training.config import MODES, TrainConfig, build_config, parse_overrides, validate_config
 
 # eval-block key(s) -> TrainConfig key of the periodic evaluation (the first key present wins)
@@ -483,6 +484,7 @@ def check_preset(config: dict[str, Any], name: str, schema_path: str | Path | No
         raise ConfigError("the third stage must start above Stage 2's t'", f"{where}.stage3.t_prime",
                           f"use a t_prime > {configs['stage2'].t_prime}")
     check_times(preset, configs["stage2"], where)
+    check_releases(preset, where)
     if preset.get("arch"):
         check_architecture(preset["arch"], f"{where}.arch")
     return {**configs, **check_distillation(preset, configs, where)}

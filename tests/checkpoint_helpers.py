@@ -254,3 +254,40 @@ def easydict(**kwargs: Any) -> Any:
 
 def numpy_float(x: float) -> np.float64:
     return np.float64(x)
+
+
+# --- an EDM/TCM training snapshot, as EDM's (and TCM's) training loop pickles one -------------------------
+
+
+def edm_kwargs(arch: dict[str, Any], augment_dim: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Constructor kwargs as EDM's train.py records them: EDMPrecond's, and those passed on to SongUNet."""
+    label_dim = int(arch.get("label_dim", 0))
+    model = {
+        "embedding_type": "positional", "encoder_type": "standard", "decoder_type": "standard",
+        "channel_mult_noise": 1, "resample_filter": [1, 1], "model_channels": arch["model_channels"],
+        "channel_mult": arch["channel_mult"], "num_blocks": arch["num_blocks"],
+        "attn_resolutions": arch["attn_resolutions"], "augment_dim": augment_dim, "dropout": np.float64(0.13),
+    }
+    outer = {"img_resolution": arch["img_resolution"], "img_channels": arch["img_channels"], "label_dim": label_dim,
+             "use_fp16": False, "sigma_min": 0, "sigma_max": float("inf"), "sigma_data": np.float64(0.5),
+             "model_type": "SongUNet", **model}
+    inner = {"img_resolution": arch["img_resolution"], "in_channels": arch["img_channels"],
+             "out_channels": arch["img_channels"], "label_dim": label_dim, **model}
+    return outer, inner
+
+
+def write_edm_snapshot(net: nn.Module, path: Path, *, augment_dim: int = 0, module_src: str = "# EDM networks\n",
+                       extra: dict[str, Any] | None = None) -> Path:
+    """``net`` (our SongUNet Precond) as the snapshot {ema, loss_fn, augment_pipe, dataset_kwargs} that EDM's and
+    TCM's training loops pickle: every network object through persistence's ``_reconstruct_persistent_obj``
+    with ``module_src`` (the defining module's source text) as data."""
+    outer, inner = edm_kwargs(net.arch, augment_dim)
+    children = OrderedDict(model=persistent_tree(net.model, "SongUNet", inner))
+    ema = Persistent("EDMPrecond", module_state(net, children, outer), module_src=module_src)
+    loss_fn = Persistent("EDMLoss", {"P_mean": np.float64(-1.2), "P_std": 1.2, "sigma_data": 0.5,
+                                     "_init_args": (), "_init_kwargs": {}}, module_src=module_src)
+    augment = Persistent("AugmentPipe", {"p": 0.12, "xflip": 1e8, "_init_kwargs": {"p": 0.12}}, module_src=module_src)
+    snapshot = {"ema": ema, "loss_fn": loss_fn, "augment_pipe": augment,
+                "dataset_kwargs": {"class_name": "training.dataset.ImageFolderDataset", "path": "cifar10.zip"}}
+    snapshot.update(extra or {})
+    return write_pickle(snapshot, Path(path))

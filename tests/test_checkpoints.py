@@ -10,7 +10,6 @@ import subprocess
 import sys
 from collections import OrderedDict
 
-import numpy as np
 import pytest
 import torch
 from checkpoint_helpers import (
@@ -20,6 +19,7 @@ from checkpoint_helpers import (
     module_state,
     persistent_tree,
     stand_in_modules,
+    write_edm_snapshot,
     write_pickle,
 )
 
@@ -35,36 +35,10 @@ TINY_EDM2 = dict(
 )
 
 
-def _edm_kwargs(arch: dict, augment_dim: int) -> tuple[dict, dict]:
-    """Constructor kwargs as EDM's train.py records them: EDMPrecond's, and those passed on to SongUNet."""
-    model = {
-        "embedding_type": "positional", "encoder_type": "standard", "decoder_type": "standard",
-        "channel_mult_noise": 1, "resample_filter": [1, 1], "model_channels": arch["model_channels"],
-        "channel_mult": arch["channel_mult"], "num_blocks": arch["num_blocks"],
-        "attn_resolutions": arch["attn_resolutions"], "augment_dim": augment_dim, "dropout": np.float64(0.13),
-    }
-    outer = {"img_resolution": arch["img_resolution"], "img_channels": arch["img_channels"], "label_dim": 0,
-             "use_fp16": False, "sigma_min": 0, "sigma_max": float("inf"), "sigma_data": np.float64(0.5),
-             "model_type": "SongUNet", **model}
-    inner = {"img_resolution": arch["img_resolution"], "in_channels": arch["img_channels"],
-             "out_channels": arch["img_channels"], "label_dim": 0, **model}
-    return outer, inner
-
-
 def make_edm_pickle(path, module_src: str = "# EDM networks source\n", extra=None):
     """An EDM training snapshot {ema, loss_fn, augment_pipe, dataset_kwargs} built from our tiny SongUNet."""
     net = build_precond(arch_preset("tiny", augment_dim=9)).eval()
-    outer, inner = _edm_kwargs(net.arch, augment_dim=9)
-    children = OrderedDict(model=persistent_tree(net.model, "SongUNet", inner))
-    ema = Persistent("EDMPrecond", module_state(net, children, outer), module_src=module_src)
-    loss_fn = Persistent("EDMLoss", {"P_mean": np.float64(-1.2), "P_std": 1.2, "sigma_data": 0.5,
-                                     "_init_args": (), "_init_kwargs": {}}, module_src=module_src)
-    augment = Persistent("AugmentPipe", {"p": 0.12, "xflip": 1e8, "_init_kwargs": {"p": 0.12}}, module_src=module_src)
-    snapshot = {"ema": ema, "loss_fn": loss_fn, "augment_pipe": augment,
-                "dataset_kwargs": {"class_name": "training.dataset.ImageFolderDataset", "path": "cifar10.zip"}}
-    if extra:
-        snapshot.update(extra)
-    return net, write_pickle(snapshot, path)
+    return net, write_edm_snapshot(net, path, augment_dim=9, module_src=module_src, extra=extra)
 
 
 def make_edm2_pickle(path):

@@ -86,6 +86,21 @@ def test_paper_jobs_run_at_the_papers_per_gpu_batches():
     assert {s.precision for k, s in jobs.items() if k[0] != "cifar10"} == {"fp16"}
 
 
+def test_dry_run_plan_cases_per_check():
+    """30 cases, 3 of them TF32 (CUDA only): the release_fid case times one release-sized FID evaluation."""
+    plan = gpucheck.dry_run_plan(gpucheck.DEFAULT_CONFIG, 3600)
+    cases = gpucheck.build_cases(plan)
+    counts = {check: sum(c.check == check for c in cases) for check in gpucheck.CHECKS}
+    assert counts == {"precision": 10, "bench": 4, "ddp": 2, "sampling": 4, "release_fid": 1, "train_speed": 6,
+                      "memory": 3}
+    assert sum(c.needs_cuda for c in cases) == 3
+    gpu = gpucheck.gpu_plan(gpucheck.DEFAULT_CONFIG, 300)
+    assert gpu.release[0].net == "ddpmpp" and gpu.release[1] == 1.0 and gpu.release_num == 1000
+    # what the CIFAR-10 released_tables generates: 2 releases x 50k x 3 seed sets per NFE, 3 dFID sweeps of 4 x 10k
+    assert gpu.release_workload["fid_images"] == {1: 300_000, 2: 300_000}
+    assert gpu.release_workload["dfid_images"] == 120_000
+
+
 def _raise_runtime(ctx):
     raise RuntimeError("boom")
 
@@ -174,6 +189,8 @@ def test_dry_run_checks_every_path_on_cpu_and_its_json_feeds_the_cost_table(tmp_
     assert by_check["ddp"]["max_diff_to_one_process"] <= by_check["ddp"]["tolerance"]
     assert by_check["memory"]["largest_fitting_batch"] >= 8 and by_check["memory"]["tries"][0]["fits"]
     assert by_check["train_speed"]["images_per_s"] > 0 and by_check["train_speed"]["peak_bytes"] > 0
+    release = by_check["release_fid"]
+    assert release["images"] == 8 and release["images_per_s"] > 0 and release["projected_table_hours"] > 0
     assert {r["figures"].get("backend") for r in doc["cases"] if r["check"] == "ddp"} == {"gloo"}
     features = [r["figures"] for r in doc["cases"] if "Inception" in r["name"]]
     assert [f["feature_shape"] for f in features] == [[16, 2048], [16, 2048]]

@@ -479,3 +479,71 @@ def test_ci_paper_tables_builds_every_file_and_the_report(ci_workdir):
         names = "\n".join(report.namelist())
     for name in ("fig1b_fid_stages.png", "fig4a_time_density.png", "table1_cifar10.csv", "claims.md"):
         assert name in names, name
+
+
+# ------------------------------------------------------------------------------------------ released_tables
+
+
+def _release_folder(root: Path, key: str, role: str, paper_row: str, steps: list[int], fids: dict[int, list[float]],
+                    num: int = 50000, extractor: str = "inception", dfid: dict[str, float] | None = None) -> Path:
+    """A release folder as release-check and evaluate fid|dfid write it, by hand."""
+    folder = root / key
+    (folder / "eval").mkdir(parents=True)
+    record = {"key": key, "role": role, "paper_row": paper_row, "steps": steps, "mid_t": 1.0,
+              "class_conditional": False, "dfid": dfid is not None, "sha256_pinned": "ab" * 32,
+              "sha256_source": "recorded at first use", "parameter_count": 55_732_739}
+    (folder / "release.json").write_text(json.dumps(record))
+    for n, per_seed in fids.items():
+        label = f"FID ({'Inception' if extractor == 'inception' else 'LeNet features'}, {num // 1000}k, min of 3)"
+        (folder / "eval" / f"fid_{n}step.json").write_text(json.dumps(
+            {"metric": f"fid_{n}step", "label": label, "extractor": extractor, "num": num, "seeds": len(per_seed),
+             "per_seed": per_seed, "min": min(per_seed), "steps": [80.0, 1.0][:n]}))
+    if dfid is not None:
+        (folder / "eval" / "dfid.json").write_text(json.dumps(
+            {"metric": "dfid", "label": "dFID (Inception, 10k)", "values": dfid, "num": 10000}))
+    return folder
+
+
+def test_released_table_puts_paper_ours_difference_and_matches_side_by_side(tmp_path):
+    from tcm_core.report.released import MATCH_TOLERANCE_FID, MATCHES, released_table
+
+    assert MATCH_TOLERANCE_FID == 0.1 and MATCHES == "matches (±0.1 FID)"
+    folders = [
+        # Stage 2: 1-step 0.06 above the paper (matches), 2-step 0.15 below it (does not: either side counts)
+        _release_folder(tmp_path, "tcm_stage2", "stage2", "t1_tcm", [1, 2],
+                        {1: [2.60, 2.52, 2.55], 2: [1.95, 1.90, 2.0]}, dfid={"1": 0.71, "2": 1.5}),
+        # Stage 1 measured at 10k samples: not the paper's metric, so no difference and no verdict
+        _release_folder(tmp_path, "ect_stage1", "stage1", "t1_ecm", [1, 2], {1: [3.9, 3.8, 4.0], 2: [2.2, 2.3, 2.25]},
+                        num=10000),
+        # the teacher: dFID only; the paper's 35-step FID has no measurement of ours
+        _release_folder(tmp_path, "edm_teacher", "teacher", "t1_edm", [], {}, dfid={"1": 0.2}),
+    ]
+    table = released_table("cifar10", folders)
+    md = table.markdown()
+    header = _rows(md)[0]
+    assert header[:8] == ["release", "role", "NFE", "metric", "paper", "ours", "difference (ours − paper)", MATCHES]
+    assert _row(md, "tcm_stage2", "TCM Stage 2", "1", "FID")[4:8] == ["2.46", "2.52", "+0.06", "yes"]  # min of 3
+    assert _row(md, "tcm_stage2", "TCM Stage 2", "2", "FID")[4:8] == ["2.05", "1.90", "-0.15", "no"]
+    assert _row(md, "ect_stage1", "Stage 1 (ECT/ECM)", "1", "FID")[4:8] == ["3.60", "3.80", MISSING,
+                                                                          "n/a (not the paper's metric)"]
+    teacher = _row(md, "edm_teacher", "teacher (diffusion)", "35", "FID")
+    assert teacher[4:8] == ["1.97", MISSING, MISSING, MISSING] and teacher[8].startswith("not measured")
+    assert _row(md, "tcm_stage2", "TCM Stage 2", "1", "dFID_t (t = 2)")[4:6] == [MISSING, "1.50"]
+    assert _row(md, "edm_teacher", "teacher (diffusion)", "1", "dFID_t (t = 1)")[5] == "0.20"
+    assert "55.7 / 55.7" in _row(md, "tcm_stage2", "TCM Stage 2", "1", "FID")[10]
+    assert "|ours − paper| <= 0.1 FID" in md
+    rows = list(csv.DictReader(io.StringIO(table.csv_text())))
+    assert {(r["release"], r["NFE"], r["metric"]) for r in rows} >= {("tcm_stage2", "1", "FID"),
+                                                                   ("edm_teacher", "35", "FID")}
+
+
+def test_released_table_on_imagenet_compares_table_2():
+    from tcm_core.report.released import released_table
+
+    with __import__("tempfile").TemporaryDirectory() as tmp:
+        folder = _release_folder(Path(tmp), "tcm_stage2", "stage2", "t2_tcm_s", [1, 2], {1: [2.93, 2.95, 2.97],
+                                                                                      2: [2.31, 2.4, 2.35]})
+        md = released_table("imagenet64_s", [folder]).markdown()
+    assert _row(md, "tcm_stage2", "TCM Stage 2", "1", "FID")[4:8] == ["2.88", "2.93", "+0.05", "yes"]
+    assert _row(md, "tcm_stage2", "TCM Stage 2", "2", "FID")[4:8] == ["2.31", "2.31", "+0.00", "yes"]
+    assert "Table 2" in _row(md, "tcm_stage2", "TCM Stage 2", "1", "FID")[9]

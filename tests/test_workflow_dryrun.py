@@ -76,6 +76,56 @@ def test_planned_jobs(workdir, preset, target):
         assert f" batch={batch} " in out
 
 
+RELEASE_TABLES = {"mlflow_init": 1, "reference_stats": 1, "released_table": 1, "released_tables": 1}
+# per preset: the release jobs (release_check each, fid per NFE, dfid each) and the data the FIDs need
+RELEASED = {
+    "cifar10": {**RELEASE_TABLES, "fetch_dataset": 1, "prepare_dataset": 1, "release_check": 3, "fid": 4, "dfid": 3},
+    "imagenet64_s": {**RELEASE_TABLES, "release_check": 2, "fid": 2, "dfid": 2},
+    "imagenet64_xl": {**RELEASE_TABLES, "release_check": 3, "fid": 4, "dfid": 3},
+    "tiny": {**RELEASE_TABLES, "prepare_dataset": 1, "train_feature_net": 1, "release_check": 1, "fid": 2, "dfid": 1},
+}
+# (release, 2-step times, paper rows the table compares): the paper's middle times (App. E), eval.mid_t
+RELEASE_ROWS = {
+    "cifar10": [("tcm_stage2", "80,1.0", "cifar-stage2-2.46.pkl"), ("ect_stage1", "80,1.0", "ect-cifar10.pkl")],
+    "imagenet64_s": [("tcm_stage2", "80,1.526", "imgnet-stage2-edm2s-2.88.pkl")],
+    "imagenet64_xl": [("tcm_stage2", "80,1.526", "tcm-img64-edm2-xl.pkl"), ("ecm_stage1", "80,1.526",
+                                                                           "ect-img64-xl.pkl")],
+}
+
+
+@pytest.mark.parametrize("preset", sorted(RELEASED))
+def test_released_tables_plans_the_papers_rows(workdir, preset):
+    """No file is in place: the dry run plans every row anyway and names each missing file once."""
+    args = ["-n", "-p", "--config", f"preset={preset}"]
+    if preset.startswith("imagenet"):
+        args += ["--configfile", "config.yaml", "imagenet.yaml"]
+    rows = RELEASE_ROWS.get(preset, [])
+    placed = workdir / "resources" / "releases" / rows[0][2] if rows else None
+    if placed is not None:  # one file in place (a dry run reads nothing); the others are missing
+        placed.parent.mkdir(parents=True, exist_ok=True)
+        placed.write_bytes(b"")
+    try:
+        proc = snakemake(workdir, *args, "--", "released_tables", check=True)
+    finally:
+        if placed is not None:
+            placed.unlink()
+    out = proc.stdout
+    assert job_counts(out) == RELEASED[preset]
+    assert "train " not in out and "--target-run-key" not in out  # no training; a release has no training run
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note (dry run, planned anyway)")]
+    assert len(notes) == RELEASED[preset]["release_check"] - bool(rows), proc.stderr[-2000:]
+    if preset == "tiny":
+        assert "--extractor lenet" in out and "resources/releases/tiny-stage2.pkl" in notes[0]
+        return
+    assert "--num 50000 --seeds 3 --extractor inception" in out  # the paper's protocol: 50k, min of 3
+    for index, (key, two_step, file) in enumerate(rows):
+        fid2 = next(x for x in out.splitlines() if f"--out results/{preset}/releases/{key}/eval/fid_2step.json" in x)
+        ckpt = f"resources/releases/{file}" if index == 0 else ""  # a missing file: planned without it
+        assert f"--ckpt {ckpt} --steps {two_step} " in fid2, fid2
+        assert '"tcm.grid": "release"' in fid2 and f"--run-key fid:{preset}:releases/{key}:2step " in fid2
+        assert index == 0 or any(f"resources/releases/{file}," in n for n in notes), notes
+
+
 def test_paper_tables_trains_three_seeds_of_the_claim_bearing_arms(workdir):
     """tiny's training_seeds {all: 1, paper_tables: 3}: the control and the main Stage 2 (both from the one Stage 1),
     the 5 ablation cells the claims read (centre, 3 other t', w_b = 0.01), and the CD control and CD Stage 2 (both
@@ -253,7 +303,7 @@ def test_bad_preset_choice_fails_early(workdir, config, key, allowed):
     assert "tcm: error: " in text and key in text and allowed in text, text[-2000:]
 
 
-OWN_RULE_FILES = ("common", "jobs", "data", "init", "training", "distillation", "evaluation")
+OWN_RULE_FILES = ("common", "jobs", "data", "init", "training", "distillation", "evaluation", "releases")
 
 
 @pytest.mark.parametrize("preset", ["ci", "cifar10"])

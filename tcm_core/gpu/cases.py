@@ -386,6 +386,65 @@ def features_case(ctx: Context, spec: NetSpec, steps: int) -> dict[str, Any]:
     return figures
 
 
+def release_workload(config: Path, preset: str) -> dict[str, Any]:
+    """What ``released_tables`` generates for ``preset`` (config.yaml): images per NFE over every release's FIDs
+    (eval.num x eval.seeds each) and the dFID images (eval.dfid_num per time, one network call each)."""
+    from tcm_core.presets import read_yaml
+    from tcm_core.releases import release_entries
+
+    block = read_yaml(config)["presets"][preset]
+    evaluation = block["eval"]
+    found = release_entries(block, f"presets.{preset}")
+    fid_images = {n: sum(int(evaluation["num"]) * int(evaluation["seeds"]) for r in found if n in r.steps)
+                  for n in (1, 2)}
+    dfid_images = sum(len(evaluation.get("dfid_ts", [])) * int(evaluation["dfid_num"]) for r in found if r.dfid)
+    return {"preset": preset, "releases": [r.key for r in found], "fid_images": fid_images, "dfid_images": dfid_images}
+
+
+def _timed_fid(ctx: Context, ckpt: Path, stats: Path, steps: str, out: Path) -> dict[str, Any]:
+    """``python -m tcm_core evaluate fid`` (the command the fid rule runs) on ``sample_num`` images, one seed set."""
+    from tcm_core import cli
+
+    args = ["evaluate", "fid", "--ckpt", str(ckpt), "--steps", steps, "--num", str(ctx.plan.release_num),
+            "--seeds", "1", "--extractor", "inception", "--ref-stats", str(stats), "--out", str(out),
+            "--device", ctx.device, "--batch", str(ctx.plan.sample_batch), "--no-progress", "--fid-method", "eigh"]
+    bench.sync(torch.device(ctx.device))
+    start = time.perf_counter()
+    code = cli.main(args)
+    seconds = time.perf_counter() - start
+    if code != 0:
+        raise CheckFailed(f"evaluate fid exited with {code}", {"steps": steps})
+    record = json.loads(out.read_text())  # images/s of sampling + features + FID, without the command's loading
+    return {"seconds": seconds, "images_per_s": record["images_per_second"], "fid": record["min"]}
+
+
+def release_fid_case(ctx: Context, spec: NetSpec, mid_t: float) -> dict[str, Any]:
+    """A timed 1- and 2-step FID (Inception) of a release-sized network on synthetic weights through ``evaluate
+    fid``, and what the full ``released_tables`` of the preset would take at those speeds on this device."""
+    from tcm_core import cli
+
+    work = ctx.scratch("release-fid")
+    inputs = bench.write_synthetic_inputs(work / "inputs", spec.net, spec.arch_overrides,
+                                          images=ctx.plan.release_ref_images)
+    stats = work / "ref_stats_inception.npz"
+    if cli.main(["reference-stats", "--data", str(inputs.data), "--extractor", "inception", "--out", str(stats),
+                 "--device", ctx.device, "--no-cache", "--no-progress"]) != 0:
+        raise CheckFailed("reference-stats failed")
+    timed = {n: _timed_fid(ctx, inputs.init, stats, steps, work / f"fid_{n}step.json")
+             for n, steps in ((1, "80"), (2, f"80,{mid_t:g}"))}
+    workload = ctx.plan.release_workload
+    projected = (sum(workload["fid_images"][n] / timed[n]["images_per_s"] for n in (1, 2))
+                 + workload["dfid_images"] / timed[1]["images_per_s"])
+    figures = {"net": spec.net, "parameters": inputs.parameters, "images": ctx.plan.release_num,
+               "images_per_s": timed[1]["images_per_s"], "images_per_s_2step": timed[2]["images_per_s"],
+               "command_seconds": timed[1]["seconds"], "command_seconds_2step": timed[2]["seconds"],
+               "reference_images": ctx.plan.release_ref_images, "workload": workload,
+               "projected_table_hours": projected / 3600}
+    if not all(math.isfinite(t["fid"]) for t in timed.values()):
+        raise CheckFailed("a FID is not finite", figures)
+    return figures
+
+
 # ---------------------------------------------------------------------------------------------------------- memory
 
 

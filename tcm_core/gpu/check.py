@@ -20,6 +20,8 @@ its share is spent, and everything stops at 1.4x the budget):
 * ddp: 2 processes under torchrun (nccl on one GPU if NCCL allows it) and a 1-process DDP wrap, each against
   one process at the same global batch (the world-size invariance of tests/test_ddp.py);
 * sampling: 1024 images in 1 and 2 steps, and their Inception features; images per second;
+* release_fid: ``evaluate fid`` (the fid rule's command) of a ddpmpp on synthetic weights, 1000 images in 1 and 2
+  steps with Inception features, timed, and the hours the full CIFAR-10 ``released_tables`` takes at that speed;
 * train_speed: images per second of real training iterations (``bench --train``) of each paper job at its
   per-GPU batch and precision (config.yaml; the paper's GPU counts), with the run's peak memory vs the GPU's;
 * memory: the largest per-GPU Stage-2 batch that fits, per preset (bounded search, OOM caught).
@@ -56,8 +58,10 @@ from tcm_core.training.setup import cpu_autocast_allowed
 PAPER_GPUS = {"cifar10": 8, "imagenet64_s": 64, "imagenet64_xl": 64}
 PRESET_NETS = {"cifar10": "ddpmpp", "imagenet64_s": "edm2_s", "imagenet64_xl": "edm2_xl"}
 MICRO_ARCH = {"model_channels": 16, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [8], "dropout": 0.1}
-CHECKS = ("precision", "bench", "ddp", "sampling", "train_speed", "memory")
-BUDGET_SHARES = {"precision": 0.25, "bench": 0.17, "ddp": 0.12, "sampling": 0.12, "train_speed": 0.2, "memory": 0.14}
+CHECKS = ("precision", "bench", "ddp", "sampling", "release_fid", "train_speed", "memory")
+BUDGET_SHARES = {"precision": 0.25, "bench": 0.17, "ddp": 0.12, "sampling": 0.12, "release_fid": 0.08,
+                 "train_speed": 0.2, "memory": 0.14}
+RELEASE_PRESET = "cifar10"  # the release_fid check times a ddpmpp FID and projects this preset's released_tables
 # the order of importance of the precision cases per net (the preset's own precision right after fp32), and of
 # the bench cases as (index into Plan.precision_nets, precision): ddpmpp's fp32/TF32 ratios are the acceptance figures
 PRECISION_ORDER = {"ddpmpp": ("fp32", "tf32", "fp16", "edm_fp16", "bf16"),
@@ -93,6 +97,10 @@ class Plan:
     feature_batch: int
     memory_tries: int
     cost_jobs: list[dict[str, Any]]
+    release: tuple[NetSpec, float]  # the release-sized net and its two-step middle time
+    release_num: int  # images of the timed FID (per NFE)
+    release_ref_images: int  # synthetic data set images the FID's reference statistics are made from
+    release_workload: dict[str, Any]  # what released_tables generates for RELEASE_PRESET
     checks: tuple[str, ...] = CHECKS  # --only
 
     def budget(self, check: str) -> float:
@@ -162,7 +170,9 @@ def gpu_plan(config: Path, budget_s: float) -> Plan:
                 bench_repeats=12, bench_warmup=1, train_specs=jobs, train_repeats=5, train_warmup=2,
                 ddp=NetSpec("ddpmpp", 16, label="cifar10"), ddp_batch_gpu=4, ddp_iterations=3, ddp_timeout_s=240,
                 samples=[(nets[0], _mid_t(config, "cifar10")), (nets[1], _mid_t(config, "imagenet64_s"))],
-                sample_num=1024, sample_batch=256, feature_batch=256, memory_tries=5, cost_jobs=cost_jobs(config))
+                sample_num=1024, sample_batch=256, feature_batch=256, memory_tries=5, cost_jobs=cost_jobs(config),
+                release=(nets[0], _mid_t(config, RELEASE_PRESET)), release_num=1000, release_ref_images=2048,
+                release_workload=checks.release_workload(config, RELEASE_PRESET))
 
 
 def dry_run_plan(config: Path, budget_s: float) -> Plan:
@@ -181,6 +191,7 @@ def dry_run_plan(config: Path, budget_s: float) -> Plan:
     plan.ddp, plan.ddp_batch_gpu = micro(plan.ddp, 8), 2
     plan.samples = [(micro(plan.samples[0][0]), plan.samples[0][1])]
     plan.sample_num, plan.sample_batch, plan.feature_batch, plan.memory_tries = 16, 8, 8, 4
+    plan.release, plan.release_num, plan.release_ref_images = (micro(plan.release[0]), plan.release[1]), 8, 8
     return plan
 
 
@@ -213,6 +224,9 @@ def build_cases(plan: Plan) -> list[Case]:
                               p(checks.sampling_case, spec=spec, steps=steps)))
             cases.append(Case("sampling", f"{spec.net}: Inception features of the {len(steps)}-step images",
                               p(checks.features_case, spec=spec, steps=len(steps))))
+    release, mid_t = plan.release
+    name = f"{release.net}: FID of {plan.release_num} images in 1 and 2 steps, {RELEASE_PRESET} released_tables"
+    cases.append(Case("release_fid", name, p(checks.release_fid_case, spec=release, mid_t=mid_t)))
     cases += [Case("train_speed", f"{s.preset} {s.mode}: {s.net.net} per-GPU batch {s.net.batch} {s.precision}",
                    p(checks.train_speed_case, spec=s))
               for s in sorted(plan.train_specs, key=lambda s: (s.preset, s.mode != "stage2"))]

@@ -55,6 +55,8 @@ COLUMNS: dict[str, list[tuple[str, str, Callable[[Any], str]]]] = {
     "ddp": [("max weight diff", "max_diff_to_one_process", _num), ("tolerance", "tolerance", _num),
             ("backend", "backend", _num)],
     "sampling": [("images/s", "images_per_s", _num), ("seconds", "seconds", _num)],
+    "release_fid": [("images/s (1 step)", "images_per_s", _num), ("images/s (2 steps)", "images_per_s_2step", _num),
+                    ("released_tables (h)", "projected_table_hours", _num)],
     "train_speed": [("s/iteration", "s_per_it", _num), ("images/s", "images_per_s", _num),
                     ("peak memory", "peak_bytes", _gib), ("of the GPU", "peak_fraction_of_gpu", _percent)],
     "memory": [("largest fitting", "largest_fitting_batch", _num), ("smallest failing", "smallest_failing_batch", _num),
@@ -81,6 +83,10 @@ NOTES = {
              "and 1.15 on EDM2-S).",
     "ddp": "Stage 2 for 3 iterations (batch_gpu chunks, global boundary draw, frozen model, dropout replay) vs one "
            "process: the weights must agree within 1 % of the largest weight change (tests/test_ddp.py's bound).",
+    "release_fid": "`evaluate fid` (what the fid rule runs for a release) of a synthetic ddpmpp: sampling, "
+                   "clean-fid Inception features and the FID, timed end to end per NFE; 'released_tables (h)' "
+                   "is the CIFAR-10 preset's table (every release's FIDs at eval.num x eval.seeds, dFIDs) at "
+                   "those speeds, reference statistics excluded.",
     "train_speed": "`bench --train`: the best of the timed iterations of `training.train` for that mode at the "
                    "paper's per-GPU batch (global batch / the paper's GPUs) in the preset's precision; peak "
                    "memory of the whole run (setup, iterations, outputs).",

@@ -71,6 +71,26 @@ def record_sha256(path: Path, digest: str) -> None:
     write_text_atomic(sha256_sidecar(path), f"{digest}  {path.name}\n")
 
 
+def pin_file(path: str | Path, expected: str | None = None, digest: str | None = None) -> tuple[str, bool]:
+    """Check ``path`` against ``expected`` (a known sha256, which wins) or else its ``FILE.sha256`` record, and
+    record its hash there; return ``(sha256, recorded for the first time)``. ``digest``: the hash, if known.
+
+    Raises ``RefusedFileError`` when the file differs from the expected hash (nothing is recorded then).
+    """
+    path = Path(path)
+    recorded = recorded_sha256(path)
+    expected = expected.strip().lower() if expected else recorded
+    actual = digest or sha256_file(path)
+    if expected is not None and actual != expected:
+        source = "the known sha256" if expected != recorded else f"the sha256 recorded in {sha256_sidecar(path).name}"
+        raise RefusedFileError(f"checksum mismatch: expected sha256 {expected} ({source}), actual {actual}",
+                               str(path), "put back the file first used (or delete the .sha256 record if you "
+                               "replaced it on purpose)")
+    if recorded != actual:
+        record_sha256(path, actual)
+    return actual, recorded is None
+
+
 def verify_file(path: str | Path, sha256: str | None = None) -> str:
     """Check ``path`` against ``sha256`` or, without one, against ``FILE.sha256``; return its hash.
 

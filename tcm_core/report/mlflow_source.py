@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from tcm_core.report.results import TRAIN_STAGES, Evaluation, TrainingRun, dfid_t, full_label
+from tcm_core.report.results import RELEASE_GRID, TRAIN_STAGES, Evaluation, TrainingRun, dfid_t, full_label
 from tcm_core.report.values import as_float
 from tcm_core.tracking.mlflow_store import PERIODIC_PREFIX, sqlite_path
 
@@ -51,6 +51,8 @@ def load_mlflow(uri: str, preset: str) -> tuple[list[TrainingRun], list[Evaluati
             superseded += 1
             continue
         seen.add(row.run_key)
+        if row.tags.get("tcm.grid") == RELEASE_GRID:
+            continue  # a released checkpoint's evaluation (released_tables), no run of this study
         stage = row.tags.get("tcm.stage")
         if stage == "eval":
             evaluations += _evaluations_of_eval_run(client, row)

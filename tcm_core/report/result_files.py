@@ -11,8 +11,9 @@ from typing import Any
 from tcm_core.report.results import DISTILL_GRID, TRAIN_STAGES, Evaluation, TrainingRun, full_label
 from tcm_core.report.values import nan_if_none
 
-# Folders under results/<preset>/ that hold no results of their own: MLflow's artifact copies, logs.
-NOT_RESULTS = {"mlartifacts", "mlruns", "logs"}
+# Folders under results/<preset>/ that hold no results of their own: MLflow's artifact copies, logs; and the
+# released checkpoints' evaluations (released_tables reads those, the paper tables compare this study's runs).
+NOT_RESULTS = {"mlartifacts", "mlruns", "logs", "releases"}
 EVALUATED_METRICS = ("fid_1step", "fid_2step", "dfid")  # the ``metric`` of an evaluation JSON
 MAX_EVALUATION_JSON_BYTES = 5_000_000  # a larger .json is no evaluation record: not even parsed
 

@@ -14,6 +14,7 @@ TRAIN_STAGES = ("pretrain", "stage1", "stage1_continued", "stage2", "stage3")
 # the Stage-2 hyperparameters the ablation grid varies
 SWEPT_PARAMS = ("t_prime", "rho", "w_b", "student_sigma", "student_nu")
 DISTILL_GRID = "distill"  # the consistency-distillation arm (Table 5): never a main run of the CT tables
+RELEASE_GRID = "release"  # evaluations of released checkpoints (released_tables): no run of this study
 DFID_PREFIX = "dfid_t"  # dFID at noise level t is logged as the metric dfid_t<t>, e.g. dfid_t0.2
 
 

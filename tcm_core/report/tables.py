@@ -112,10 +112,10 @@ def paper_metric(measured: Measured | None, preset: str, paper: PaperRow | None)
     """Whether a measured FID is the paper's metric (same extractor and sample count, on the paper row's data
     set): only then is a Δ shown."""
     return (measured is not None and paper is not None and tuple(measured.setup[:2]) == PAPER_SETUP
-            and _same_dataset(preset, paper.dataset))
+            and same_dataset(preset, paper.dataset))
 
 
-def _same_dataset(preset: str, dataset: str) -> bool:
+def same_dataset(preset: str, dataset: str) -> bool:
     """Whether the preset trains on the data set a paper row was measured on (cifar10 | imagenet64)."""
     return (preset, dataset) == ("cifar10", "cifar10") or (preset.startswith("imagenet64") and dataset == "imagenet64")
 
@@ -185,18 +185,21 @@ def _metric_intro(preset: str, measured: Iterable[Measured | None], dataset_note
     ]
 
 
-def _quoted(rows: Sequence[PaperRow], source: str) -> list[list[str]]:
+def _quoted(rows: Sequence[PaperRow], source: str, compared: Sequence[RowSpec]) -> list[list[str]]:
+    """The paper's rows of ``source`` that no measured row of the table compares (baselines, and the releases'
+    rows that only ``released_tables`` measures)."""
+    keys = {spec[4] for spec in compared if spec[4]}
     return [
         [f"{r.method} [quoted]", r.nfe, fmt(r.fid), fmt(r.params_m, 1), r.category, r.source]
         for r in rows
-        if r.source == source and not r.key
+        if r.source == source and r.key not in keys
     ]
 
 
 def _dataset_note(preset: str, table_dataset: str) -> str:
-    if _same_dataset(preset, table_dataset) and table_dataset == "cifar10":
+    if same_dataset(preset, table_dataset) and table_dataset == "cifar10":
         return "Dataset: CIFAR-10, as in the paper."
-    if _same_dataset(preset, table_dataset):
+    if same_dataset(preset, table_dataset):
         return "Dataset: ImageNet 64x64, as in the paper."
     return (
         f"This preset is a scaled-down stand-in for the paper's {table_dataset} setting "
@@ -249,7 +252,8 @@ def table1(results: Results, paper: Sequence[PaperRow]) -> Table:
     rows, measured = _main_rows(results, paper, TABLE1_ROWS, fills)
     notes = [] if fills else [f"preset {results.preset} is an ImageNet preset: its numbers are in Table 2"]
     title = "Table 1 (CIFAR-10): NFE, FID and # params"
-    return _main_table(results, "table1_cifar10", title, "cifar10", rows, measured, _quoted(paper, "Table 1"), notes)
+    quoted = _quoted(paper, "Table 1", TABLE1_ROWS)
+    return _main_table(results, "table1_cifar10", title, "cifar10", rows, measured, quoted, notes)
 
 
 def _table2_rows(network: str, suffix: str) -> list[RowSpec]:
@@ -271,7 +275,8 @@ def table2(results: Results, paper: Sequence[PaperRow]) -> Table:
         rows += network_rows
         measured += network_measured
     title = "Table 2 (ImageNet 64x64): NFE, FID and # params"
-    quoted = _quoted(paper, "Table 2") + _quoted(paper, "Appendix E")
+    specs = [spec for network, _, suffix in TABLE2_NETWORKS for spec in _table2_rows(network, suffix)]
+    quoted = _quoted(paper, "Table 2", specs) + _quoted(paper, "Appendix E", specs)
     return _main_table(results, "table2_imagenet64", title, "imagenet64", rows, measured, quoted, notes)
 
 

@@ -9,8 +9,9 @@ import pandas as pd
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import Paramspace, validate
 
-from tcm_core import presets
+from tcm_core import presets, releases
 from tcm_core.errors import ConfigError
+from tcm_core.report.results import RELEASE_GRID
 
 
 def checked_config(cfg):
@@ -36,6 +37,9 @@ EVAL = P["eval"]
 ABL = P["ablation"]
 RESULTS = f"results/{PRESET}"
 FOREIGN_STAGE1 = P["init"].get("provides") == "stage1"  # e.g. ECM-XL: Stage 1 is a given checkpoint
+# released checkpoints (released_tables), by key; evaluated as the run folder releases/<key>
+RELEASES = {r.key: r for r in releases.release_entries(P, f"presets.{PRESET}")}
+RELEASE_RUN = "releases/"
 
 
 wildcard_constraints:
@@ -44,7 +48,9 @@ wildcard_constraints:
     sweep="dfid|dfid_wide",
     extractor=P["eval"]["extractor"],
     run="stage1|stage1_continued(/seed~[1-9][0-9]*)?|stage2/main(/seed~[1-9][0-9]*)?|stage3/main|stage2/ablation/.+"
-    "|distill/(stage1|stage1_continued(/seed~[1-9][0-9]*)?|stage2(/seed~[1-9][0-9]*)?)",
+    "|distill/(stage1|stage1_continued(/seed~[1-9][0-9]*)?|stage2(/seed~[1-9][0-9]*)?)"
+    "|releases/[A-Za-z0-9_]+",
+    release="[A-Za-z0-9_]+",
 
 
 # MLflow: the tracking URI is infrastructure, not an experiment setting, so jobs read it from the
@@ -120,8 +126,21 @@ def stage1_state(wildcards=None):
     return [] if FOREIGN_STAGE1 else f"{RESULTS}/stage1/train_state.pt"
 
 
+def release_of(run):
+    """The release a run folder releases/<key> evaluates (None for a training run)."""
+    return RELEASES[run[len(RELEASE_RUN) :]] if run.startswith(RELEASE_RUN) else None
+
+
+def release_record(key):
+    """What release_check writes: the release's path, pinned sha256 and architecture."""
+    return f"{RESULTS}/{RELEASE_RUN}{key}/release.json"
+
+
 def network_of(run):
-    """Network file of a run folder (stage1, stage1_continued, stage2/main, stage2/ablation/...)."""
+    """Network file of a run folder (stage1, stage1_continued, stage2/main, stage2/ablation/..., releases/<key>)."""
+    release = release_of(run)
+    if release is not None:
+        return str(releases.locate(release) or release.path)
     return stage1_network() if run == "stage1" else f"{RESULTS}/{run}/network.safetensors"
 
 
@@ -147,6 +166,10 @@ def is_ablation(run):
 
 
 def grid_of(run):
+    if run.startswith(RELEASE_RUN):
+        return (
+            RELEASE_GRID  # a released checkpoint (released_tables), no training run of this study
+        )
     if run.startswith("distill/"):
         return "distill"  # the consistency-distillation arm (distillation.smk)
     return "ablation" if is_ablation(run) else "main"
@@ -204,8 +227,58 @@ def distill_targets():
     return out + seed_targets("all", [r for r in SEEDED_RUNS if grid_of(r) == "distill"])
 
 
+def release_targets():
+    """The evaluations of every release: its FIDs at its NFEs (the paper's protocol: eval.num samples, min over
+    eval.seeds) and its dFID sweep at eval.dfid_ts."""
+    out = []
+    for release in RELEASES.values():
+        run = f"{RESULTS}/{RELEASE_RUN}{release.key}"
+        out += [f"{run}/eval/fid_{n}step.json" for n in release.steps]
+        out += [f"{run}/eval/dfid.json"] if release.dfid else []
+    return out
+
+
 def ablation_targets():
     """The 1-step FID of every ablation cell and of Stage 3: what Tables 3 and 4 and Fig. 4 report (a cell's
     2-step FID is still one `snakemake results/.../eval/fid_2step.json` away)."""
     runs = list(ABLATION_RUNS) + (["stage3/main"] if 3 in ABL.get("stages", []) else [])
     return [f"{RESULTS}/{run}/eval/fid_1step.json" for run in runs]
+
+
+# ---------------------------------------------------------------------------------------------
+# Released checkpoints (releases.smk)
+
+
+MISSING_NOTED = set()  # the dry run names each missing release once
+
+
+def release_file(wildcards):
+    """The dropped file (release_check's input); a missing one stops a real run here, before any job runs."""
+    release = RELEASES[wildcards["release"]]
+    try:
+        found = releases.locate(release)
+    except ConfigError as error:
+        raise WorkflowError(error.line()) from None
+    if found is not None:
+        return str(found)
+    line = releases.missing_error(release).line()
+    if not workflow.dryrun:
+        raise WorkflowError(line)
+    if release.key not in MISSING_NOTED:
+        MISSING_NOTED.add(release.key)
+        print(f"note (dry run, planned anyway): {line}", file=sys.stderr)
+    return []
+
+
+def released_tables_input(wildcards):
+    """The target's input: the table, once every release file is in place. The target's input function always
+    runs when the target is asked for, so a missing file stops the run here, before any job (Snakemake would
+    skip a missing input of a table that exists already); a dry run plans anyway and names the missing files.
+    """
+    for key in RELEASES:
+        release_file({"release": key})
+    return [f"{RESULTS}/tables/released.md", f"{RESULTS}/tables/released.csv"]
+
+
+def release_entry(wildcards):
+    return shlex.quote(json.dumps(RELEASES[wildcards.release].as_dict(), sort_keys=True))

@@ -1,10 +1,12 @@
-# Evaluations of a trained network (any run folder): 1- and 2-step FID, dFID sweeps, sample grids.
-# Each is an MLflow child run tagged with the training run it evaluates (tcm.target_run_key).
+# Evaluations of a trained network (any run folder) or of a released checkpoint (releases/<key>, after
+# release_check pinned it): 1- and 2-step FID, dFID sweeps, sample grids. Each is an MLflow child run,
+# tagged with the training run it evaluates (tcm.target_run_key; none for a release, tcm.grid release).
 
 
 rule fid:
     input:
         ckpt=eval_ckpt,
+        release=eval_release_record,
         ref=ref_stats_path,
         feature_net=feature_net_path,
         mlflow=ancient("results/{preset}/mlflow.json"),
@@ -38,6 +40,7 @@ rule fid:
 rule dfid:
     input:
         ckpt=eval_ckpt,
+        release=eval_release_record,
         data=dataset_path,
         ref=ref_stats_path,
         feature_net=feature_net_path,

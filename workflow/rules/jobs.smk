@@ -237,7 +237,10 @@ def feature_args(wildcards=None):
 
 
 def eval_steps(wildcards):
-    return f"{T_MAX:g}" if wildcards.steps == "1step" else f"{T_MAX:g},{EVAL['mid_t']}"
+    """1 step: T; 2 steps: T, then the middle time (a release's own mid_t, default eval.mid_t: the paper's)."""
+    release = release_of(wildcards.run)
+    mid_t = release.mid_t if release is not None else EVAL["mid_t"]
+    return f"{T_MAX:g}" if wildcards.steps == "1step" else f"{T_MAX:g},{mid_t}"
 
 
 def eval_num(wildcards):
@@ -249,7 +252,21 @@ def eval_seeds(wildcards):
 
 
 def eval_ckpt(wildcards):
-    return network_of(wildcards.run)
+    """The evaluated network: the run's file, or a release's dropped file (release_file: a missing one stops a
+    real run with its line; a dry run plans without it)."""
+    release = release_of(wildcards.run)
+    return network_of(wildcards.run) if release is None else release_file({"release": release.key})
+
+
+def eval_release_record(wildcards):
+    """A release's record (release_check pins its file before any evaluation reads it); nothing for a run."""
+    release = release_of(wildcards.run)
+    return release_record(release.key) if release is not None else []
+
+
+def target_run_key(run):
+    """The training run an evaluation is logged on (none for a release)."""
+    return None if release_of(run) is not None else train_run_key(run)
 
 
 def eval_run_key(rule_name, wildcards):
@@ -259,9 +276,10 @@ def eval_run_key(rule_name, wildcards):
 
 def eval_tracking(rule_name):
     def args(wildcards, input):
-        target = shlex.quote(train_run_key(wildcards.run))
+        target = target_run_key(wildcards.run)
         key = eval_run_key(rule_name, wildcards)
-        return f"{tracking_args(key, input.mlflow)} --target-run-key {target}"
+        extra = f" --target-run-key {shlex.quote(target)}" if target else ""
+        return tracking_args(key, input.mlflow) + extra
 
     return args
 
@@ -272,7 +290,7 @@ def eval_env(rule_name):
             eval_run_key(rule_name, wildcards),
             "eval",
             grid_of(wildcards.run),
-            target=train_run_key(wildcards.run),
+            target=target_run_key(wildcards.run),
             artifacts=[str(Path(f).resolve()) for f in output],
         )
 
