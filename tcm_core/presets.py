@@ -6,6 +6,10 @@ Resolution of a mode's keys from ``presets[P]`` (see docs/ARCHITECTURE.md "confi
 * ``stage1_continued`` (the control) takes the ``stage1`` keys with the ``iterations`` of ``stage2``: it is Stage 1
   going on for as long as Stage 2 runs;
 * ``stage3`` merges ``stage3`` over ``stage2``; ``pretrain`` also takes the preset's ``arch``;
+* ``intermediate`` (paper App. B, the intermediate stage) takes the ``stage1`` keys, the ``intermediate`` block's
+  (``iterations``, logging) on top, and the ``t_prime`` of ``stage2``: Stage 1 going on from its final training
+  state with its times on [t_min, t'); the arm's two Stage-2 variants take the keys of the default Stage 2 they are
+  compared with (:func:`intermediate_stage2_keys`);
 * every mode but pretrain takes the preset's ``eval`` block for its periodic evaluation (``every, points`` ->
   ``eval_every, eval_points``; ``periodic_num`` (else ``num``) -> ``eval_num``; ``periodic_mid_t`` (else ``mid_t``;
   null: no 2-step FID) -> ``eval_mid_t``; ``periodic_dfid_ts`` (else ``dfid_ts``) -> ``eval_dfid_ts``) unless its
@@ -55,6 +59,12 @@ ABLATION_FACTORS = ("t_prime", "rho", "w_b", "student_sigma", "student_nu")  # t
 DISTILL_MODES = ("stage1", "stage1_continued", "stage2")  # the distillation arm's training jobs
 DISTILL_SEEDED_MODES = ("stage1_continued", "stage2")  # claim S5's arms: seeded, both from the one CD Stage 1
 ARMS = ("main", "distill")
+# The intermediate-stage arm (paper App. B): run folder of each of its training jobs under results/<preset>/. The
+# fine-tuned boundary f_θ0' (mode intermediate) and the two Stage-2 variants, each with f_θ0' as its frozen boundary,
+# initialised from Stage 1's network or from f_θ0'. All three are claim-bearing (claim S6): seeded like the control.
+INTERMEDIATE_VARIANTS = ("init_stage1", "init_finetune")  # the arm's Stage-2 runs, by the network they start from
+INTERMEDIATE_RUNS = {"finetune": "intermediate/finetune",
+                     **{variant: f"intermediate/stage2_{variant}" for variant in INTERMEDIATE_VARIANTS}}
 MAX_PARAMETERS = 4_000_000_000  # refuse architectures beyond this (EDM2-XL has 1.12e9): a typo, not a model
 MAX_TENSORS = 4_000  # ... or with more tensors than this (DDPM++ has 424, EDM2-XL 200)
 MAX_YAML_NODES = 1_000_000  # a config file that expands to more (nested aliases) is refused before it is read
@@ -150,6 +160,10 @@ def section_keys(preset: dict[str, Any], mode: str, arm: str = "main") -> dict[s
             keys["iterations"] = _section(preset, "stage2")["iterations"]
     elif mode == "stage3":
         keys = {**_section(preset, "stage2"), **_section(preset, "stage3")}
+    elif mode == "intermediate":  # compared by its final dFID_t' (claim S6): no periodic evaluation
+        keys = {**_section(preset, "stage1"), **_section(preset, "intermediate"), "eval_every": 0, "eval_points": 0}
+        if "t_prime" in _section(preset, "stage2"):  # fine-tuned below the t' of the Stage 2 it is the boundary of
+            keys["t_prime"] = _section(preset, "stage2")["t_prime"]
     else:
         keys = _section(preset, mode)
     if mode == "pretrain" and "arch" not in keys and preset.get("arch") is not None:
@@ -167,6 +181,26 @@ def section_keys(preset: dict[str, Any], mode: str, arm: str = "main") -> dict[s
 def has_distillation(preset: dict[str, Any]) -> bool:
     """Whether the preset plans the distillation arm (it has a ``distill`` block)."""
     return bool(preset.get("distill"))
+
+
+def has_intermediate(preset: dict[str, Any]) -> bool:
+    """Whether the preset plans the intermediate-stage arm (it has an ``intermediate`` block)."""
+    return bool(preset.get("intermediate"))
+
+
+def intermediate_stage2_keys(preset: dict[str, Any]) -> dict[str, Any]:
+    """The keys of both Stage-2 variants of the intermediate arm: exactly those of the default Stage 2 they are
+    compared with, the ablation grid's centre cell (the preset's Stage 2 at the ablation batch and iterations M).
+    "Equal iterations" is the paper's "same hyperparameters": every Stage 2 runs M iterations; the intermediate
+    stage's K come on top (its own run, ``intermediate.iterations``). Only the boundary (and for one variant the
+    init) differs, set by the rule's input files, and the periodic evaluation is off (compared by final FIDs; it
+    draws no random numbers of the training)."""
+    points = ablation_points(preset)
+    if not points:
+        raise ConfigError("the intermediate arm is compared with the ablation grid's centre cell, but the preset has "
+                          "no ablation grid", "presets.<preset>.intermediate",
+                          "add an ablation block (t_prime, rho, w_b or sigma_nu) or drop the intermediate block")
+    return {**ablation_keys(preset, points[0]), "eval_every": 0, "eval_points": 0}
 
 
 def ablation_points(preset: dict[str, Any]) -> list[dict[str, float]]:
@@ -304,6 +338,8 @@ def planned_modes(preset: dict[str, Any]) -> list[str]:
     if preset.get("init", {}).get("provides") != "stage1":
         modes.append("stage1")
     modes += ["stage1_continued", "stage2"]
+    if has_intermediate(preset):
+        modes.append("intermediate")
     if 3 in _section(preset, "ablation").get("stages", []):
         modes.append("stage3")
     return modes
@@ -479,6 +515,8 @@ def check_preset(config: dict[str, Any], name: str, schema_path: str | Path | No
                for mode in planned_modes(preset)}
     for index, point in enumerate(ablation_points(preset)):
         checked_config(preset, "stage2", ablation_keys(preset, point), f"{where}.ablation (point {index}: {point})")
+    if has_intermediate(preset):
+        intermediate_stage2_keys(preset)  # the comparator exists (its keys were checked as ablation point 0)
     if "stage3" in configs and not configs["stage3"].t_prime > configs["stage2"].t_prime:
         raise ConfigError("the third stage must start above Stage 2's t'", f"{where}.stage3.t_prime",
                           f"use a t_prime > {configs['stage2'].t_prime}")
