@@ -69,7 +69,9 @@ DISTILL_RUNS = (
 # The intermediate-stage arm (paper App. B; training.smk), when the preset has an `intermediate` block: the fine-tuned
 # boundary and the two Stage-2 variants (tcm_core.presets.INTERMEDIATE_RUNS), compared with the ablation grid's centre.
 INTERMEDIATE = presets.INTERMEDIATE_RUNS if presets.has_intermediate(P) else {}
-INTERMEDIATE_STAGE2_RUNS = [INTERMEDIATE[v] for v in presets.INTERMEDIATE_VARIANTS] if INTERMEDIATE else []
+INTERMEDIATE_STAGE2_RUNS = (
+    [INTERMEDIATE[v] for v in presets.INTERMEDIATE_VARIANTS] if INTERMEDIATE else []
+)
 # The arms the claims read get independent training seeds (training_seeds): the control and Stage 2 from the one
 # Stage-1 run, the ablation cells of tcm_core.presets.seeded_ablation_points, and the distillation arm's control
 # and Stage 2 from the one CD Stage-1 run (claim S5). Seed j > 0 of run folder R is R/seed~j
@@ -228,7 +230,8 @@ def ablation_targets():
 def intermediate_targets(target):
     """The intermediate arm (Table 6, claim S6) for `target`: dFID_t' of Stage 1's network and of each training
     seed of the fine-tuned one (before / after), and the final 1-step FIDs of both Stage-2 variants, with their
-    extra seeds (training_seeds of the target). Their comparator, the ablation grid's centre, is an ablation cell."""
+    extra seeds (training_seeds of the target). Their comparator, the ablation grid's centre, is an ablation cell.
+    """
     if not INTERMEDIATE:
         return []
     seeds = range(presets.training_seeds(P, target))

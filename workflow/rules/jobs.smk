@@ -250,7 +250,11 @@ def eval_num(wildcards):
 
 
 def eval_seeds(wildcards):
-    return ABL.get("eval_seeds", EVAL["seeds"]) if ablation_evaluation(wildcards.run) else EVAL["seeds"]
+    return (
+        ABL.get("eval_seeds", EVAL["seeds"])
+        if ablation_evaluation(wildcards.run)
+        else EVAL["seeds"]
+    )
 
 
 def eval_ckpt(wildcards):
