@@ -6,10 +6,8 @@ Resolution of a mode's keys from ``presets[P]`` (see docs/ARCHITECTURE.md "confi
 * ``stage1_continued`` (the control) takes the ``stage1`` keys with the ``iterations`` of ``stage2``: it is Stage 1
   going on for as long as Stage 2 runs;
 * ``stage3`` merges ``stage3`` over ``stage2``; ``pretrain`` also takes the preset's ``arch``;
-* ``intermediate`` (paper App. B, the intermediate stage) takes the ``stage1`` keys, the ``intermediate`` block's
-  (``iterations``, logging) on top, and the ``t_prime`` of ``stage2``: Stage 1 going on from its final training
-  state with its times on [t_min, t'); the arm's two Stage-2 variants take the keys of the default Stage 2 they are
-  compared with (:func:`intermediate_stage2_keys`);
+* ``intermediate`` (paper App. B) takes the ``stage1`` keys, the ``intermediate`` block's and ``stage2``'s ``t_prime``
+  (Stage 1 going on with its times on [t_min, t')); its Stage-2 variants: :func:`intermediate_stage2_keys`;
 * every mode but pretrain takes the preset's ``eval`` block for its periodic evaluation (``every, points`` ->
   ``eval_every, eval_points``; ``periodic_num`` (else ``num``) -> ``eval_num``; ``periodic_mid_t`` (else ``mid_t``;
   null: no 2-step FID) -> ``eval_mid_t``; ``periodic_dfid_ts`` (else ``dfid_ts``) -> ``eval_dfid_ts``) unless its
@@ -59,9 +57,8 @@ ABLATION_FACTORS = ("t_prime", "rho", "w_b", "student_sigma", "student_nu")  # t
 DISTILL_MODES = ("stage1", "stage1_continued", "stage2")  # the distillation arm's training jobs
 DISTILL_SEEDED_MODES = ("stage1_continued", "stage2")  # claim S5's arms: seeded, both from the one CD Stage 1
 ARMS = ("main", "distill")
-# The intermediate-stage arm (paper App. B): run folder of each of its training jobs under results/<preset>/. The
-# fine-tuned boundary f_θ0' (mode intermediate) and the two Stage-2 variants, each with f_θ0' as its frozen boundary,
-# initialised from Stage 1's network or from f_θ0'. All three are claim-bearing (claim S6): seeded like the control.
+NO_CURVES = {"eval_every": 0, "eval_points": 0}  # keys of a run compared by its final evaluations only
+# The intermediate arm (App. B, claim S6; seeded): the fine-tuned boundary f_θ0' and 2 Stage-2 runs with it as boundary
 INTERMEDIATE_VARIANTS = ("init_stage1", "init_finetune")  # the arm's Stage-2 runs, by the network they start from
 INTERMEDIATE_RUNS = {"finetune": "intermediate/finetune",
                      **{variant: f"intermediate/stage2_{variant}" for variant in INTERMEDIATE_VARIANTS}}
@@ -160,10 +157,9 @@ def section_keys(preset: dict[str, Any], mode: str, arm: str = "main") -> dict[s
             keys["iterations"] = _section(preset, "stage2")["iterations"]
     elif mode == "stage3":
         keys = {**_section(preset, "stage2"), **_section(preset, "stage3")}
-    elif mode == "intermediate":  # compared by its final dFID_t' (claim S6): no periodic evaluation
-        keys = {**_section(preset, "stage1"), **_section(preset, "intermediate"), "eval_every": 0, "eval_points": 0}
-        if "t_prime" in _section(preset, "stage2"):  # fine-tuned below the t' of the Stage 2 it is the boundary of
-            keys["t_prime"] = _section(preset, "stage2")["t_prime"]
+    elif mode == "intermediate":  # below the t' of the Stage 2 it is the boundary of; compared by its final dFID_t'
+        t_prime = {k: v for k, v in _section(preset, "stage2").items() if k == "t_prime"}
+        keys = {**_section(preset, "stage1"), **_section(preset, "intermediate"), **t_prime, **NO_CURVES}
     else:
         keys = _section(preset, mode)
     if mode == "pretrain" and "arch" not in keys and preset.get("arch") is not None:
@@ -189,18 +185,14 @@ def has_intermediate(preset: dict[str, Any]) -> bool:
 
 
 def intermediate_stage2_keys(preset: dict[str, Any]) -> dict[str, Any]:
-    """The keys of both Stage-2 variants of the intermediate arm: exactly those of the default Stage 2 they are
-    compared with, the ablation grid's centre cell (the preset's Stage 2 at the ablation batch and iterations M).
-    "Equal iterations" is the paper's "same hyperparameters": every Stage 2 runs M iterations; the intermediate
-    stage's K come on top (its own run, ``intermediate.iterations``). Only the boundary (and for one variant the
-    init) differs, set by the rule's input files, and the periodic evaluation is off (compared by final FIDs; it
-    draws no random numbers of the training)."""
+    """Both intermediate-arm Stage-2 variants: the keys of the default Stage 2 they are compared with, the ablation
+    grid's centre (M iterations each: the paper's "same hyperparameters"; the K of the fine-tuning come on top), less
+    its periodic evaluation (they are compared by final FIDs). Boundary and init are the rule's input files."""
     points = ablation_points(preset)
     if not points:
-        raise ConfigError("the intermediate arm is compared with the ablation grid's centre cell, but the preset has "
-                          "no ablation grid", "presets.<preset>.intermediate",
-                          "add an ablation block (t_prime, rho, w_b or sigma_nu) or drop the intermediate block")
-    return {**ablation_keys(preset, points[0]), "eval_every": 0, "eval_points": 0}
+        raise ConfigError("the intermediate arm is compared with the ablation grid's centre, but there is no grid",
+                          "presets.<preset>.ablation", "add t_prime, rho, w_b or sigma_nu values, or drop intermediate")
+    return {**ablation_keys(preset, points[0]), **NO_CURVES}
 
 
 def ablation_points(preset: dict[str, Any]) -> list[dict[str, float]]:
@@ -241,7 +233,7 @@ def ablation_keys(preset: dict[str, Any], point: dict[str, Any]) -> dict[str, An
     keys.update({k: grid[k] for k in ("batch", "iterations") if k in grid})
     keys.update(eval_mid_t=None, eval_dfid_ts=[])
     if {k: float(v) for k, v in point.items()} not in curve_points(preset):
-        keys.update(eval_every=0, eval_points=0)
+        keys.update(NO_CURVES)
     return keys
 
 
@@ -274,7 +266,7 @@ def seeded_keys(keys: dict[str, Any], index: int, curves: bool = True) -> dict[s
         return keys
     out = {**keys, "seed": int(keys.get("seed", TrainConfig.seed)) + index}
     if not curves:
-        out.update(eval_every=0, eval_points=0)
+        out.update(NO_CURVES)
     return out
 
 
@@ -337,9 +329,7 @@ def planned_modes(preset: dict[str, Any]) -> list[str]:
     modes = ["pretrain"] if preset.get("init", {}).get("kind") == "pretrain" else []
     if preset.get("init", {}).get("provides") != "stage1":
         modes.append("stage1")
-    modes += ["stage1_continued", "stage2"]
-    if has_intermediate(preset):
-        modes.append("intermediate")
+    modes += ["stage1_continued", "stage2"] + (["intermediate"] if has_intermediate(preset) else [])
     if 3 in _section(preset, "ablation").get("stages", []):
         modes.append("stage3")
     return modes
