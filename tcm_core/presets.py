@@ -184,14 +184,14 @@ def has_intermediate(preset: dict[str, Any]) -> bool:
     return bool(preset.get("intermediate"))
 
 
-def intermediate_stage2_keys(preset: dict[str, Any]) -> dict[str, Any]:
+def intermediate_stage2_keys(preset: dict[str, Any], where: str = "presets.<preset>") -> dict[str, Any]:
     """Both intermediate-arm Stage-2 variants: the keys of the default Stage 2 they are compared with, the ablation
     grid's centre (M iterations each: the paper's "same hyperparameters"; the K of the fine-tuning come on top), less
     its periodic evaluation (they are compared by final FIDs). Boundary and init are the rule's input files."""
     points = ablation_points(preset)
     if not points:
         raise ConfigError("the intermediate arm is compared with the ablation grid's centre, but there is no grid",
-                          "presets.<preset>.ablation", "add t_prime, rho, w_b or sigma_nu values, or drop intermediate")
+                          f"{where}.ablation", "add t_prime, rho, w_b or sigma_nu values, or drop intermediate")
     return {**ablation_keys(preset, points[0]), **NO_CURVES}
 
 
@@ -506,7 +506,7 @@ def check_preset(config: dict[str, Any], name: str, schema_path: str | Path | No
     for index, point in enumerate(ablation_points(preset)):
         checked_config(preset, "stage2", ablation_keys(preset, point), f"{where}.ablation (point {index}: {point})")
     if has_intermediate(preset):
-        intermediate_stage2_keys(preset)  # the comparator exists (its keys were checked as ablation point 0)
+        intermediate_stage2_keys(preset, where)  # the comparator exists (its keys were checked as ablation point 0)
     if "stage3" in configs and not configs["stage3"].t_prime > configs["stage2"].t_prime:
         raise ConfigError("the third stage must start above Stage 2's t'", f"{where}.stage3.t_prime",
                           f"use a t_prime > {configs['stage2'].t_prime}")

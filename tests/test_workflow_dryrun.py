@@ -265,6 +265,12 @@ BAD_CONFIGS = [
     ("presets:\n  ci:\n    stage2: {ode_solver: euler}\n", "presets.ci.stage2: config key 'ode_solver'",
      "unless method is cd"),
     ("presets:\n  ci:\n    teacher: {kind: path}\n", "presets.ci.teacher.path", "set it"),
+    # the intermediate arm: K >= 1; its t' is Stage 2's (not a key of its own); it needs the grid centre
+    ("presets:\n  ci:\n    intermediate: {iterations: 0}\n", "presets.ci.intermediate.iterations", "minimum of 1"),
+    ("presets:\n  ci:\n    intermediate: {iterations: 3, t_prime: 2.0}\n", "presets.ci.intermediate",
+     "'t_prime' was unexpected"),
+    ("presets:\n  ci:\n    ablation: {t_prime: [], rho: [], w_b: [], sigma_nu: []}\n", "presets.ci.ablation",
+     "the intermediate arm is compared with the ablation grid's centre"),
 ]
 
 
