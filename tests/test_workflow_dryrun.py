@@ -183,6 +183,7 @@ def test_intermediate_arm_is_wired_to_the_finetuned_boundary(tiny_paper_tables):
         assert f"{r}/intermediate/finetune{seed}/eval/dfid_tprime.json" in out
     dfid = next(x for x in out.splitlines() if f"--out {r}/stage1/eval/dfid_tprime.json" in x)
     assert " --ts 1 " in dfid and f"--ckpt {r}/stage1/network.safetensors" in dfid  # dFID_t' before fine-tuning
+    assert f"{r}/tables/table6_intermediate.md" in out and f"{r}/tables/table6_intermediate.csv" in out
 
 
 @pytest.mark.parametrize("preset", ["tiny", "ci"])
