@@ -35,7 +35,7 @@ from tcm_core.training.state import save_final_state, save_state, state_of, tens
 from tcm_core.training.step import StepStats
 
 # curves start at the stage's first iteration (Stage 1 at 0, the others at the split point)
-CURVE_START_MODES = ("stage1", "stage1_continued", "intermediate", "stage2", "stage3")
+CURVE_START_MODES = ("stage1", "stage1_continued", "stage2", "stage3")  # not intermediate: its start is Stage 1's end
 
 
 @dataclass
