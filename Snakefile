@@ -62,11 +62,13 @@ rule all:
     localrule: True
 
 
-# `all` plus every ablation grid point (t', rho x w_b, (sigma, nu), stages) with its FIDs.
+# `all` plus every ablation grid point (t', rho x w_b, (sigma, nu), stages) with its FIDs, and the intermediate-stage
+# arm (App. B): the fine-tuned boundary's dFID_t' and its two Stage-2 variants' FIDs.
 rule all_ablations:
     input:
         main_targets(),
         ablation_targets(),
+        intermediate_targets("all"),
     localrule: True
 
 

@@ -2,8 +2,8 @@
 
     python scripts/mutants.py [--only NAME ...] [--list]
 
-Each mutant replaces one exact line fragment of tcm_core (it must occur exactly once) in a scratch copy of the
-repository and runs the tests that guard that wiring. A mutant is KILLED when the tests fail, and SURVIVES when
+Each mutant replaces one exact line fragment of tcm_core or the rules (it must occur exactly once) in a scratch copy
+of the repository and runs the tests that guard that wiring. A mutant is KILLED when the tests fail, and SURVIVES when
 they pass (the suite would not notice the bug). Exit status 1 if any mutant survives.
 """
 
@@ -25,6 +25,7 @@ FAST = ["tests/test_wiring.py", "tests/test_losses.py", "tests/test_schedules.py
 CONTROL = ["tests/test_control.py", "tests/test_wiring.py"]  # includes the slow N + M equivalence test
 # released_tables (issue 30): the release tests, the side-by-side table and the dry-run plans (ci end to end: slow)
 RELEASES = ["tests/test_releases.py", "tests/test_reporting.py", "tests/test_workflow_dryrun.py", "-k", "release"]
+INTERMEDIATE = ["tests/test_intermediate.py", "tests/test_workflow_dryrun.py", "-k", "intermediate"]
 DISTILL = ["tests/test_distillation.py", "tests/test_wiring_distillation.py", "tests/test_reporting.py", "-m",
            "not slow"]
 
@@ -42,13 +43,15 @@ MUTANTS = [
     Mutant("sigma-nu-swapped", "tcm_core/training/config.py", "sigma=cfg.student_sigma, nu=cfg.student_nu",
            "sigma=cfg.student_nu, nu=cfg.student_sigma"),
     Mutant("mu-dropped", "tcm_core/training/config.py", "mu=cfg.student_mu,", "mu=0.0,"),
-    Mutant("t-max-hard-coded", "tcm_core/training/config.py", "                                    t_max=cfg.t_max)",
-           "                                    t_max=80.0)"),
+    Mutant("t-max-hard-coded", "tcm_core/training/config.py", "    return cfg.t_min, cfg.t_max\n",
+           "    return cfg.t_min, 80.0\n"),
+    Mutant("stage2-t-max-hard-coded", "tcm_core/training/config.py",
+           "    upper = cfg.t_max if upper is None else upper", "    upper = 80.0 if upper is None else upper"),
     Mutant("psi-lower-bound-off-t-prime", "tcm_core/training/setup.py",
            "time_dist=build_time_distribution(cfg, cfg.t_prime)",
            "time_dist=build_time_distribution(cfg, cfg.t_prime + 0.1)"),
-    Mutant("stage1-t-min-hard-coded", "tcm_core/training/setup.py", "time_dist=build_time_distribution(cfg, cfg.t_min)",
-           "time_dist=build_time_distribution(cfg, 0.002)"),
+    Mutant("stage1-t-min-hard-coded", "tcm_core/training/config.py", "    return cfg.t_min, cfg.t_max\n",
+           "    return 0.002, cfg.t_max\n"),
     Mutant("p-mean-shifted", "tcm_core/training/config.py", "mean=cfg.p_mean, std=cfg.p_std",
            "mean=cfg.p_mean + 0.5, std=cfg.p_std"),
     Mutant("c-ignored", "tcm_core/training/setup.py", "common = dict(c=cfg.c,", "common = dict(c=0.0,"),
@@ -103,7 +106,7 @@ MUTANTS = [
            "        net.requires_grad_(False)\n", tuple(DISTILL)),
     Mutant("label-dropout-not-applied", "tcm_core/training/setup.py", 'return apply_label_dropout(cfg, net, "arch")',
            "return net", tuple(DISTILL)),
-    Mutant("distill-arm-in-ct-tables", "tcm_core/report/results.py", "if r.grid != DISTILL_GRID]", "]",
+    Mutant("distill-arm-in-ct-tables", "tcm_core/report/results.py", "if r.grid not in ARM_GRIDS]", "]",
            tuple(DISTILL)),
     Mutant("release-sha256-not-checked", "tcm_core/io/hashing.py",
            "    if expected is not None and actual != expected:\n        source", "    if False:\n        source",
@@ -122,6 +125,25 @@ MUTANTS = [
            "if (label_dim > 0) != release.class_conditional:", "if False:", tuple(RELEASES)),
     Mutant("control-data-order-restarts", "tcm_core/training/state.py", 'return int(state["sampler_position"])',
            "return 0", tuple(CONTROL)),
+    # the intermediate-stage arm (App. B): its sampler, its start, the variants' boundary and init, claim S6
+    Mutant("intermediate-times-up-to-t-max", "tcm_core/training/config.py",
+           "        return cfg.t_min, largest_time_below(cfg.t_prime)", "        return cfg.t_min, cfg.t_max",
+           tuple(INTERMEDIATE)),
+    Mutant("intermediate-times-reach-t-prime", "tcm_core/schedules.py", "    return math.nextafter(float(t), 0.0)",
+           "    return float(t)", tuple(INTERMEDIATE)),
+    Mutant("intermediate-boundary-is-stage1", "workflow/rules/training.smk",
+           "            boundary=f\"results/{{preset}}/{INTERMEDIATE['finetune']}{{seed}}/network.safetensors\",",
+           "            boundary=stage1_network(),", tuple(INTERMEDIATE)),
+    Mutant("intermediate-variant-inits-swapped", "workflow/rules/common.smk",
+           '    if wildcards.variant == "init_stage1":', '    if wildcards.variant == "init_finetune":',
+           tuple(INTERMEDIATE)),
+    Mutant("intermediate-from-the-ema", "workflow/rules/training.smk",
+           '            state=stage1_state(),\n            teacher=teacher_input("intermediate"',
+           '            teacher=teacher_input("intermediate"', tuple(INTERMEDIATE)),
+    Mutant("stage2-freezes-its-init", "tcm_core/training/setup.py", "load_init(cfg, paths.boundary_model, device)",
+           "load_init(cfg, paths.init, device)", tuple(INTERMEDIATE)),
+    Mutant("claim-s6-side-flipped", "tcm_core/report/claims.py", 'S6_FID_SIDE = "above"', 'S6_FID_SIDE = "below"',
+           ("tests/test_reporting.py", "-k", "claims_hold or claims_that_do_not_hold or table6")),
 ]
 
 

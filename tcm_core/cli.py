@@ -15,7 +15,8 @@ from tcm_core.errors import as_expected
 
 # command -> (module, function suffix, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("tcm_core.training.loop", "train", "train a network: pretrain, stage1, stage1_continued, stage2, stage3"),
+    "train": ("tcm_core.training.loop", "train",
+              "train a network: pretrain, stage1, stage1_continued, intermediate, stage2, stage3"),
     "fetch": ("tcm_core.io.downloads", "fetch", "download a checkpoint with resume and sha256 verification"),
     "inspect": ("tcm_core.io.network_files", "inspect", "print format, architecture and sha256 of a checkpoint"),
     "prepare-dataset": ("tcm_core.data", "prepare_dataset", "build a dataset in EDM layout (mnist5k, cifar10)"),

@@ -6,6 +6,8 @@ Resolution of a mode's keys from ``presets[P]`` (see docs/ARCHITECTURE.md "confi
 * ``stage1_continued`` (the control) takes the ``stage1`` keys with the ``iterations`` of ``stage2``: it is Stage 1
   going on for as long as Stage 2 runs;
 * ``stage3`` merges ``stage3`` over ``stage2``; ``pretrain`` also takes the preset's ``arch``;
+* ``intermediate`` (paper App. B) takes the ``stage1`` keys, the ``intermediate`` block's and ``stage2``'s ``t_prime``
+  (Stage 1 going on with its times on [t_min, t')); its Stage-2 variants: :func:`intermediate_stage2_keys`;
 * every mode but pretrain takes the preset's ``eval`` block for its periodic evaluation (``every, points`` ->
   ``eval_every, eval_points``; ``periodic_num`` (else ``num``) -> ``eval_num``; ``periodic_mid_t`` (else ``mid_t``;
   null: no 2-step FID) -> ``eval_mid_t``; ``periodic_dfid_ts`` (else ``dfid_ts``) -> ``eval_dfid_ts``) unless its
@@ -56,6 +58,11 @@ ABLATION_FACTORS = ("t_prime", "rho", "w_b", "student_sigma", "student_nu")  # t
 DISTILL_MODES = ("stage1", "stage1_continued", "stage2")  # the distillation arm's training jobs
 DISTILL_SEEDED_MODES = ("stage1_continued", "stage2")  # claim S5's arms: seeded, both from the one CD Stage 1
 ARMS = ("main", "distill")
+NO_CURVES = {"eval_every": 0, "eval_points": 0}  # keys of a run compared by its final evaluations only
+# The intermediate arm (App. B, claim S6; seeded): the fine-tuned boundary f_θ0' and 2 Stage-2 runs with it as boundary
+INTERMEDIATE_VARIANTS = ("init_stage1", "init_finetune")  # the arm's Stage-2 runs, by the network they start from
+INTERMEDIATE_RUNS = {"finetune": "intermediate/finetune",
+                     **{variant: f"intermediate/stage2_{variant}" for variant in INTERMEDIATE_VARIANTS}}
 MAX_PARAMETERS = 4_000_000_000  # refuse architectures beyond this (EDM2-XL has 1.12e9): a typo, not a model
 MAX_TENSORS = 4_000  # ... or with more tensors than this (DDPM++ has 424, EDM2-XL 200)
 MAX_YAML_NODES = 1_000_000  # a config file that expands to more (nested aliases) is refused before it is read
@@ -151,6 +158,9 @@ def section_keys(preset: dict[str, Any], mode: str, arm: str = "main") -> dict[s
             keys["iterations"] = _section(preset, "stage2")["iterations"]
     elif mode == "stage3":
         keys = {**_section(preset, "stage2"), **_section(preset, "stage3")}
+    elif mode == "intermediate":  # below the t' of the Stage 2 it is the boundary of; compared by its final dFID_t'
+        t_prime = {k: v for k, v in _section(preset, "stage2").items() if k == "t_prime"}
+        keys = {**_section(preset, "stage1"), **_section(preset, "intermediate"), **t_prime, **NO_CURVES}
     else:
         keys = _section(preset, mode)
     if mode == "pretrain" and "arch" not in keys and preset.get("arch") is not None:
@@ -168,6 +178,22 @@ def section_keys(preset: dict[str, Any], mode: str, arm: str = "main") -> dict[s
 def has_distillation(preset: dict[str, Any]) -> bool:
     """Whether the preset plans the distillation arm (it has a ``distill`` block)."""
     return bool(preset.get("distill"))
+
+
+def has_intermediate(preset: dict[str, Any]) -> bool:
+    """Whether the preset plans the intermediate-stage arm (it has an ``intermediate`` block)."""
+    return bool(preset.get("intermediate"))
+
+
+def intermediate_stage2_keys(preset: dict[str, Any], where: str = "presets.<preset>") -> dict[str, Any]:
+    """Both intermediate-arm Stage-2 variants: the keys of the default Stage 2 they are compared with, the ablation
+    grid's centre (M iterations each: the paper's "same hyperparameters"; the K of the fine-tuning come on top), less
+    its periodic evaluation (they are compared by final FIDs). Boundary and init are the rule's input files."""
+    points = ablation_points(preset)
+    if not points:
+        raise ConfigError("the intermediate arm is compared with the ablation grid's centre, but there is no grid",
+                          f"{where}.ablation", "add t_prime, rho, w_b or sigma_nu values, or drop intermediate")
+    return {**ablation_keys(preset, points[0]), **NO_CURVES}
 
 
 def ablation_points(preset: dict[str, Any]) -> list[dict[str, float]]:
@@ -208,7 +234,7 @@ def ablation_keys(preset: dict[str, Any], point: dict[str, Any]) -> dict[str, An
     keys.update({k: grid[k] for k in ("batch", "iterations") if k in grid})
     keys.update(eval_mid_t=None, eval_dfid_ts=[])
     if {k: float(v) for k, v in point.items()} not in curve_points(preset):
-        keys.update(eval_every=0, eval_points=0)
+        keys.update(NO_CURVES)
     return keys
 
 
@@ -241,7 +267,7 @@ def seeded_keys(keys: dict[str, Any], index: int, curves: bool = True) -> dict[s
         return keys
     out = {**keys, "seed": int(keys.get("seed", TrainConfig.seed)) + index}
     if not curves:
-        out.update(eval_every=0, eval_points=0)
+        out.update(NO_CURVES)
     return out
 
 
@@ -304,7 +330,7 @@ def planned_modes(preset: dict[str, Any]) -> list[str]:
     modes = ["pretrain"] if preset.get("init", {}).get("kind") == "pretrain" else []
     if preset.get("init", {}).get("provides") != "stage1":
         modes.append("stage1")
-    modes += ["stage1_continued", "stage2"]
+    modes += ["stage1_continued", "stage2"] + (["intermediate"] if has_intermediate(preset) else [])
     if 3 in _section(preset, "ablation").get("stages", []):
         modes.append("stage3")
     return modes
@@ -480,6 +506,8 @@ def check_preset(config: dict[str, Any], name: str, schema_path: str | Path | No
                for mode in planned_modes(preset)}
     for index, point in enumerate(ablation_points(preset)):
         checked_config(preset, "stage2", ablation_keys(preset, point), f"{where}.ablation (point {index}: {point})")
+    if has_intermediate(preset):
+        intermediate_stage2_keys(preset, where)  # the comparator exists (its keys were checked as ablation point 0)
     if "stage3" in configs and not configs["stage3"].t_prime > configs["stage2"].t_prime:
         raise ConfigError("the third stage must start above Stage 2's t'", f"{where}.stage3.t_prime",
                           f"use a t_prime > {configs['stage2'].t_prime}")

@@ -32,6 +32,12 @@ TABLE_POINTS = 4096  # knots per grid (probability grid and ln-t grid); 2·TABLE
 S_MIN = 1e-6  # lower clamp of s = t − Δt, as in the official TCM code
 
 
+def largest_time_below(t: float) -> float:
+    """The largest float64 below ``t``: the upper end that makes a range [t_min, t) exclude t itself (the
+    intermediate stage's times stay below t', so its pairs s < t < t' never reach Stage 2's range)."""
+    return math.nextafter(float(t), 0.0)
+
+
 def time_dtype(device: torch.device) -> torch.dtype:
     """The dtype of sampled times t, s and Δt: float64, except on MPS (no float64 there)."""
     return torch.float32 if device.type == "mps" else torch.float64

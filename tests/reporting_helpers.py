@@ -22,6 +22,7 @@ DFID_TS = (0.2, 0.5, 2.0, 4.0, 80.0)
 BASELINE = {"t_prime": 1.0, "rho": 0.25, "w_b": 0.1, "student_sigma": 0.2, "student_nu": 0.01}
 CD = {"method": "cd", "ode_solver": "heun", "guidance": 1.5, "batch": 16}
 DISTILL_FIDS = {"stage1": 45.0, "stage1_continued": 43.0, "stage2": 38.0}  # unlike every CT number
+INTERMEDIATE_FIDS = {"init_stage1": 27.25, "init_finetune": 27.75}  # worse than the grid centre's 25.0
 
 
 @dataclass
@@ -38,6 +39,11 @@ class Scenario:
     histories: bool = True  # periodic evaluation during training (config eval.points > 0)
     seeds: int = 3  # training seeds of the claim-bearing arms, the CD control and CD Stage 2 included (<run>/seed~j)
     distill: dict[str, float] = field(default_factory=lambda: DISTILL_FIDS)  # the CD arm's final 1-step FIDs
+    # the intermediate-stage arm (App. B, Table 6, claim S6): dFID_t' of Stage 1's network and of the fine-tuned
+    # one (seed j: - 0.1 j), and the final 1-step FIDs of its two Stage-2 variants (grid centre: 25.0; seed j: + 0.2 j)
+    intermediate: bool = True
+    dfid_tprime: tuple[float, float] = (2.5, 2.2)  # (before, after)
+    intermediate_fids: dict[str, float] = field(default_factory=lambda: dict(INTERMEDIATE_FIDS))
 
 
 @dataclass
@@ -55,6 +61,7 @@ class RunSpec:
     records: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     evals: list[dict] = field(default_factory=list)
+    eval_names: list[str] = field(default_factory=list)  # the file stem of each of ``evals`` (fid_1step, dfid, ...)
 
 
 def _dfid(spec: RunSpec, scenario: Scenario, t: float, frac: float) -> float:
@@ -126,6 +133,12 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
                 seen.add(name)
                 claimed = [k for k in BASELINE if point[k] != BASELINE[k]] in ([], ["t_prime"]) or point["w_b"] == 0.01
                 add(f"stage2/ablation/{name}", "stage2", "ablation", point, 400, 600, 40.0, fid, seeded=claimed)
+    if scenario.intermediate:  # the fine-tuning (400 -> 500), then Stage 2 from Stage 1 (400 ->) or from it (500 ->)
+        add("intermediate/finetune", "intermediate", "intermediate", {"t_prime": 1.0}, 400, 500, 40.0, 39.0, True)
+        for variant, fid in scenario.intermediate_fids.items():
+            start = 400 if variant == "init_stage1" else 500
+            add(f"intermediate/stage2_{variant}", "stage2", "intermediate", dict(BASELINE), start, start + 200, 40.0,
+                fid, seeded=True)
 
     for spec in specs:
         spec.folder.mkdir(parents=True, exist_ok=True)
@@ -167,6 +180,7 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
             }
             (evals / f"{metric}.json").write_text(json.dumps(data))
             spec.evals.append(data)
+            spec.eval_names.append(metric)
             # the evaluation job's own tracking folder (JsonlTracker): never a training run
             tracking = evals / f"{metric}.tracking"
             tracking.mkdir()
@@ -186,7 +200,24 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
             }
             (evals / "dfid.json").write_text(json.dumps(data))
             spec.evals.append(data)
+            spec.eval_names.append("dfid")
+        _write_dfid_tprime(spec, scenario, root)
     return specs
+
+
+def _write_dfid_tprime(spec: RunSpec, scenario: Scenario, root: Path) -> None:
+    """dFID at t' = 1 (the workflow's eval/dfid_tprime.json) of Stage 1's network and of each fine-tuned one."""
+    if not scenario.intermediate or spec.run_key.split(":", 2)[2] not in ("stage1", "intermediate/finetune") and \
+            spec.stage != "intermediate":
+        return
+    before, after = scenario.dfid_tprime
+    value = before if spec.stage == "stage1" else after + spec.jitter
+    data = {"metric": "dfid", "label": "dFID (LeNet features, 1k)", "ts": [1.0], "values": {"1": value}, "num": 1000,
+            "extractor": "lenet", "ckpt": str((spec.folder / "network.safetensors").relative_to(root.parent.parent)),
+            "iteration": spec.end}
+    (spec.folder / "eval" / "dfid_tprime.json").write_text(json.dumps(data))
+    spec.evals.append(data)
+    spec.eval_names.append("dfid_tprime")
 
 
 def mirror_to_mlflow(specs: list[RunSpec], tracking_uri: str, preset: str = "tiny") -> dict[str, str]:
@@ -231,9 +262,9 @@ def mirror_to_mlflow(specs: list[RunSpec], tracking_uri: str, preset: str = "tin
         for name in ("config.json", "metrics.jsonl"):
             (copy / name).write_text((spec.folder / name).read_text())
         (copy / "fid_1step.json").write_text((spec.folder / "eval" / "fid_1step.json").read_text())
-        for data in spec.evals:
+        for data, name in zip(spec.evals, spec.eval_names):
             run = spec.run_key.split(":", 2)[2]
-            eval_key = f"{data['metric'].split('_')[0]}:{preset}:{run}:{data['metric']}"
+            eval_key = f"{data['metric'].split('_')[0]}:{preset}:{run}:{name}"
             eval_tags = {**tags, "tcm.stage": "eval", "tcm.run_key": eval_key, "tcm.target_run_key": spec.run_key}
             eval_id = client.create_run(exp_id, tags=eval_tags).info.run_id
             if data["metric"] == "dfid":

@@ -103,6 +103,16 @@ def test_paper_values_match_the_paper_text():
     assert [r.fid for r in rows if r.key.startswith("t4_stage_")] == printed4 == [2.77, 2.46, 2.46]
 
 
+@pytest.mark.skipif(not PAPER_TEXT.exists(), reason="paper text not beside the repository")
+def test_appendix_b_values_match_the_paper_text():
+    sentence = next(line for line in PAPER_TEXT.read_text().splitlines() if "intermedate training stage" in line)
+    keyed = {r.key: r for r in load_paper_values() if r.key.startswith("t6_")}
+    assert "from 1.51 to 1.43" in sentence and "FID of >2.7" in sentence and "FID of 2.61" in sentence
+    assert {k: r.fid for k, r in keyed.items()} == {"t6_dfid_stage1": 1.51, "t6_dfid_finetuned": 1.43,
+                                                    "t6_default": 2.61, "t6_finetuned_boundary": 2.7}
+    assert keyed["t6_finetuned_boundary"].note.startswith("lower bound")
+
+
 def test_paper_values_have_a_source_and_the_compared_rows():
     rows = load_paper_values()
     assert all(r.source for r in rows)
@@ -219,6 +229,43 @@ def test_table5_without_a_distillation_arm_says_so(tmp_path):
     assert "has no distillation run yet" in md and "verdict: **not measured**" in md
 
 
+def test_table6_shows_the_intermediate_arm_with_claim_s6s_numbers(full):
+    md = (full.out / "tables" / "table6_intermediate.md").read_text()
+    before = _row(md, "f_θ0 (Stage 1), before the intermediate stage", "dFID_t' (t' = 1)")
+    after = _row(md, "f_θ0' (fine-tuned on [t_min, t'))", "dFID_t' (t' = 1)")
+    assert before[2:7] == ["2.50", "1", MISSING, MISSING, "1.51"] and before[9] == "stage1:tiny:stage1"
+    # seed j: 2.2 - 0.1 j, each minus the one Stage-1 value 2.5: -0.3, -0.4, -0.5 -> -0.4 ± 4.303 x 0.1 / √3
+    assert after[2:7] == ["2.10", "3", "seed 0: 2.20; seed 1: 2.10; seed 2: 2.00", "-0.4 [-0.648, -0.152]", "1.43"]
+    default = _row(md, "Stage 2, default: boundary f_θ0, init f_θ0", "1-step FID")
+    assert default[2:7] == ["25.20", "3", "seed 0: 25.00; seed 1: 25.20; seed 2: 25.40", MISSING, "2.61"]
+    assert default[9].startswith("stage2:tiny:stage2/ablation/t_prime~1.0/rho~0.25/w_b~0.1/")  # the grid centre
+    for variant, fid in (("init f_θ0 (Stage 1)", 27.25), ("init f_θ0' (fine-tuned)", 27.75)):
+        row = _row(md, f"Stage 2, boundary f_θ0' (fine-tuned), {variant}", "1-step FID")
+        assert row[2:4] == [f"{fid + 0.2:.2f}", "3"] and row[6] == "> 2.70", row
+        assert row[5] == f"{fid - 25.0:+.3g} [{fid - 25.0:+.3g}, {fid - 25.0:+.3g}]", row  # d_j constant: no spread
+    assert "200 (it 500 → 700)" in _row(md, "Stage 2, boundary f_θ0' (fine-tuned), init f_θ0' (fine-tuned)",
+                                        "1-step FID")[8]  # from the fine-tuned network: K = 100 iterations on top
+    s6 = next(c for c in full.report.claims if c.cid == "S6")
+    assert s6.verdict == "holds" and s6.seeds == 3 and s6.interval.startswith(f"dFID_t' {after[5]}; ")
+    assert "seed 0: 2.2 vs 2.5" in s6.measured and "App. B" in s6.paper
+    csv6 = _csv(full.out / "tables" / "table6_intermediate.csv")
+    assert [r["paper"] for r in csv6] == ["1.51", "1.43", "2.61", "> 2.70", "> 2.70"]
+
+
+def test_claim_s6_with_one_seed_is_inconclusive_and_without_the_arm_not_measured(tmp_path):
+    results = tmp_path / "one" / "results" / "tiny"
+    build_synthetic(results, scenario=Scenario(seeds=1))
+    s6 = next(c for c in build_report("tiny", results, tmp_path / "out1", None, figures=False).claims if c.cid == "S6")
+    assert (s6.verdict, s6.seeds) == ("inconclusive", 1) and "1 seed, no interval" in s6.interval
+    results = tmp_path / "none" / "results" / "tiny"
+    build_synthetic(results, scenario=Scenario(intermediate=False))
+    report = build_report("tiny", results, tmp_path / "out2", None, figures=False)
+    s6 = next(c for c in report.claims if c.cid == "S6")
+    assert s6.verdict == "not measured" and "dFID_t' before and after" in s6.measured
+    md = (tmp_path / "out2" / "tables" / "table6_intermediate.md").read_text()
+    assert _row(md, "f_θ0' (fine-tuned on [t_min, t'))")[1:3] == [f"dFID_t' (t' = {MISSING})", MISSING]
+
+
 def test_missing_runs_show_a_dash_and_no_invented_number(tmp_path):
     results = tmp_path / "results" / "tiny"
     no_cd_stage2 = {k: v for k, v in DISTILL_FIDS.items() if k != "stage2"}
@@ -230,7 +277,7 @@ def test_missing_runs_show_a_dash_and_no_invented_number(tmp_path):
         assert row[2] == MISSING and row[4] == MISSING and row[6] == MISSING and row[8] == MISSING
     md3 = (tmp_path / "out" / "tables" / "table3_tprime.md").read_text()
     assert all(r[1] == MISSING for r in _rows(md3)[2:])
-    assert {c.cid: c.verdict for c in report.claims} == {f"S{i}": "not measured" for i in range(1, 6)}
+    assert {c.cid: c.verdict for c in report.claims} == {f"S{i}": "not measured" for i in range(1, 7)}
     md5 = (tmp_path / "out" / "tables" / "table5_distillation.md").read_text()
     assert _row(md5, "TCM Stage 2 (consistency distillation)", "1")[2:5] == [MISSING] * 3
     assert _row(md5, "Stage 1 continued (CD control)", "1")[2:5] == ["43.00", "1", MISSING]  # seed 0, unpaired
@@ -293,7 +340,7 @@ def test_figures_without_data_say_so_and_are_still_pngs(tmp_path):
 
 def test_claims_hold_on_the_default_scenario(full):
     verdicts = {c.cid: c.verdict for c in full.report.claims}
-    assert verdicts == {"S1": "holds", "S2": "holds", "S3": "holds", "S4": "holds", "S5": "holds"}
+    assert verdicts == {"S1": "holds", "S2": "holds", "S3": "holds", "S4": "holds", "S5": "holds", "S6": "holds"}
     md = (full.out / "tables" / "claims.md").read_text()
     assert "ratio 3.60" in _row(md, "S3")[4]
     assert "> 2x the FID" in _row(md, "S3")[2]  # "explodes" is defined in the table itself
@@ -306,12 +353,14 @@ def test_claims_that_do_not_hold_are_reported(tmp_path):
         wb001_final=45.0,  # 1.8x the centre (25): not "> 2x", so no explosion
         tprime_fids={0.5: 22.0, 1.0: 25.0, 2.0: 27.0},  # t' = 0.5 best
         dfid_below_rises=False,
+        dfid_tprime=(2.5, 2.8),  # the intermediate stage made dFID_t' worse ...
+        intermediate_fids={"init_stage1": 23.0, "init_finetune": 23.5},  # ... and both variants beat the centre (25)
     )
     results = tmp_path / "results" / "tiny"
     build_synthetic(results, scenario=scenario)
     report = build_report("tiny", results, tmp_path / "out", tracking_uri=None, figures=False)
     verdicts = {c.cid: c.verdict for c in report.claims}
-    assert verdicts == {f"S{i}": "does not hold" for i in range(1, 6)}
+    assert verdicts == {f"S{i}": "does not hold" for i in range(1, 7)}
     rows = {r["claim"]: r for r in _csv(tmp_path / "out" / "tables" / "claims.csv")}
     assert rows["S4"]["verdict"] == "does not hold" and "best t' = 0.5" in rows["S4"]["measured"]
     assert "ratio 1.80" in rows["S3"]["measured"]
@@ -451,9 +500,15 @@ def test_ci_paper_tables_builds_every_file_and_the_report(ci_workdir):
     assert float(_row(md3, "t' = 0.8")[1]) > 0 and float(_row(md3, "t' = 1")[1]) > 0
     assert _row(md3, "t' = 0.17")[1] == MISSING  # in the paper, not in this grid
     assert float(_row((out / "tables" / "table4_stages.md").read_text(), "Stage 3")[1]) > 0
+    md6 = (out / "tables" / "table6_intermediate.md").read_text()  # the intermediate arm (App. B), 2 seeds each
+    for network in ("f_θ0 (Stage 1), before the intermediate stage", "f_θ0' (fine-tuned on [t_min, t'))"):
+        assert float(_row(md6, network, "dFID_t' (t' = 1)")[2]) > 0
+    for variant in ("init f_θ0 (Stage 1)", "init f_θ0' (fine-tuned)"):
+        row = _row(md6, f"Stage 2, boundary f_θ0' (fine-tuned), {variant}", "1-step FID")
+        assert float(row[2]) > 0 and row[3] == "2" and "[" in row[5] and row[9].startswith("intermediate_stage2:"), row
     claims = {r["claim"]: r for r in _csv(out / "tables" / "claims.csv")}
-    assert set(claims) == {"S1", "S2", "S3", "S4", "S5"}
-    for row in claims.values():  # every claim (S5: the distillation arm) measured on ci's 2 training seeds
+    assert set(claims) == {"S1", "S2", "S3", "S4", "S5", "S6"}
+    for row in claims.values():  # every claim (S5: the distillation arm, S6: the intermediate one) on 2 seeds
         assert row["verdict"] in ("holds", "does not hold", "inconclusive") and row["seeds"] == "2", row
         assert "seed 0: " in row["measured"] and "seed 1: " in row["measured"] and "[" in row[_CI_COLUMN], row
     for run in ("stage1", "stage1_continued", "stage2/main", "stage2/main/seed~1"):  # ci: 3 periodic points

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 
 from tests.workflow_helpers import REPO, job_counts, make_workdir, snakemake, write_overlay
@@ -13,8 +15,11 @@ OWN_PRETRAIN = {"mlflow_init": 1, "prepare_dataset": 1, "pretrain_edm": 1, "trai
                 "reference_stats": 1}
 TRAIN_MAIN = {"stage1": 1, "stage1_continued": 1, "stage2": 1}
 # 14 distinct ablation points (baseline + 3 t' + 8 rho x w_b + 2 (sigma, nu)) + the main Stage-2 run
-# the main runs' 1- and 2-step FIDs; the 1-step FID (Tables 3, 4, Fig. 4) of each ablation point and Stage 3
-ABLATIONS = {"stage2": 15, "stage3": 1, "fid": 6 + 14 + 1}
+# the main runs' 1- and 2-step FIDs; the 1-step FID (Tables 3, 4, Fig. 4) of each ablation point and Stage 3;
+# the intermediate arm (App. B): the fine-tuning, its 2 Stage-2 variants with their 1-step FIDs, and dFID_t' of
+# Stage 1's network and of the fine-tuned one (before / after)
+INTERMEDIATE = {"intermediate": 1, "intermediate_stage2": 2}
+ABLATIONS = {"stage2": 15, "stage3": 1, "fid": 6 + 14 + 1 + 2, "dfid": 6 + 2, **INTERMEDIATE}
 
 EXPECTED = {
     ("tiny", "all"): {**OWN_PRETRAIN, **TRAIN_MAIN, **EVALS_MAIN, "all": 1},
@@ -74,6 +79,11 @@ def test_planned_jobs(workdir, preset, target):
         batch = {"tiny": 16, "ci": 10}.get(preset, 128)
         assert "stage2/ablation/t_prime~0.17/rho~0.25/w_b~0.1/student_sigma~0.2/student_nu~0.01" in out
         assert f" batch={batch} " in out
+        # the intermediate arm (App. B): Stage 1's state continued; XL has none, so the named variant restarts
+        finetune = next(x for x in out.splitlines() if "--mode intermediate " in x)
+        foreign = preset == "imagenet64_xl"
+        assert (" control=ema_restart " in finetune) == foreign and ("--init-state " in finetune) != foreign
+        assert f"results/{preset}/stage1/eval/dfid_tprime.json" in out  # dFID_t' before the fine-tuning
 
 
 RELEASE_TABLES = {"mlflow_init": 1, "reference_stats": 1, "released_table": 1, "released_tables": 1}
@@ -126,17 +136,26 @@ def test_released_tables_plans_the_papers_rows(workdir, preset):
         assert index == 0 or any(f"resources/releases/{file}," in n for n in notes), notes
 
 
-def test_paper_tables_trains_three_seeds_of_the_claim_bearing_arms(workdir):
+@pytest.fixture(scope="module")
+def tiny_paper_tables(workdir) -> str:
+    """The plan (`-n -p`) of tiny's paper_tables, shared by the tests that read it."""
+    return snakemake(workdir, "-n", "-p", "--", "paper_tables", check=True).stdout
+
+
+def test_paper_tables_trains_three_seeds_of_the_claim_bearing_arms(tiny_paper_tables):
     """tiny's training_seeds {all: 1, paper_tables: 3}: the control and the main Stage 2 (both from the one Stage 1),
-    the 5 ablation cells the claims read (centre, 3 other t', w_b = 0.01), and the CD control and CD Stage 2 (both
-    from the one CD Stage 1, claim S5) get seeds 1 and 2 in R/seed~j."""
-    out = snakemake(workdir, "-n", "-p", "--", "paper_tables", check=True).stdout
+    the 5 ablation cells the claims read (centre, 3 other t', w_b = 0.01), the CD control and CD Stage 2 (both
+    from the one CD Stage 1, claim S5), and the intermediate arm (claim S6) get seeds 1 and 2 in R/seed~j."""
+    out = tiny_paper_tables
     counts = job_counts(out)
+    assert sum(counts.values()) == 125  # 106 before the intermediate arm (3 + 6 training, 6 fid, 4 dfid jobs)
     assert (counts["stage1"], counts["stage1_continued"], counts["stage2"]) == (1, 1 + 2, 15 + 2 * (1 + 5))
     assert (counts["cd_stage1"], counts["cd_stage1_continued"], counts["cd_stage2"]) == (1, 1 + 2, 1 + 2)
-    # 1- and 2-step FIDs of the main and distillation runs, 1-step of each ablation cell and Stage 3, and the
-    # 1-step FID of each extra seed (2 x (2 CT arms + 5 ablation cells + 2 CD arms)): 21 + 6 + 18
-    assert counts["fid"] == ABLATIONS["fid"] + DISTILL["fid"] + 2 * (2 + 5 + 2)
+    assert (counts["intermediate"], counts["intermediate_stage2"]) == (1 + 2, 2 * (1 + 2))
+    # 1- and 2-step FIDs of the main and distillation runs, 1-step of each ablation cell, Stage 3 and intermediate
+    # variant, and the 1-step FID of each extra seed (2 x (2 CT arms + 5 ablation cells + 2 CD arms + 2 variants))
+    assert counts["fid"] == ABLATIONS["fid"] + DISTILL["fid"] + 2 * (2 + 5 + 2 + 2)
+    assert counts["dfid"] == 6 + 1 + 3  # the main runs' 2 sweeps; dFID_t' of Stage 1 and of 3 fine-tuned seeds
     d = "results/tiny/distill"
     for j in (1, 2):
         for stage, rule in (("stage1_continued", "cd_stage1_continued"), ("stage2", "cd_stage2")):
@@ -170,6 +189,51 @@ def test_paper_tables_trains_three_seeds_of_the_claim_bearing_arms(workdir):
     assert " eval_points=0 " in t_cell and " eval_every=0 " in t_cell, t_cell
     assert "t_prime~0.17/rho~0.25/w_b~0.1/student_sigma~0.2/student_nu~0.01/eval/fid_2step.json" not in out
     assert "stage3/main/eval/fid_1step.json" in out and "stage3/main/eval/fid_2step.json" not in out
+
+
+def _train_line(out: str, run: str) -> str:
+    return next(x for x in out.splitlines() if f"--out {run} " in x and " tcm_core train " in x)
+
+
+def _keys(line: str) -> dict[str, str]:
+    """The key=value settings of a train command line (shell-quoted ones included)."""
+    words = shlex.split(line.split(" tcm_core train ", 1)[1].split(" > ", 1)[0])
+    return dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+
+
+def test_intermediate_arm_is_wired_to_the_finetuned_boundary(tiny_paper_tables):
+    """Per training seed j: the intermediate stage continues Stage 1's state with seed + j; both Stage-2 variants
+    take intermediate/finetune of seed j as their frozen boundary, init_stage1 starts from Stage 1's network and
+    init_finetune from the fine-tuned one, and both have the grid centre's keys (its seed j) but its curves."""
+    out, r = tiny_paper_tables, "results/tiny"
+    centre = "stage2/ablation/t_prime~1.0/rho~0.25/w_b~0.1/student_sigma~0.2/student_nu~0.01"
+    stage1 = _keys(_train_line(out, f"{r}/stage1"))
+    observability = {"eval_every", "eval_points", "iterations"}
+    for j in (0, 1, 2):
+        seed = "" if j == 0 else f"/seed~{j}"
+        finetune = _train_line(out, f"{r}/intermediate/finetune{seed}")
+        assert "--mode intermediate " in finetune and f"--init-state {r}/stage1/train_state.pt" in finetune
+        assert f"--init {r}/stage1/network.safetensors" in finetune and "--boundary-model" not in finetune
+        keys = _keys(finetune)
+        assert (keys["t_prime"], keys["iterations"], keys.get("seed", "101"), keys["eval_points"]) == (
+            "1.0", "100", str(101 + j), "0")  # seed 0: TrainConfig's default seed 101
+        assert {k: v for k, v in keys.items() if k not in observability | {"t_prime", "seed"}} == {
+            k: v for k, v in stage1.items() if k not in observability | {"seed"}}
+        boundary = f"--boundary-model {shlex.quote(f'{r}/intermediate/finetune{seed}/network.safetensors')} "
+        default = _keys(_train_line(out, f"{r}/{centre}{seed}"))
+        for variant, init in (("init_stage1", f"{r}/stage1"), ("init_finetune", f"{r}/intermediate/finetune{seed}")):
+            line = _train_line(out, f"{r}/intermediate/stage2_{variant}{seed}")
+            assert "--mode stage2 " in line and boundary in line, line
+            assert f"--init {shlex.quote(f'{init}/network.safetensors')} " in line, line
+            key = shlex.quote(f"intermediate_stage2:tiny:intermediate/stage2_{variant}{seed}")
+            assert f"--run-key {key} " in line and '"tcm.grid": "intermediate"' in line, line
+            assert {k: v for k, v in _keys(line).items() if k not in {"eval_every", "eval_points"}} == {
+                k: v for k, v in default.items() if k not in {"eval_every", "eval_points"}}
+            assert f"{r}/intermediate/stage2_{variant}{seed}/eval/fid_1step.json" in out
+        assert f"{r}/intermediate/finetune{seed}/eval/dfid_tprime.json" in out
+    dfid = next(x for x in out.splitlines() if f"--out {r}/stage1/eval/dfid_tprime.json" in x)
+    assert " --ts 1 " in dfid and f"--ckpt {r}/stage1/network.safetensors" in dfid  # dFID_t' before fine-tuning
+    assert f"{r}/tables/table6_intermediate.md" in out and f"{r}/tables/table6_intermediate.csv" in out
 
 
 @pytest.mark.parametrize("preset", ["tiny", "ci"])
@@ -252,6 +316,12 @@ BAD_CONFIGS = [
     ("presets:\n  ci:\n    stage2: {ode_solver: euler}\n", "presets.ci.stage2: config key 'ode_solver'",
      "unless method is cd"),
     ("presets:\n  ci:\n    teacher: {kind: path}\n", "presets.ci.teacher.path", "set it"),
+    # the intermediate arm: K >= 1; its t' is Stage 2's (not a key of its own); it needs the grid centre
+    ("presets:\n  ci:\n    intermediate: {iterations: 0}\n", "presets.ci.intermediate.iterations", "minimum of 1"),
+    ("presets:\n  ci:\n    intermediate: {iterations: 3, t_prime: 2.0}\n", "presets.ci.intermediate",
+     "'t_prime' was unexpected"),
+    ("presets:\n  ci:\n    ablation: {t_prime: [], rho: [], w_b: [], sigma_nu: []}\n", "presets.ci.ablation",
+     "the intermediate arm is compared with the ablation grid's centre"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""The paper's claims S1-S5 checked on the runs of one preset over its training seeds, and the claims table.
+"""The paper's claims S1-S6 checked on the runs of one preset over its training seeds, and the claims table.
 
 Each claim is a paired comparison per training seed j (``tcm_core.presets``: the arms of a claim train seed j with
 the same seed from the one Stage-1 run): a per-seed difference d_j, its mean with a 95 % interval and a verdict
@@ -11,8 +11,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tcm_core.presets import EXPLODING_W_B
+from tcm_core.presets import EXPLODING_W_B, INTERMEDIATE_VARIANTS
 from tcm_core.report.confidence import CONFIDENCE, METHOD, NOT_MEASURED, all_of, paired_interval, verdict
+from tcm_core.report.intermediate import dfid_before_after, variant_vs_default
 from tcm_core.report.measurements import ablation_baseline, ablation_slice, curve, dfid_curve, final_fid
 from tcm_core.report.paired import FidComparison, cd_stage2_vs_control, compare_fids, paired_fids, worst_if_not_finite
 from tcm_core.report.results import Results, TrainingRun
@@ -36,7 +37,8 @@ class Claim:
 
 
 def claims(results: Results) -> list[Claim]:
-    return [claim_s1(results), claim_s2(results), claim_s3(results), claim_s4(results), claim_s5(results)]
+    return [claim_s1(results), claim_s2(results), claim_s3(results), claim_s4(results), claim_s5(results),
+            claim_s6(results)]
 
 
 def claims_table(results: Results, checked: Sequence[Claim]) -> Table:
@@ -207,3 +209,31 @@ def claim_s4(results: Results) -> Claim:
     return Claim("S4", statement, criterion, measured, interval.text(), verdict(interval, 0.0, "below"), paper,
                  len(rows), rows[0][1][1.0].label)
 
+
+
+S6_FID_SIDE = "above"  # claim S6: Stage 2 with the fine-tuned boundary is worse (the paper: FID > 2.7 vs 2.61)
+
+
+def claim_s6(results: Results) -> Claim:
+    statement = ("The intermediate stage (f_θ0 fine-tuned on [t_min, t')) improves dFID_t' but not the final 1-step "
+                 "FID of Stage 2, initialised from Stage 1 or from the fine-tuned network")
+    criterion = (
+        "d_j = dFID_t' of the fine-tuned network (seed j) − that of Stage 1's; e_j = final 1-step FID of Stage 2 "
+        "with the fine-tuned boundary − that of the default Stage 2 (the ablation grid's centre, same iterations; "
+        "seed j), for each init; holds if the interval of d < 0 and both intervals of e > 0"
+    )
+    paper = "App. B (dFID_t' 1.51 → 1.43; final FID > 2.7 vs 2.61 for both inits)"
+    dfid = dfid_before_after(results)
+    fids = {variant: variant_vs_default(results, variant) for variant in INTERMEDIATE_VARIANTS}
+    missing = ([] if dfid.interval is not None else ["dFID_t' before and after"]) + [
+        f"FIDs of {variant} and the default Stage 2" for variant, c in fids.items() if not c.pairs]
+    if missing:
+        return _not_measured("S6", statement, criterion, paper, f"not measured: {', '.join(missing)}")
+    verdicts = [dfid.verdict] + [verdict(c.interval, 0.0, S6_FID_SIDE) for c in fids.values()]
+    measured = "; ".join([f"dFID_t'={dfid.t_prime:g} {dfid.measured()}"]
+                         + [f"FID {variant} vs default: {c.measured()}" for variant, c in fids.items()])
+    interval = "; ".join([f"dFID_t' {dfid.interval.text()}"]
+                         + [f"FID {variant} {c.interval_text()}" for variant, c in fids.items()])
+    seeds = min([dfid.seeds] + [c.seeds for c in fids.values()])
+    metric = f"{dfid.before.label}; {fids[INTERMEDIATE_VARIANTS[0]].label}"
+    return Claim("S6", statement, criterion, measured, interval, all_of(verdicts), paper, seeds, metric)

@@ -15,7 +15,7 @@ from tcm_core.report.figures import FIGURE_BUILDERS, FIGURES
 from tcm_core.report.merge import CROSSCHECK_COLUMNS, collect
 from tcm_core.report.paper import PaperRow, load_paper_values
 from tcm_core.report.results import Results
-from tcm_core.report.tables import TABLES, table1, table2, table3, table4, table5
+from tcm_core.report.tables import TABLES, table1, table2, table3, table4, table5, table6
 
 
 def output_files(out_dir: str | Path) -> dict[str, list[str]]:
@@ -66,7 +66,7 @@ def build_report(
 
 
 def _write_tables(results: Results, paper: list[PaperRow], checked: list[Claim], folder: Path) -> list[Path]:
-    """Tables 1-5 and the claims table (Markdown and CSV), then the files-vs-MLflow cross-check."""
+    """Tables 1-6 and the claims table (Markdown and CSV), then the files-vs-MLflow cross-check."""
     files = []
     tables = [
         table1(results, paper),
@@ -74,6 +74,7 @@ def _write_tables(results: Results, paper: list[PaperRow], checked: list[Claim],
         table3(results, paper),
         table4(results, paper),
         table5(results, paper),
+        table6(results, paper),
         claims_table(results, checked),
     ]
     for table in tables:

@@ -12,7 +12,7 @@ from tcm_core.tracking.mlflow_store import PERIODIC_PREFIX
 
 Points = list[tuple[int, float]]  # (global iteration, value), sorted by iteration
 # The run each stage starts from: its final checkpoint is the first point of the next stage's curves.
-INIT_OF = {"stage1_continued": "stage1", "stage2": "stage1", "stage3": "stage2"}
+INIT_OF = {"stage1_continued": "stage1", "intermediate": "stage1", "stage2": "stage1", "stage3": "stage2"}
 
 
 def final_fid(results: Results, run: TrainingRun | None, metric: str = "fid_1step") -> Measured | None:
@@ -29,6 +29,18 @@ def final_fid(results: Results, run: TrainingRun | None, metric: str = "fid_1ste
         label = f"{periodic_label(run)} (periodic evaluation during training)"
         return Measured(value, label, run.key, step, "/".join(sorted(run.sources)), ("periodic",))
     return None
+
+
+def final_dfid(results: Results, run: TrainingRun | None, t: float) -> Measured | None:
+    """dFID_t of a run's final network: its newest ``evaluate dfid`` JSON that measured t (files before MLflow)."""
+    if run is None:
+        return None
+    evals = [e for e in results.evaluations_of(run, "dfid") if any(same_value(s, t) for s in e.values)]
+    if not evals:
+        return None
+    best = max(evals, key=lambda e: (e.iteration if e.iteration is not None else -1, e.source == "files"))
+    value = next(v for s, v in best.values.items() if same_value(s, t))
+    return Measured(value, best.label, run.key, best.iteration, best.source, best.setup)
 
 
 def periodic_label(run: TrainingRun | None) -> str:

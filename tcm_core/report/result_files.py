@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tcm_core.report.results import DISTILL_GRID, TRAIN_STAGES, Evaluation, TrainingRun, full_label
+from tcm_core.report.results import ARM_GRIDS, TRAIN_STAGES, Evaluation, TrainingRun, full_label
 from tcm_core.report.values import nan_if_none
 
 # Folders under results/<preset>/ that hold no results of their own: MLflow's artifact copies, logs; and the
@@ -76,8 +76,9 @@ def _infer_grid(config: dict[str, Any], parts: Sequence[str]) -> str:
     grid = config.get("grid") or config.get("tcm.grid")
     if isinstance(grid, str) and grid:
         return grid
-    if DISTILL_GRID in parts:  # the workflow's distillation arm: results/<preset>/distill/<stage>
-        return DISTILL_GRID
+    for arm in ARM_GRIDS:  # the workflow's distillation and intermediate arms: results/<preset>/<arm>/...
+        if arm in parts:
+            return arm
     return "ablation" if any(p.startswith("ablation") for p in parts) else "main"
 
 

@@ -6,15 +6,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tcm_core.presets import split_seed
+from tcm_core.presets import INTERMEDIATE_RUNS, split_seed
 from tcm_core.report.values import as_float
 from tcm_core.tracking.mlflow_store import PERIODIC_PREFIX
 
-TRAIN_STAGES = ("pretrain", "stage1", "stage1_continued", "stage2", "stage3")
+TRAIN_STAGES = ("pretrain", "stage1", "stage1_continued", "intermediate", "stage2", "stage3")
 # the Stage-2 hyperparameters the ablation grid varies
 SWEPT_PARAMS = ("t_prime", "rho", "w_b", "student_sigma", "student_nu")
 DISTILL_GRID = "distill"  # the consistency-distillation arm (Table 5): never a main run of the CT tables
 RELEASE_GRID = "release"  # evaluations of released checkpoints (released_tables): no run of this study
+INTERMEDIATE_GRID = "intermediate"  # the intermediate-stage arm (App. B, Table 6): never a main or ablation run
+ARM_GRIDS = (DISTILL_GRID, INTERMEDIATE_GRID)  # arms of their own, never a stand-in for a main run
 DFID_PREFIX = "dfid_t"  # dFID at noise level t is logged as the metric dfid_t<t>, e.g. dfid_t0.2
 
 
@@ -90,9 +92,9 @@ class Results:
                 and (all_seeds or r.seed_index == 0)]
 
     def main_run(self, stage: str) -> TrainingRun | None:
-        """The main-grid run of a stage, seed 0 (falling back to any grid but the distillation arm's when the main
-        grid has none)."""
-        runs = self.runs_of(stage, "main") or [r for r in self.runs_of(stage) if r.grid != DISTILL_GRID]
+        """The main-grid run of a stage, seed 0 (falling back to any grid but the distillation and intermediate
+        arms' when the main grid has none)."""
+        runs = self.runs_of(stage, "main") or [r for r in self.runs_of(stage) if r.grid not in ARM_GRIDS]
         return runs[0] if runs else None
 
     def seeds_of(self, run: TrainingRun | None) -> dict[int, TrainingRun]:
@@ -105,6 +107,14 @@ class Results:
     def distill_run(self, stage: str) -> TrainingRun | None:
         """The distillation arm's run of a stage (``results/<preset>/distill/<stage>``)."""
         runs = self.runs_of(stage, DISTILL_GRID)
+        return runs[0] if runs else None
+
+    def intermediate_run(self, name: str) -> TrainingRun | None:
+        """Training seed 0 of the intermediate arm's run ``name`` (``presets.INTERMEDIATE_RUNS``: finetune,
+        init_stage1, init_finetune), found by its folder."""
+        folder = INTERMEDIATE_RUNS[name]
+        runs = [r for r in self.runs if r.grid == INTERMEDIATE_GRID and r.seed_index == 0
+                and any(n == folder or n.endswith(f":{folder}") for n in r.names())]
         return runs[0] if runs else None
 
     def run_like(self, stage: str, grid: str) -> TrainingRun | None:

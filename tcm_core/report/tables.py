@@ -1,4 +1,4 @@
-"""Tables 1-5 of the paper with our measured values beside the paper's, as Markdown and CSV."""
+"""Tables 1-6 of the paper with our measured values beside the paper's, as Markdown and CSV."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from tcm_core.presets import INTERMEDIATE_VARIANTS
 from tcm_core.report.confidence import CONFIDENCE
+from tcm_core.report.intermediate import DfidComparison, default_stage2, dfid_before_after, variant_vs_default
 from tcm_core.report.measurements import ablation_baseline, ablation_slice, final_fid
 from tcm_core.report.paired import FidComparison, cd_stage2_vs_control
 from tcm_core.report.paper import PAPER_METRIC, PAPER_SETUP, PaperRow, paper_row
@@ -21,6 +23,7 @@ TABLES = {
     "table3_tprime": "Table 3: FID vs the dividing time t'",
     "table4_stages": "Table 4: FID for training stages 1, 2, 3",
     "table5_distillation": "Table 5: Stage 1 vs Stage 2 under consistency distillation",
+    "table6_intermediate": "Table 6: adding an intermediate training stage (App. B)",
     "claims": "Claims check",
 }
 DELTA = "Δ (ours − paper)"  # only in a table where some measured FID is the paper's metric (_drop_delta)
@@ -434,3 +437,85 @@ def table5(results: Results, paper: Sequence[PaperRow]) -> Table:
     return Table("table5_distillation",
                  f"Table 5 (App. A): Stage 1 vs Stage 2 under consistency distillation — preset {results.preset}",
                  TABLE5_HEADER, rows, intro=_table5_intro(results, measured, shown, comparison), notes=notes)
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Table 6 (App. B): the intermediate training stage
+
+TABLE6_HEADER = ["network", "metric", "ours (seed mean)", "training seeds", "per seed (ours)",
+                 f"difference, paired by seed [{CONFIDENCE:.0%} interval]", "paper", "our metric",
+                 "batch × iterations (global iterations)", "run"]
+TABLE6_VARIANTS = {"init_stage1": "Stage 2, boundary f_θ0' (fine-tuned), init f_θ0 (Stage 1)",
+                   "init_finetune": "Stage 2, boundary f_θ0' (fine-tuned), init f_θ0' (fine-tuned)"}
+assert set(TABLE6_VARIANTS) == set(INTERMEDIATE_VARIANTS)
+
+
+def _paper_cell(paper: Sequence[PaperRow], key: str) -> str:
+    p = paper_row(paper, key)
+    if p is None:
+        return MISSING
+    return ("> " if p.note.startswith("lower bound") else "") + fmt(p.fid)
+
+
+def _span_cell(run: TrainingRun | None) -> str:
+    """``batch × iterations (it start → end)`` of a run, from its params."""
+    if run is None:
+        return MISSING
+    span = f" (it {fmt_g(run.param('start_iteration'))} → {fmt_g(run.param('end_iteration'))})"
+    return _size_cell(run) + (span if run.param("end_iteration") is not None else "")
+
+
+def _table6_dfid_rows(dfid: DfidComparison, results: Results, paper: Sequence[PaperRow]) -> list[list[str]]:
+    metric = f"dFID_t' (t' = {fmt_g(dfid.t_prime)})"
+    before, finetuned = results.main_run("stage1"), results.intermediate_run("finetune")
+    after = [m.value for _, m in dfid.after]
+    label = dfid.before.label if dfid.before else MISSING
+    return [
+        ["f_θ0 (Stage 1), before the intermediate stage", metric, fmt(dfid.before.value if dfid.before else None),
+         "1" if dfid.before else MISSING, MISSING, MISSING, _paper_cell(paper, "t6_dfid_stage1"), label,
+         _span_cell(before), dfid.before.run if dfid.before else MISSING],
+        ["f_θ0' (fine-tuned on [t_min, t'))", metric, fmt(sum(after) / len(after) if after else None),
+         str(dfid.seeds) if after else MISSING, _per_seed([(j, m.value) for j, m in dfid.after]),
+         dfid.interval.text() if dfid.interval else MISSING, _paper_cell(paper, "t6_dfid_finetuned"), label,
+         _span_cell(finetuned), finetuned.key if finetuned else MISSING],
+    ]
+
+
+def _table6_fid_row(name: str, comparison: FidComparison, side: str, run: TrainingRun | None, paper_key: str,
+                    paper: Sequence[PaperRow]) -> list[str]:
+    """A Stage-2 row: the seed mean of its side of ``comparison`` (``a``: the variant, ``b``: the default)."""
+    mean = comparison.arm_mean(side)
+    difference = comparison.interval_text() if side == "a" and comparison.pairs else MISSING
+    return [name, "1-step FID", fmt(mean), str(comparison.seeds) if comparison.pairs else MISSING,
+            _per_seed(comparison.arm(side)), difference, _paper_cell(paper, paper_key), comparison.label,
+            _span_cell(run), run.key if run else MISSING]
+
+
+def table6(results: Results, paper: Sequence[PaperRow]) -> Table:
+    """dFID_t' before / after the intermediate stage and the final 1-step FIDs of Stage 2 with the fine-tuned
+    boundary (two inits) vs the default Stage 2: the numbers of claim S6 (``report.intermediate``)."""
+    dfid = dfid_before_after(results)
+    comparisons = {v: variant_vs_default(results, v) for v in INTERMEDIATE_VARIANTS}
+    default = default_stage2(results)
+    reference = next((c for c in comparisons.values() if c.pairs), comparisons[INTERMEDIATE_VARIANTS[0]])
+    rows = _table6_dfid_rows(dfid, results, paper)
+    rows.append(_table6_fid_row("Stage 2, default: boundary f_θ0, init f_θ0", reference, "b", default, "t6_default",
+                                paper))
+    for variant, name in TABLE6_VARIANTS.items():
+        rows.append(_table6_fid_row(name, comparisons[variant], "a", results.intermediate_run(variant),
+                                    "t6_finetuned_boundary", paper))
+    intro = [
+        f"Preset: `{results.preset}`. {_dataset_note(results.preset, 'cifar10')}",
+        "",
+        "The intermediate stage continues Stage 1's final training state for K iterations with its times drawn on "
+        "[t_min, t') only (the truncated log-normal of Stage 1); each Stage 2 then runs the same M iterations with "
+        "the default Stage 2's (the ablation grid centre's) hyperparameters, the fine-tuned network f_θ0' as its "
+        "frozen boundary, from f_θ0 or f_θ0' (the paper's \"same hyperparameters\": K comes on top of M).",
+        "Differences: f_θ0' − f_θ0 (dFID_t', seed j vs the one Stage-1 network) and variant − default (1-step "
+        f"FID, seed j vs seed j); claim S6 judges them. Values are means over training seeds; {MISSING}: no run.",
+    ]
+    notes = ["The paper's row for both variants is a lower bound: it reports a final FID \"> 2.7\" for either init.",
+             "Paper numbers: CIFAR-10, Inception FID (dFID_t' at t' = 1); ours are this preset's metric."]
+    return Table("table6_intermediate", f"Table 6 (App. B): adding an intermediate training stage — preset "
+                 f"{results.preset}", TABLE6_HEADER, rows, intro=intro, notes=notes)

@@ -1,4 +1,4 @@
-"""Training: one loop for every mode (pretrain, stage1, stage1_continued, stage2, stage3).
+"""Training: one loop for every mode (pretrain, stage1, stage1_continued, intermediate, stage2, stage3).
 
 ``config`` (the TrainConfig keys and their checks), ``setup`` (a run from its config and input files),
 ``global_batch`` (how one iteration's batch is cut into loss calls), ``step`` (one iteration), ``optim``

@@ -18,9 +18,12 @@ from tcm_core.errors import ConfigError
 from tcm_core.sampling import SEED_STRIDE
 from tcm_core.schedules import T_MAX, T_MIN
 
-MODES = ("pretrain", "stage1", "stage1_continued", "stage2", "stage3")
+MODES = ("pretrain", "stage1", "stage1_continued", "intermediate", "stage2", "stage3")
 TRUNCATED_MODES = ("stage2", "stage3")
-CONSISTENCY_MODES = ("stage1", "stage1_continued", "stage2", "stage3")
+CONSISTENCY_MODES = ("stage1", "stage1_continued", "intermediate", "stage2", "stage3")
+# Modes that continue Stage 1's final training state (--init-state, ``control: continued``): the control, and the
+# intermediate stage of paper App. B (Stage 1 going on with its times drawn on [t_min, t') only)
+CONTINUING_MODES = ("stage1_continued", "intermediate")
 
 # c and the times enter float32 losses and networks squared: at 1.8e19 the square overflows and every loss is NaN
 FLOAT32_SQUARE_LIMIT = 1e18
@@ -70,7 +73,8 @@ class TrainConfig:
     p_std: float | None = None  # None: 1.2 (pretrain) or 2.0
     t_min: float = T_MIN
     t_max: float = T_MAX
-    t_prime: float | None = None  # None: 1 for stage2, 4 for stage3
+    # None: 1 for stage2 and intermediate, 4 for stage3. intermediate: the exclusive upper end of its times [t_min, t')
+    t_prime: float | None = None
     rho: float = 0.25
     w_b: float = 0.1
     # ψ̄_t of Stage 2: ln t = student_mu + student_sigma·T_ν with ν = student_nu (the paper's μ, σ, ν; App. D)
@@ -86,8 +90,8 @@ class TrainConfig:
     # "auto": "cap" for a stage2/stage3/stage1_continued init that carries no iteration (a foreign checkpoint,
     # App. E: "we start with the maximum r values"), else "continue"
     curriculum: str = "auto"
-    # stage1_continued: "continued" resumes Stage 1's final training state (the paper's control, Fig. 1b);
-    # "ema_restart" restarts from the Stage-1 EMA with a fresh optimiser (when no Stage-1 state exists)
+    # stage1_continued / intermediate: "continued" resumes Stage 1's final training state (the paper's control,
+    # Fig. 1b); "ema_restart" restarts from the Stage-1 EMA with a fresh optimiser (when no Stage-1 state exists)
     control: str = "continued"
     dropout: float | None = None  # None: keep the checkpoint's / arch's dropout
     # how x_s is made (tcm_core.distillation): "ct" x_s = y + s·ε (consistency training); "cd" one PF-ODE step of
@@ -200,7 +204,7 @@ def build_config(keys: dict[str, Any], mode: str) -> TrainConfig:
         cfg.p_mean = -1.2 if mode == "pretrain" else -1.1
     if cfg.p_std is None:
         cfg.p_std = 1.2 if mode == "pretrain" else 2.0
-    if cfg.t_prime is None and truncated:
+    if cfg.t_prime is None and (truncated or mode == "intermediate"):
         cfg.t_prime = 4.0 if mode == "stage3" else 1.0
     if cfg.method is None and mode in CONSISTENCY_MODES:
         cfg.method = "ct"
@@ -224,6 +228,9 @@ def validate_config(cfg: TrainConfig, mode: str, world_size: int = 1) -> None:
     _check_observability(cfg)
     if mode in TRUNCATED_MODES:
         _check_truncation(cfg)
+    if mode == "intermediate":
+        _require(cfg.t_min < cfg.t_prime < cfg.t_max, "t_prime", f"in (t_min, t_max) = ({cfg.t_min}, {cfg.t_max}) "
+                 "(the intermediate stage trains on [t_min, t_prime))", cfg.t_prime)
     validate_method(cfg, mode)
     if mode == "pretrain" and cfg.arch is not None:
         _require(isinstance(cfg.arch, dict), "arch", "a mapping", cfg.arch)
@@ -310,27 +317,42 @@ def _check_truncation(cfg: TrainConfig) -> None:
     _require(cfg.w_b >= 0, "w_b", ">= 0", cfg.w_b)
 
 
-def build_time_distribution(cfg: TrainConfig, lower: float) -> Any:
-    """ψ̄_t of Stage 2 (log-Student-t μ, σ, ν on [lower, t_max]) or Stage 1's truncated log-normal."""
+def time_range(cfg: TrainConfig, mode: str) -> tuple[float | None, float]:
+    """[lower, upper] of the mode's training times: [t', T] for stage2/3 (ψ̄_t); [t_min, t') for intermediate,
+    whose upper end is the largest float64 below t' (so no time reaches t', exactly truncated there); else
+    [t_min, T]."""
+    from tcm_core.schedules import largest_time_below
+
+    if mode in TRUNCATED_MODES:
+        return cfg.t_prime, cfg.t_max
+    if mode == "intermediate" and cfg.t_prime is not None:
+        return cfg.t_min, largest_time_below(cfg.t_prime)
+    return cfg.t_min, cfg.t_max
+
+
+def build_time_distribution(cfg: TrainConfig, lower: float, upper: float | None = None) -> Any:
+    """ψ̄_t of Stage 2 (log-Student-t μ, σ, ν on [lower, upper]) or Stage 1's truncated log-normal; upper None:
+    t_max."""
     from tcm_core.schedules import TruncatedLogNormal, TruncatedLogStudentT
 
+    upper = cfg.t_max if upper is None else upper
     if cfg.time_dist == "student_t":
         return TruncatedLogStudentT(mu=cfg.student_mu, sigma=cfg.student_sigma, nu=cfg.student_nu, t_min=lower,
-                                    t_max=cfg.t_max)
-    return TruncatedLogNormal(mean=cfg.p_mean, std=cfg.p_std, t_min=lower, t_max=cfg.t_max)
+                                    t_max=upper)
+    return TruncatedLogNormal(mean=cfg.p_mean, std=cfg.p_std, t_min=lower, t_max=upper)
 
 
 def check_time_distribution(cfg: TrainConfig, mode: str) -> None:
     """The consistency loss's time distribution has probability mass on its range (a p_mean of 700 has none)."""
-    lower = cfg.t_prime if mode in TRUNCATED_MODES else cfg.t_min
+    lower, upper = time_range(cfg, mode)
     if lower is None or cfg.time_dist is None or None in (cfg.p_mean, cfg.p_std):
         return  # a TrainConfig not built by build_config: its mode defaults are not filled in yet
     try:
-        build_time_distribution(cfg, lower)
+        build_time_distribution(cfg, lower, upper)
     except ValueError as error:
         keys = "student_mu, student_sigma, student_nu" if cfg.time_dist == "student_t" else "p_mean, p_std"
         raise ConfigError(f"the time distribution is unusable ({error})", f"config keys {keys}",
-                          f"choose values with mass on [{lower:g}, {cfg.t_max:g}]") from None
+                          f"choose values with mass on [{lower:g}, {upper:g}]") from None
 
 
 def validate_method(cfg: TrainConfig, mode: str) -> None:

@@ -1,4 +1,4 @@
-"""The one training loop for every mode: pretrain, stage1, stage1_continued, stage2, stage3.
+"""The one training loop for every mode: pretrain, stage1, stage1_continued, intermediate, stage2, stage3.
 
     run = setup(cfg, mode, paths)          # train_setup: networks, loss, optimiser, resume / Stage-1 state
     while run.iteration < run.end_iteration:
@@ -7,7 +7,9 @@
     outputs.finish()                       # the EMA network (+ Stage 1's final state)
 
 * pretrain: EDM denoising loss. stage1: consistency training (Stage 1). stage1_continued: the paper's control,
-  Stage 1 continued from its final training state for as long as Stage 2 runs. stage2 / stage3: truncated
+  Stage 1 continued from its final training state for as long as Stage 2 runs. intermediate (paper App. B): Stage 1
+  continued from that state with its times drawn on [t_min, t') only, the boundary of a Stage-2 variant. stage2 /
+  stage3: truncated
   consistency training; the frozen boundary model (``--boundary-model``: the Stage-1 EMA for stage2, the
   Stage-2 result for stage3) has ``requires_grad=False``, stays in train mode (dropout active, as in the
   official code) and always runs with EDM2 forced weight normalisation off and without autograd.
@@ -96,7 +98,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None, help="preset name in the YAML (default: its `preset` key)")
     parser.add_argument("--init", default=None, help="checkpoint to start from (pretrain: optional)")
     parser.add_argument("--boundary-model", default=None, help="stage2/stage3: frozen model used below t_prime")
-    parser.add_argument("--init-state", default=None, help="stage1_continued: Stage 1's final train_state.pt")
+    parser.add_argument("--init-state", default=None, help="stage1_continued / intermediate: Stage 1's final "
+                        "train_state.pt")
     parser.add_argument("--final-state", default=None, help="also write the final training state here (stage1)")
     parser.add_argument("--teacher", default=None, help="method cd: the diffusion model whose PF-ODE gives x_s")
     parser.add_argument("--data", required=True, help="EDM-layout dataset (.zip or folder)")

@@ -29,13 +29,13 @@ from tcm_core.errors import NonFiniteTrainingError
 from tcm_core.io.atomic import write_text_atomic
 from tcm_core.tracking.mlflow_store import PERIODIC_PREFIX
 from tcm_core.tracking.progress import format_duration
-from tcm_core.training.config import CONSISTENCY_MODES
+from tcm_core.training.config import CONSISTENCY_MODES, CONTINUING_MODES
 from tcm_core.training.setup import Run
 from tcm_core.training.state import save_final_state, save_state, state_of, tensors_finite
 from tcm_core.training.step import StepStats
 
 # curves start at the stage's first iteration (Stage 1 at 0, the others at the split point)
-CURVE_START_MODES = ("stage1", "stage1_continued", "stage2", "stage3")
+CURVE_START_MODES = ("stage1", "stage1_continued", "stage2", "stage3")  # not intermediate: its start is Stage 1's end
 
 
 @dataclass
@@ -108,7 +108,7 @@ class RunOutputs:
         from tcm_core.tracking import tracker
         run, key = self.run, self.tracking.run_key
         tags = {"tcm.stage": run.mode, **({"tcm.run_key": key} if key else {})}
-        if run.mode == "stage1_continued":
+        if run.mode in CONTINUING_MODES:
             tags["tcm.control"] = run.info.get("control_resolved", "")
         parent = Path(self.tracking.mlflow_parent) if self.tracking.mlflow_parent else None
         return tracker.open_tracker(run.paths.out, mlflow_uri=self.tracking.mlflow_uri, parent=parent, run_key=key,

@@ -8,6 +8,9 @@
   online weights, optimiser, EMA, sampler position and iteration, so the control is Stage 1 launched with the
   longer duration (paper Fig. 1b). ``control: ema_restart`` restarts from the Stage-1 EMA with a fresh
   optimiser instead — a named variant for inits that have no training state (a foreign Stage-1 checkpoint);
+* intermediate (paper App. B, "adding an intermediate training stage"): like the control, Stage 1's final training
+  state (``control: continued``; ``ema_restart`` without one), going on with its times drawn on [t_min, t') only
+  (``training.config.time_range``): it fine-tunes f_θ0 below t' into the boundary of a Stage-2 variant;
 * stage2 / stage3: the init checkpoint's iteration, 0 when it carries none.
 
 The LR decay and the power-EMA count use the global iteration (as the official code, whose ImageNet Stage-2
@@ -34,7 +37,15 @@ from torch import nn
 from tcm_core.errors import ConfigError, MissingFileError, RefusedFileError
 from tcm_core.schedules import curriculum_ratio
 from tcm_core.training import distributed
-from tcm_core.training.config import TRUNCATED_MODES, TrainConfig, batch_split, build_time_distribution, validate_config
+from tcm_core.training.config import (
+    CONTINUING_MODES,
+    TRUNCATED_MODES,
+    TrainConfig,
+    batch_split,
+    build_time_distribution,
+    time_range,
+    validate_config,
+)
 from tcm_core.training.optim import build_optimizer
 from tcm_core.training.state import (
     check_compatible,
@@ -46,7 +57,7 @@ from tcm_core.training.state import (
 
 log = logging.getLogger(__name__)
 
-CURRICULUM_AT_CAP_MODES = ("stage1_continued", "stage2", "stage3")
+CURRICULUM_AT_CAP_MODES = ("stage1_continued", "intermediate", "stage2", "stage3")
 
 
 @dataclass
@@ -57,7 +68,7 @@ class RunPaths:
     out: Path
     init: Path | None = None  # network to start from
     boundary_model: Path | None = None  # stage2/stage3: the frozen model below t'
-    init_state: Path | None = None  # stage1_continued: Stage 1's final training state
+    init_state: Path | None = None  # stage1_continued / intermediate: Stage 1's final training state
     state_dir: Path | None = None  # mid-run state (default OUT/_state)
     final_state: Path | None = None  # write the final training state here (stage1: the control's input)
     teacher: Path | None = None  # method cd: the frozen diffusion model whose PF-ODE gives x_s
@@ -126,12 +137,12 @@ def check_inputs(cfg: TrainConfig, mode: str, paths: RunPaths) -> None:
                           "pass the Stage-1 network")
     if mode != "pretrain" and not paths.init:
         raise ConfigError(f"mode {mode} needs a checkpoint to start from", "--init", "pass one")
-    if mode == "stage1_continued" and cfg.control == "continued" and not paths.init_state:
-        raise ConfigError("the control continues Stage 1's training state", "--init-state",
+    if mode in CONTINUING_MODES and cfg.control == "continued" and not paths.init_state:
+        raise ConfigError(f"mode {mode} continues Stage 1's training state", "--init-state",
                           "pass Stage 1's final train_state.pt, or set control=ema_restart (not the paper's control)")
-    if paths.init_state and not (mode == "stage1_continued" and cfg.control == "continued"):
-        raise ConfigError(f"--init-state is only for stage1_continued with control=continued (mode {mode}, "
-                          f"control {cfg.control})", "--init-state", "drop it")
+    if paths.init_state and not (mode in CONTINUING_MODES and cfg.control == "continued"):
+        raise ConfigError(f"--init-state is only for {' / '.join(CONTINUING_MODES)} with control=continued (mode "
+                          f"{mode}, control {cfg.control})", "--init-state", "drop it")
     if cfg.method == "cd" and not paths.teacher:
         raise ConfigError("method cd distils a diffusion model", "--teacher", "pass the teacher checkpoint")
     if paths.teacher and cfg.method != "cd":
@@ -255,7 +266,8 @@ def build_loss(cfg: TrainConfig, mode: str, sigma_data: float, frozen: nn.Module
         # ψ̄_t lives on [t', T]: its lower bound is t', not t_min
         return losses.TruncatedConsistencyLoss(frozen=frozen, t_prime=cfg.t_prime, rho=cfg.rho, w_b=cfg.w_b,
                                                time_dist=build_time_distribution(cfg, cfg.t_prime), **common)
-    return losses.ConsistencyLoss(time_dist=build_time_distribution(cfg, cfg.t_min), **common)
+    # Stage 1, the control: [t_min, T]; the intermediate stage: [t_min, t') (every s = t − Δt < t < t' too)
+    return losses.ConsistencyLoss(time_dist=build_time_distribution(cfg, *time_range(cfg, mode)), **common)
 
 
 def loss_scaling(cfg: TrainConfig) -> dict[str, Any]:
@@ -285,7 +297,8 @@ def start_iteration(mode: str, init_iteration: int | None) -> int:
 def _networks(cfg: TrainConfig, mode: str, paths: RunPaths, dataset: Any, device: torch.device
               ) -> tuple[nn.Module, nn.Module | None, dict[str, Any]]:
     info: dict[str, Any] = {"init": str(paths.init) if paths.init else None, "init_sha256": None,
-                            "init_iteration": None, "boundary_model": None, "boundary_sha256": None}
+                            "init_iteration": None, "boundary_model": None, "boundary_sha256": None,
+                            "boundary_iteration": None}
     if paths.init:
         net, info["init_iteration"], info["init_sha256"] = load_init(cfg, paths.init, device)
     else:
@@ -296,7 +309,7 @@ def _networks(cfg: TrainConfig, mode: str, paths: RunPaths, dataset: Any, device
                           f"--data {paths.data}", "use the data set the network was trained on")
     frozen = None
     if mode in TRUNCATED_MODES:
-        frozen, _, info["boundary_sha256"] = load_init(cfg, paths.boundary_model, device)
+        frozen, info["boundary_iteration"], info["boundary_sha256"] = load_init(cfg, paths.boundary_model, device)
         frozen = freeze_boundary_model(frozen)
         info["boundary_model"] = str(paths.boundary_model)
     return net.train().requires_grad_(True), frozen, info
@@ -401,13 +414,14 @@ def restore(run: Run) -> int:
 
 
 def continuation_state(run: Run) -> dict[str, Any]:
-    """Stage 1's final training state, checked to be the run the control continues.
+    """Stage 1's final training state, checked to be the run the control (or the intermediate stage) continues.
 
     ``seed`` may differ: the control of training seed j > 0 (``presets.seeded_keys``) is Stage 1's state continued
     with another random stream (data order, times, noise, dropout from iteration i on); seed 0 is Stage 1's own
-    seed, so that control is Stage 1 continued bit for bit."""
+    seed, so that control is Stage 1 continued bit for bit. The intermediate stage also sets ``t_prime``, the upper
+    end of its times (Stage 1 has none): every other key is Stage 1's."""
     state = load_state_file(run.paths.init_state)
-    free = {"control", "curriculum", "seed"}
+    free = {"control", "curriculum", "seed"} | ({"t_prime"} if run.mode == "intermediate" else set())
     check_compatible(state, run.cfg.to_dict(), "stage1", None, run.paths.init_state, extra_free=free)
     if run.info["init_iteration"] is not None and int(state["iteration"]) != run.info["init_iteration"]:
         raise RefusedFileError(f"the training state is at iteration {state['iteration']} but the Stage-1 network "
@@ -424,7 +438,7 @@ def resolved_info(run: Run, device_kind: str) -> dict[str, Any]:
                             "end_iteration": run.end_iteration, "data": str(run.paths.data),
                             "world_size": run.dist.world_size, "batch_gpu_resolved": run.chunk,
                             "device": device_kind, "curriculum_at_cap": run.curriculum_at_cap}
-    if run.mode == "stage1_continued":
+    if run.mode in CONTINUING_MODES:
         info["control_resolved"] = "continued" if run.paths.init_state else "ema_restart"
     if run.mode in TRUNCATED_MODES:
         from tcm_core.losses import num_boundary

@@ -45,10 +45,11 @@ RELEASE_RUN = "releases/"
 wildcard_constraints:
     preset=PRESET,
     steps="1step|2step",
-    sweep="dfid|dfid_wide",
+    sweep="dfid|dfid_wide|dfid_tprime",
     extractor=P["eval"]["extractor"],
     run="stage1|stage1_continued(/seed~[1-9][0-9]*)?|stage2/main(/seed~[1-9][0-9]*)?|stage3/main|stage2/ablation/.+"
     "|distill/(stage1|stage1_continued(/seed~[1-9][0-9]*)?|stage2(/seed~[1-9][0-9]*)?)"
+    "|intermediate/(finetune|stage2_init_stage1|stage2_init_finetune)(/seed~[1-9][0-9]*)?"
     "|releases/[A-Za-z0-9_]+",
     release="[A-Za-z0-9_]+",
 
@@ -71,6 +72,12 @@ ABLATION_RUNS = [f"stage2/ablation/{cfg}" for cfg in ABLATION.instance_patterns]
 DISTILL_RUNS = (
     [f"distill/{m}" for m in presets.DISTILL_MODES] if presets.has_distillation(P) else []
 )
+# The intermediate-stage arm (paper App. B; training.smk), when the preset has an `intermediate` block: the fine-tuned
+# boundary and the two Stage-2 variants (tcm_core.presets.INTERMEDIATE_RUNS), compared with the ablation grid's centre.
+INTERMEDIATE = presets.INTERMEDIATE_RUNS if presets.has_intermediate(P) else {}
+INTERMEDIATE_STAGE2_RUNS = (
+    [INTERMEDIATE[v] for v in presets.INTERMEDIATE_VARIANTS] if INTERMEDIATE else []
+)
 # The arms the claims read get independent training seeds (training_seeds): the control and Stage 2 from the one
 # Stage-1 run, the ablation cells of tcm_core.presets.seeded_ablation_points, and the distillation arm's control
 # and Stage 2 from the one CD Stage-1 run (claim S5). Seed j > 0 of run folder R is R/seed~j
@@ -83,6 +90,7 @@ SEEDED_RUNS = (
         if point in presets.seeded_ablation_points(P)
     ]
     + ([f"distill/{m}" for m in presets.DISTILL_SEEDED_MODES] if DISTILL_RUNS else [])
+    + INTERMEDIATE_STAGE2_RUNS  # claim S6 (their boundary, intermediate/finetune, is seeded with them)
 )
 
 
@@ -172,7 +180,15 @@ def grid_of(run):
         )
     if run.startswith("distill/"):
         return "distill"  # the consistency-distillation arm (distillation.smk)
+    if run.startswith("intermediate/"):
+        return "intermediate"  # the intermediate-stage arm (training.smk)
     return "ablation" if is_ablation(run) else "main"
+
+
+def ablation_evaluation(run):
+    """Whether a run is evaluated as the ablation cells are (ablation eval_num / eval_seeds): the cells, and the
+    intermediate arm's runs, whose FIDs are paired with the grid centre's."""
+    return grid_of(run) in ("ablation", "intermediate")
 
 
 def res(kind, key):
@@ -197,7 +213,7 @@ def main_targets():
         out += [f"{RESULTS}/{run}/eval/fid_{s}.json" for s in ("1step", "2step")]
         out += [f"{RESULTS}/{run}/eval/{sweep}.json" for sweep in dfid_sweeps()]
         out += [f"{RESULTS}/{run}/eval/grid_{s}.png" for s in ("1step", "2step")]
-    return out + seed_targets("all", [r for r in SEEDED_RUNS if grid_of(r) != "distill"])
+    return out + seed_targets("all", [r for r in SEEDED_RUNS if grid_of(r) in ("main", "ablation")])
 
 
 def extra_seed_runs(target, runs=SEEDED_RUNS):
@@ -282,3 +298,25 @@ def released_tables_input(wildcards):
 
 def release_entry(wildcards):
     return shlex.quote(json.dumps(RELEASES[wildcards.release].as_dict(), sort_keys=True))
+
+
+def intermediate_targets(target):
+    """The intermediate arm (Table 6, claim S6) for `target`: dFID_t' of Stage 1's network and of each training
+    seed of the fine-tuned one (before / after), and the final 1-step FIDs of both Stage-2 variants, with their
+    extra seeds (training_seeds of the target). Their comparator, the ablation grid's centre, is an ablation cell.
+    """
+    if not INTERMEDIATE:
+        return []
+    seeds = range(presets.training_seeds(P, target))
+    finetuned = [presets.seed_run(INTERMEDIATE["finetune"], j) for j in seeds]
+    out = [f"{RESULTS}/{run}/eval/dfid_tprime.json" for run in ["stage1", *finetuned]]
+    out += [f"{RESULTS}/{run}/config.json" for run in finetuned]
+    out += [f"{RESULTS}/{run}/eval/fid_1step.json" for run in INTERMEDIATE_STAGE2_RUNS]
+    return out + seed_targets(target, INTERMEDIATE_STAGE2_RUNS)
+
+
+def intermediate_init(wildcards):
+    """The init of an intermediate-arm Stage-2 variant: Stage 1's network, or the fine-tuned one of its seed."""
+    if wildcards.variant == "init_stage1":
+        return stage1_network()
+    return f"{RESULTS}/{INTERMEDIATE['finetune']}{wildcards.seed}/network.safetensors"

@@ -63,9 +63,11 @@ def train_keys(mode, run):
     elif mode == "stage2" and is_ablation(base):
         point = ABLATION.instance({"cfg": base[len("stage2/ablation/") :]})
         keys = presets.ablation_keys(P, point)
+    elif mode == "stage2" and base in INTERMEDIATE_STAGE2_RUNS:
+        keys = presets.intermediate_stage2_keys(P)  # the grid centre's: its default Stage 2
     else:
         keys = presets.section_keys(P, mode)
-    if mode == "stage1_continued" and FOREIGN_STAGE1:
+    if mode in ("stage1_continued", "intermediate") and FOREIGN_STAGE1:
         keys["control"] = (
             "ema_restart"  # no Stage-1 training state exists: the named, visible variant
         )
@@ -167,6 +169,9 @@ def train_run_key(run):
         return f"init:{PRESET}"
     if run.startswith("distill/"):  # cd_<stage>, also for its training seeds distill/<stage>/seed~j
         return f"cd_{presets.split_seed(run)[0].split('/', 1)[1]}:{PRESET}:{run}"
+    if run.startswith("intermediate/"):  # its two rules: the fine-tuning and the Stage-2 variants
+        finetune = presets.split_seed(run)[0] == INTERMEDIATE["finetune"]
+        return f"{'intermediate' if finetune else 'intermediate_stage2'}:{PRESET}:{run}"
     rule_name = {"pretrain": "pretrain_edm"}.get(run, run.split("/", 1)[0])
     return f"{rule_name}:{PRESET}:{run}"
 
@@ -244,11 +249,15 @@ def eval_steps(wildcards):
 
 
 def eval_num(wildcards):
-    return ABL.get("eval_num", EVAL["num"]) if is_ablation(wildcards.run) else EVAL["num"]
+    return ABL.get("eval_num", EVAL["num"]) if ablation_evaluation(wildcards.run) else EVAL["num"]
 
 
 def eval_seeds(wildcards):
-    return ABL.get("eval_seeds", EVAL["seeds"]) if is_ablation(wildcards.run) else EVAL["seeds"]
+    return (
+        ABL.get("eval_seeds", EVAL["seeds"])
+        if ablation_evaluation(wildcards.run)
+        else EVAL["seeds"]
+    )
 
 
 def eval_ckpt(wildcards):
@@ -298,6 +307,9 @@ def eval_env(rule_name):
 
 
 def dfid_ts(wildcards):
+    """The times of a dFID sweep; dfid_tprime: the intermediate stage's t' (Stage 2's), before and after it."""
+    if wildcards.sweep == "dfid_tprime":
+        return f"{CONFIGS['intermediate'].t_prime:g}"
     ts = EVAL["dfid_ts"] if wildcards.sweep == "dfid" else EVAL["dfid_ts_wide"]
     return ",".join(f"{float(t):g}" for t in ts)
 

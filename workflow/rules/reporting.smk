@@ -13,6 +13,7 @@ PAPER_TABLE_RUNS = [
     + list(ABLATION_RUNS)
     + (["stage3/main"] if 3 in ABL.get("stages", []) else [])
     + DISTILL_RUNS
+    + list(INTERMEDIATE.values())
     if not (run == "stage1" and P["init"].get("provides") == "stage1")
 ]
 PAPER_TABLE_INPUTS = sorted(
@@ -22,6 +23,7 @@ PAPER_TABLE_INPUTS = sorted(
         + distill_targets()
         + [f"{RESULTS}/{run}/config.json" for run in PAPER_TABLE_RUNS]
         + seed_targets("paper_tables")  # training seeds 1 .. K-1 of the claim-bearing arms
+        + intermediate_targets("paper_tables")
     )
 )
 # Tables (Markdown + CSV) and figures: tcm_core.report.cli.output_files() lists the same names.
@@ -31,6 +33,7 @@ PAPER_TABLES = {
     "table3_tprime": ("table3.rst", "Table 3 (t')"),
     "table4_stages": ("table4.rst", "Table 4 (stages)"),
     "table5_distillation": ("table5.rst", "Table 5 (distillation)"),
+    "table6_intermediate": ("table6.rst", "Table 6 (intermediate stage)"),
     "claims": ("claims.rst", "Claims check"),
 }
 PAPER_FIGURES = {
@@ -46,7 +49,7 @@ PAPER_FIGURES = {
 
 
 rule tables:
-    """Paper tables 1-5, the claims check and figures 1b, 2, 3, 4a-c, 7, 8 of one preset."""
+    """Paper tables 1-6, the claims check and figures 1b, 2, 3, 4a-c, 7, 8 of one preset."""
     input:
         results=PAPER_TABLE_INPUTS,
         mlflow=ancient("results/{preset}/mlflow.json"),
