@@ -140,6 +140,8 @@ MUTANTS = [
     Mutant("intermediate-from-the-ema", "workflow/rules/training.smk",
            '            state=stage1_state(),\n            teacher=teacher_input("intermediate"',
            '            teacher=teacher_input("intermediate"', tuple(INTERMEDIATE)),
+    Mutant("intermediate-variants-run-all-m", "tcm_core/presets.py", '    keys["iterations"] = total - finetune',
+           '    keys["iterations"] = total', tuple(INTERMEDIATE)),
     Mutant("stage2-freezes-its-init", "tcm_core/training/setup.py", "load_init(cfg, paths.boundary_model, device)",
            "load_init(cfg, paths.init, device)", tuple(INTERMEDIATE)),
     Mutant("claim-s6-side-flipped", "tcm_core/report/claims.py", 'S6_FID_SIDE = "above"', 'S6_FID_SIDE = "below"',

@@ -3,8 +3,9 @@
 The formulas, each in one place, sit at the top: ``precond`` (EDM preconditioning), ``schedules`` (time
 distributions and the Δt curriculum), ``losses`` (EDM, CT and TCM objectives), ``sampling`` (1- and few-step
 generation) and ``distillation`` (the teacher's PF-ODE step). Beside them: ``presets`` (config.yaml's presets and
-every check the schema cannot express), ``data`` (EDM-layout datasets), ``errors`` (the one error path) and
-``cli`` (``python -m tcm_core --help`` lists the commands the workflow calls).
+every check the schema cannot express), ``releases`` (the released checkpoints a preset evaluates), ``data``
+(EDM-layout datasets), ``errors`` (the one error path) and ``cli`` (``python -m tcm_core --help`` lists the
+commands the workflow calls).
 
 Subpackages, one concept each: ``networks`` (DDPM++ SongUNet, EDM2 UNet), ``training`` (config, setup, step,
 state, outputs, the loop, distributed, optim), ``evaluation`` (features, FID/dFID, grids), ``io`` (downloads,

@@ -187,13 +187,21 @@ def has_intermediate(preset: dict[str, Any]) -> bool:
 
 def intermediate_stage2_keys(preset: dict[str, Any], where: str = "presets.<preset>") -> dict[str, Any]:
     """Both intermediate-arm Stage-2 variants: the keys of the default Stage 2 they are compared with, the ablation
-    grid's centre (M iterations each: the paper's "same hyperparameters"; the K of the fine-tuning come on top), less
-    its periodic evaluation (they are compared by final FIDs). Boundary and init are the rule's input files."""
+    grid's centre (M iterations), at equal total iterations: the fine-tuning's K plus the variant's M - K, less its
+    periodic evaluation (they are compared by final FIDs). Boundary and init are the rule's input files."""
     points = ablation_points(preset)
     if not points:
         raise ConfigError("the intermediate arm is compared with the ablation grid's centre, but there is no grid",
                           f"{where}.ablation", "add t_prime, rho, w_b or sigma_nu values, or drop intermediate")
-    return {**ablation_keys(preset, points[0]), **NO_CURVES}
+    keys = {**ablation_keys(preset, points[0]), **NO_CURVES}
+    total = int(keys.get("iterations", TrainConfig().iterations))
+    finetune = int(_section(preset, "intermediate").get("iterations", 0))
+    if finetune >= total:
+        raise ConfigError(f"the intermediate stage's {finetune} iterations leave none of the compared Stage 2's "
+                          f"{total} (equal total iterations)", f"{where}.intermediate.iterations",
+                          f"use fewer than {total}")
+    keys["iterations"] = total - finetune
+    return keys
 
 
 def ablation_points(preset: dict[str, Any]) -> list[dict[str, float]]:

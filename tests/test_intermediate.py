@@ -164,7 +164,7 @@ def test_stage2_variant_answers_below_t_prime_with_the_finetuned_network(files, 
 @pytest.mark.parametrize("preset", ["tiny", "ci", "cifar10", "imagenet64_s"])
 def test_presets_resolve_the_arm_as_stage1_going_on_and_the_grid_centres_stage2(preset):
     """intermediate = Stage 1's keys with K iterations and Stage 2's t'; both variants = the grid centre's keys (the
-    default Stage 2 they are compared with: same batch, same M iterations), periodic evaluation aside."""
+    default Stage 2 they are compared with: same batch) with M - K of its M iterations, periodic evaluation aside."""
     from tcm_core.presets import ablation_keys, ablation_points, intermediate_stage2_keys, section_keys
 
     block = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())["presets"][preset]
@@ -176,6 +176,8 @@ def test_presets_resolve_the_arm_as_stage1_going_on_and_the_grid_centres_stage2(
         k: v for k, v in stage1.items() if k not in own | observability}
     centre = ablation_keys(block, ablation_points(block)[0])
     variant = intermediate_stage2_keys(block)
-    assert {k: v for k, v in variant.items() if k not in observability} == {
-        k: v for k, v in centre.items() if k not in observability}
-    assert variant["iterations"] == block["ablation"]["iterations"] and variant["batch"] == block["ablation"]["batch"]
+    assert {k: v for k, v in variant.items() if k not in observability | {"iterations"}} == {
+        k: v for k, v in centre.items() if k not in observability | {"iterations"}}
+    # equal total iterations: the fine-tuning's K plus the variant's M - K is the default Stage 2's M
+    assert variant["iterations"] + block["intermediate"]["iterations"] == block["ablation"]["iterations"]
+    assert variant["batch"] == block["ablation"]["batch"]

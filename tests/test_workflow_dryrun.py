@@ -204,7 +204,8 @@ def _keys(line: str) -> dict[str, str]:
 def test_intermediate_arm_is_wired_to_the_finetuned_boundary(tiny_paper_tables):
     """Per training seed j: the intermediate stage continues Stage 1's state with seed + j; both Stage-2 variants
     take intermediate/finetune of seed j as their frozen boundary, init_stage1 starts from Stage 1's network and
-    init_finetune from the fine-tuned one, and both have the grid centre's keys (its seed j) but its curves."""
+    init_finetune from the fine-tuned one, and both have the grid centre's keys (its seed j) but its curves and
+    with M - K of its M iterations."""
     out, r = tiny_paper_tables, "results/tiny"
     centre = "stage2/ablation/t_prime~1.0/rho~0.25/w_b~0.1/student_sigma~0.2/student_nu~0.01"
     stage1 = _keys(_train_line(out, f"{r}/stage1"))
@@ -227,8 +228,10 @@ def test_intermediate_arm_is_wired_to_the_finetuned_boundary(tiny_paper_tables):
             assert f"--init {shlex.quote(f'{init}/network.safetensors')} " in line, line
             key = shlex.quote(f"intermediate_stage2:tiny:intermediate/stage2_{variant}{seed}")
             assert f"--run-key {key} " in line and '"tcm.grid": "intermediate"' in line, line
-            assert {k: v for k, v in _keys(line).items() if k not in {"eval_every", "eval_points"}} == {
-                k: v for k, v in default.items() if k not in {"eval_every", "eval_points"}}
+            assert {k: v for k, v in _keys(line).items() if k not in observability} == {
+                k: v for k, v in default.items() if k not in observability}
+            # equal total iterations: K = 100 of the fine-tuning and M - K = 100 of the variant, the default's M = 200
+            assert (_keys(line)["iterations"], default["iterations"]) == ("100", "200"), line
             assert f"{r}/intermediate/stage2_{variant}{seed}/eval/fid_1step.json" in out
         assert f"{r}/intermediate/finetune{seed}/eval/dfid_tprime.json" in out
     dfid = next(x for x in out.splitlines() if f"--out {r}/stage1/eval/dfid_tprime.json" in x)
@@ -320,6 +323,8 @@ BAD_CONFIGS = [
     ("presets:\n  ci:\n    intermediate: {iterations: 0}\n", "presets.ci.intermediate.iterations", "minimum of 1"),
     ("presets:\n  ci:\n    intermediate: {iterations: 3, t_prime: 2.0}\n", "presets.ci.intermediate",
      "'t_prime' was unexpected"),
+    ("presets:\n  ci:\n    intermediate: {iterations: 2}\n", "presets.ci.intermediate.iterations",
+     "equal total iterations"),
     ("presets:\n  ci:\n    ablation: {t_prime: [], rho: [], w_b: [], sigma_nu: []}\n", "presets.ci.ablation",
      "the intermediate arm is compared with the ablation grid's centre"),
 ]

@@ -509,9 +509,9 @@ def table6(results: Results, paper: Sequence[PaperRow]) -> Table:
         f"Preset: `{results.preset}`. {_dataset_note(results.preset, 'cifar10')}",
         "",
         "The intermediate stage continues Stage 1's final training state for K iterations with its times drawn on "
-        "[t_min, t') only (the truncated log-normal of Stage 1); each Stage 2 then runs the same M iterations with "
-        "the default Stage 2's (the ablation grid centre's) hyperparameters, the fine-tuned network f_θ0' as its "
-        "frozen boundary, from f_θ0 or f_θ0' (the paper's \"same hyperparameters\": K comes on top of M).",
+        "[t_min, t') only (the truncated log-normal of Stage 1); each variant's Stage 2 then runs with the default "
+        "Stage 2's (the ablation grid centre's) hyperparameters, the fine-tuned network f_θ0' as its frozen "
+        "boundary, from f_θ0 or f_θ0', for M − K of the default's M iterations (equal total iterations).",
         "Differences: f_θ0' − f_θ0 (dFID_t', seed j vs the one Stage-1 network) and variant − default (1-step "
         f"FID, seed j vs seed j); claim S6 judges them. Values are means over training seeds; {MISSING}: no run.",
     ]
