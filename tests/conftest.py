@@ -39,6 +39,7 @@ def _unit(item: pytest.Item) -> str:
     return XDIST_UNITS.get(stem, stem)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks into the node ids
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(_unit(item), len(rank)))  # stable: file order within each unit
