@@ -15,7 +15,10 @@ from tcm_core.report.confidence import (
     NOT_MEASURED,
     Interval,
     all_of,
+    minimum_detectable_effect,
     paired_interval,
+    seeds_for_mde,
+    standardized_mde,
     verdict,
 )
 
@@ -86,3 +89,43 @@ def test_coverage_of_the_interval_is_95_percent_on_normal_differences():
     samples = rng.normal(1.5, 2.0, size=(1500, 3))
     covered = [(i.low <= 1.5 <= i.high) for i in (paired_interval(row) for row in samples)]
     assert np.mean(covered) == pytest.approx(0.95, abs=0.017)  # 3 standard errors of the estimate
+
+
+# ------------------------------------------------------------------------------------ minimum detectable effect
+
+
+def _power_by_hand(delta: float, sd: float, n: int) -> float:
+    """P(the 95 % paired t interval lies below 0 | true mean -delta): the noncentral t's upper tail (scipy)."""
+    return float(stats.nct.sf(stats.t.ppf(0.975, n - 1), n - 1, delta * math.sqrt(n) / sd))
+
+
+@pytest.mark.parametrize(("sd", "n"), [(1.0, 2), (2.0, 3), (6.6, 3), (0.3, 5), (1.5, 10)])
+def test_mde_is_where_the_noncentral_t_gives_80_percent_power(sd, n):
+    from scipy.optimize import brentq
+
+    by_hand = brentq(lambda d: _power_by_hand(d, sd, n) - 0.8, 1e-9, 100 * sd)
+    assert minimum_detectable_effect(sd, n) == pytest.approx(by_hand, rel=1e-6)
+    assert _power_by_hand(minimum_detectable_effect(sd, n), sd, n) == pytest.approx(0.8, abs=1e-6)
+
+
+def test_mde_hand_computed_values_and_the_large_sample_limit():
+    # K = 3, sd(d) = 2: t_{0.975,2} = 4.3027; the noncentrality that puts 80 % of nct(2, .) above it is 5.6535
+    # (scipy, by bisection), so the MDE is 5.6535 x 2 / sqrt(3) = 6.528 and d / sd = 3.264
+    assert standardized_mde(3) == pytest.approx(3.2640, abs=1e-4)
+    assert minimum_detectable_effect(2.0, 3) == pytest.approx(6.528, abs=1e-3)
+    assert standardized_mde(10) == pytest.approx(0.9960, abs=1e-4)  # the same noncentral-t computation at K = 10
+    # large K: the normal approximation (z_{0.975} + z_{0.8}) / sqrt(K)
+    assert standardized_mde(400) == pytest.approx((1.959964 + 0.841621) / 20, rel=5e-3)
+    assert paired_interval([1.0, 2.0, 3.0]).mde == pytest.approx(3.2640, abs=1e-4)  # sd 1
+    assert paired_interval([-3.0]).mde is None and paired_interval([math.inf, 1.0]).mde is None
+
+
+def test_seeds_for_a_wanted_mde_is_the_smallest_that_reaches_it():
+    sd, wanted = 6.6, 2.64  # e.g. S1's spread on tiny and 15 % of a control FID of 17.6
+    k = seeds_for_mde(sd, wanted)
+    assert minimum_detectable_effect(sd, k) <= wanted < minimum_detectable_effect(sd, k - 1)
+    assert seeds_for_mde(0.0, 1.0) == 2 and seeds_for_mde(10.0, 0.01, most=50) is None
+    with pytest.raises(ValueError):
+        standardized_mde(1)
+    with pytest.raises(ValueError):
+        minimum_detectable_effect(math.nan, 3)

@@ -18,6 +18,7 @@ from PIL import Image
 from reporting_helpers import DISTILL_FIDS, LABEL, Scenario, build_synthetic, mirror_to_mlflow
 
 from tcm_core.report import figures, measurements
+from tcm_core.report.claims import MDE_COLUMN
 from tcm_core.report.cli import build_report, format_summary, output_files
 from tcm_core.report.paper import load_paper_values
 from tcm_core.report.tables import DELTA
@@ -344,6 +345,20 @@ def test_claims_hold_on_the_default_scenario(full):
     md = (full.out / "tables" / "claims.md").read_text()
     assert "ratio 3.60" in _row(md, "S3")[4]
     assert "> 2x the FID" in _row(md, "S3")[2]  # "explodes" is defined in the table itself
+
+
+def test_every_measured_claim_prints_its_minimum_detectable_effect(full):
+    """The MDE column is there and filled for every claim (issue 28). S1: d_j = FID(Stage 2_j) − FID(control_j) with
+    seed jitters +0.2 j and −0.1 j, so sd(d) = 0.3 over 3 seeds; d/sd at 80 % power, K = 3, one-sided 0.025:
+    3.2640 (noncentral t, tests/test_confidence.py) -> MDE 0.979, 3 % of the control's mean 30 − 0.1 = 29.9."""
+    rows = {r["claim"]: r for r in _csv(full.out / "tables" / "claims.csv")}
+    assert all(row[MDE_COLUMN] not in ("", MISSING) for row in rows.values()), rows
+    assert rows["S1"][MDE_COLUMN] == "0.979 (3% of the control's mean FID 29.9)"
+    assert rows["S5"][MDE_COLUMN].startswith("0.979 (2% of the CD control's mean FID 42.9)")
+    assert rows["S6"][MDE_COLUMN].startswith("dFID_t' 0.326; FID init_stage1 ")  # after_j spread 0.1
+    md = (full.out / "tables" / "claims.md").read_text()
+    assert MDE_COLUMN in _rows(md)[0] and "minimum detectable effect" in md
+    assert "MDE 0.979" in format_summary(full.report, 1.0)
 
 
 def test_claims_that_do_not_hold_are_reported(tmp_path):

@@ -12,7 +12,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tcm_core.presets import EXPLODING_W_B, INTERMEDIATE_VARIANTS
-from tcm_core.report.confidence import CONFIDENCE, METHOD, NOT_MEASURED, all_of, paired_interval, verdict
+from tcm_core.report.confidence import (
+    CONFIDENCE,
+    MDE_METHOD,
+    METHOD,
+    NOT_MEASURED,
+    POWER,
+    all_of,
+    paired_interval,
+    verdict,
+)
 from tcm_core.report.intermediate import dfid_before_after, variant_vs_default
 from tcm_core.report.measurements import ablation_baseline, ablation_slice, curve, dfid_curve, final_fid
 from tcm_core.report.paired import FidComparison, cd_stage2_vs_control, compare_fids, paired_fids, worst_if_not_finite
@@ -20,6 +29,7 @@ from tcm_core.report.results import Results, TrainingRun
 from tcm_core.report.tables import Table
 from tcm_core.report.values import MISSING, fmt_g, fmt_precise, same_value
 
+MDE_COLUMN = f"MDE ({POWER:.0%} power)"
 EXPLODE_FACTOR = 2.0  # claim S3: "explodes" = final 1-step FID > EXPLODE_FACTOR x the baseline's, or non-finite
 
 
@@ -34,6 +44,7 @@ class Claim:
     paper: str
     seeds: int = 0  # K: training seeds measured on every arm of the claim
     metric: str = MISSING  # what the values measure (extractor, sample count)
+    mde: str = MISSING  # the minimum detectable effect of each interval (confidence.py), at the measured spread
 
 
 def claims(results: Results) -> list[Claim]:
@@ -42,10 +53,10 @@ def claims(results: Results) -> list[Claim]:
 
 
 def claims_table(results: Results, checked: Sequence[Claim]) -> Table:
-    rows = [[c.cid, c.statement, c.criterion, str(c.seeds), c.measured, c.interval, c.verdict, c.metric, c.paper]
-            for c in checked]
+    rows = [[c.cid, c.statement, c.criterion, str(c.seeds), c.measured, c.interval, c.mde, c.verdict,
+             c.metric, c.paper] for c in checked]
     header = ["claim", "statement", "criterion", "seeds", "measured", f"mean difference [{CONFIDENCE:.0%} interval]",
-              "verdict", "our metric", "paper"]
+              MDE_COLUMN, "verdict", "our metric", "paper"]
     return Table(
         "claims",
         f"Claims check — preset {results.preset}",
@@ -59,6 +70,9 @@ def claims_table(results: Results, checked: Sequence[Claim]) -> Table:
             f"Interval: {METHOD}. Verdicts: holds (the interval lies on the claimed side of the threshold) / does "
             "not hold (on the other side) / inconclusive (it contains the threshold, or one seed gives none) / not "
             "measured (the runs it needs are missing).",
+            f"MDE: the minimum detectable effect, the smallest true mean difference in the claimed direction that "
+            f"these seeds would call \"holds\" with {POWER:.0%} probability at the spread measured ({MDE_METHOD}); "
+            "an inconclusive claim thus rules out, at that power, any effect larger than its MDE.",
         ],
     )
 
@@ -75,19 +89,21 @@ def _not_measured(cid: str, statement: str, criterion: str, paper: str, why: str
 # The claims
 
 
-def _lower_fid_claim(cid: str, statement: str, criterion: str, paper: str, comparison: FidComparison) -> Claim:
+def _lower_fid_claim(cid: str, statement: str, criterion: str, paper: str, comparison: FidComparison,
+                     b_name: str) -> Claim:
     """A claim "arm a reaches a lower final 1-step FID than arm b", from their comparison paired by seed."""
     if not comparison.pairs:
         return _not_measured(cid, statement, criterion, paper)
     return Claim(cid, statement, criterion, comparison.measured(), comparison.interval_text(), comparison.verdict,
-                 paper, comparison.seeds, comparison.label)
+                 paper, comparison.seeds, comparison.label, comparison.mde_text(b_name))
 
 
 def claim_s1(results: Results) -> Claim:
     return _lower_fid_claim(
         "S1", "Stage 2 (TCM) reaches a lower 1-step FID than Stage 1 continued for the same iterations",
         "d_j = final 1-step FID of Stage 2 − that of Stage 1 continued (seed j); holds if the interval < 0",
-        "Fig. 1b, Table 4", compare_fids(results, results.main_run("stage2"), results.main_run("stage1_continued")))
+        "Fig. 1b, Table 4", compare_fids(results, results.main_run("stage2"), results.main_run("stage1_continued")),
+        "the control")
 
 
 def claim_s5(results: Results) -> Claim:
@@ -96,7 +112,8 @@ def claim_s5(results: Results) -> Claim:
         "continued) for the same iterations",
         "d_j = final 1-step FID of CD Stage 2 − that of the CD control (seed j; both from the one CD Stage-1 run, "
         "distilling the same teacher); holds if the interval < 0",
-        "App. A, Table 5 (18.32 → 16.07 on MSCOCO, a different data set and metric)", cd_stage2_vs_control(results))
+        "App. A, Table 5 (18.32 → 16.07 on MSCOCO, a different data set and metric)", cd_stage2_vs_control(results),
+        "the CD control")
 
 
 def _changes(results: Results, run: TrainingRun, t_prime: float) -> dict[str, float]:
@@ -143,8 +160,9 @@ def claim_s2(results: Results) -> Claim:
     intervals = {n: paired_interval([c[n] for c in per_seed.values()]) for n in names}
     verdicts = [verdict(intervals[n], 0.0, _s2_side(n, t_prime)) for n in names]
     text = "; ".join(f"{n} {intervals[n].text()}" for n in names)
+    mde = "; ".join(f"{n} {intervals[n].mde_text()}" for n in names)
     return Claim("S2", statement, criterion, f"t' = {t_prime:g}: {measured}", text, all_of(verdicts), paper,
-                 len(per_seed), dfid_curve(results, main)[1])
+                 len(per_seed), dfid_curve(results, main)[1], mde)
 
 
 def _change_order(name: str) -> tuple[int, float]:
@@ -173,7 +191,7 @@ def claim_s3(results: Results) -> Claim:
         f"{worst_if_not_finite(fs.value) / fc.value:.2f})" for j, fs, fc in pairs)
     interval = paired_interval(diffs)
     return Claim("S3", statement, criterion, measured, interval.text(), verdict(interval, 0.0, "above"), paper,
-                 len(pairs), pairs[0][1].label)
+                 len(pairs), pairs[0][1].label, interval.mde_text())
 
 
 def claim_s4(results: Results) -> Claim:
@@ -207,7 +225,7 @@ def claim_s4(results: Results) -> Claim:
                          for j, f in rows)
     interval = paired_interval(diffs)
     return Claim("S4", statement, criterion, measured, interval.text(), verdict(interval, 0.0, "below"), paper,
-                 len(rows), rows[0][1][1.0].label)
+                 len(rows), rows[0][1][1.0].label, interval.mde_text())
 
 
 
@@ -234,6 +252,8 @@ def claim_s6(results: Results) -> Claim:
                          + [f"FID {variant} vs default: {c.measured()}" for variant, c in fids.items()])
     interval = "; ".join([f"dFID_t' {dfid.interval.text()}"]
                          + [f"FID {variant} {c.interval_text()}" for variant, c in fids.items()])
+    mde = "; ".join([f"dFID_t' {dfid.interval.mde_text()}"]
+                    + [f"FID {variant} {c.mde_text('the default Stage 2')}" for variant, c in fids.items()])
     seeds = min([dfid.seeds] + [c.seeds for c in fids.values()])
     metric = f"{dfid.before.label}; {fids[INTERMEDIATE_VARIANTS[0]].label}"
-    return Claim("S6", statement, criterion, measured, interval, all_of(verdicts), paper, seeds, metric)
+    return Claim("S6", statement, criterion, measured, interval, all_of(verdicts), paper, seeds, metric, mde)

@@ -104,7 +104,8 @@ def format_summary(report: Report, seconds: float) -> str:
         for c in mismatches[:10]
     ]
     lines.append("  claims:")
-    lines += [f"    {c.cid} {c.verdict} ({c.seeds} seed(s)): {c.interval}; {c.measured}" for c in report.claims]
+    lines += [f"    {c.cid} {c.verdict} ({c.seeds} seed(s)): {c.interval}; MDE {c.mde}; {c.measured}"
+              for c in report.claims]
     lines.append("  files:")
     for path in report.files:
         flag = "  (no runs yet)" if path.stem in report.empty_figures else ""

@@ -14,6 +14,17 @@ with finite ones, give no interval.
 Verdicts against a threshold: **holds** when the interval lies entirely on the claimed side, **does not hold**
 when it lies entirely on the other side, **inconclusive** when it contains the threshold or there is no
 interval.
+
+**Minimum detectable effect** (MDE), what an "inconclusive" still says: the smallest true mean difference δ at
+which the verdict would be "holds" with probability ``POWER`` (80 %), given K seeds and the spread sd(d) measured.
+"Holds" means the two-sided interval at ``CONFIDENCE`` excludes the threshold on the claimed side, i.e. a
+one-sided paired t test at level α = (1 − CONFIDENCE) / 2 = 0.025 rejects. Under a true difference δ the t
+statistic follows a noncentral t with K − 1 degrees of freedom and noncentrality δ·√K / sd, so the MDE solves
+
+    P(T_{K-1}(δ√K / sd) > t_{1-α, K-1}) = POWER      (≈ (z_{1-α} + z_POWER) · sd / √K for large K)
+
+(statsmodels' ``TTestPower``). An inconclusive claim with MDE m means: no effect as large as m in the claimed
+direction is likely to have been missed. The same formula sizes K for a wanted MDE (``seeds_for_mde``).
 """
 
 from __future__ import annotations
@@ -24,6 +35,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 CONFIDENCE = 0.95
+POWER = 0.8  # of the minimum detectable effect
+MDE_METHOD = (f"one-sided paired t test at level {(1 - CONFIDENCE) / 2:g}, {POWER:.0%} power, noncentral t with K - 1 "
+              "degrees of freedom, at the sample standard deviation of the differences")
 METHOD = "paired t interval (Student t, K - 1 degrees of freedom, over the per-seed differences)"
 HOLDS, FAILS, INCONCLUSIVE, NOT_MEASURED = "holds", "does not hold", "inconclusive", "not measured"
 
@@ -36,6 +50,16 @@ class Interval:
     low: float | None
     high: float | None
     n: int
+    sd: float | None = None  # the sample standard deviation of the differences (None: fewer than 2, or non-finite)
+
+    @property
+    def mde(self) -> float | None:
+        """The minimum detectable effect of this comparison (module docstring); None without a measured spread."""
+        return None if self.sd is None else minimum_detectable_effect(self.sd, self.n)
+
+    def mde_text(self, digits: int = 3) -> str:
+        mde = self.mde
+        return f"{mde:.{digits}g}" if mde is not None else "no spread measured"
 
     def text(self, digits: int = 3) -> str:
         """``-4.2 [-9.1, 0.7]``, or ``-4.2 (1 seed, no interval)``."""
@@ -64,8 +88,35 @@ def paired_interval(differences: Sequence[float], confidence: float = CONFIDENCE
         return Interval(mean, values[0], values[0], n) if same_infinity and n >= 2 else Interval(mean, None, None, n)
     if n < 2:
         return Interval(mean, None, None, n)
-    half = t_quantile((1 + confidence) / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
-    return Interval(mean, mean - half, mean + half, n)
+    sd = statistics.stdev(values)
+    half = t_quantile((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n, sd)
+
+
+def standardized_mde(n: int, confidence: float = CONFIDENCE, power: float = POWER) -> float:
+    """δ / sd at which a paired t test over n seeds at one-sided level (1 − confidence) / 2 has ``power``."""
+    if n < 2:
+        raise ValueError(f"the MDE needs at least 2 seeds, got {n}")
+    from statsmodels.stats.power import TTestPower
+
+    return float(TTestPower().solve_power(effect_size=None, nobs=n, alpha=(1 - confidence) / 2, power=power,
+                                          alternative="larger"))
+
+
+def minimum_detectable_effect(sd: float, n: int, confidence: float = CONFIDENCE, power: float = POWER) -> float:
+    """The MDE of a paired comparison of n seeds whose differences spread with standard deviation ``sd``."""
+    if not (math.isfinite(sd) and sd >= 0):
+        raise ValueError(f"the spread must be finite and >= 0, got {sd}")
+    return standardized_mde(n, confidence, power) * sd
+
+
+def seeds_for_mde(sd: float, wanted: float, confidence: float = CONFIDENCE, power: float = POWER,
+                  most: int = 200) -> int | None:
+    """The fewest seeds K (>= 2) whose MDE at spread ``sd`` is at most ``wanted``; None if more than ``most``."""
+    for n in range(2, most + 1):
+        if minimum_detectable_effect(sd, n, confidence, power) <= wanted:
+            return n
+    return None
 
 
 def _non_finite_mean(values: Sequence[float]) -> float:

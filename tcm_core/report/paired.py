@@ -80,6 +80,15 @@ class FidComparison:
     def interval_text(self) -> str:
         return MISSING if self.interval is None else self.interval.text()
 
+    def mde_text(self, b_name: str = "the control") -> str:
+        """The minimum detectable effect, also as a share of arm b's mean FID (``b_name``: what arm b is)."""
+        if self.interval is None:
+            return MISSING
+        mde, reference = self.interval.mde, self.arm_mean("b")
+        if mde is None or reference is None or not math.isfinite(reference) or reference <= 0:
+            return self.interval.mde_text()
+        return f"{self.interval.mde_text()} ({mde / reference:.0%} of {b_name}'s mean FID {reference:.4g})"
+
 
 def compare_fids(results: Results, a: TrainingRun | None, b: TrainingRun | None) -> FidComparison:
     """Arm a (e.g. Stage 2) vs arm b (its control): holds if the interval of FID(a) − FID(b) lies below 0."""
