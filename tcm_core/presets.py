@@ -496,11 +496,13 @@ def check_nodes(preset: dict[str, Any], where: str) -> None:
                               "remove the key (only resources.train.nodes may exceed 1)")
 
 
-def check_preset(config: dict[str, Any], name: str, schema_path: str | Path | None = SCHEMA
-                 ) -> dict[str, TrainConfig]:
+def check_preset(config: dict[str, Any], name: str, schema_path: str | Path | None = SCHEMA,
+                 architecture: bool = True) -> dict[str, TrainConfig]:
     """Everything a job would refuse, refused now; returns the TrainConfig of each planned mode (and of the
     distillation arm's jobs, as ``distill/<mode>``). The JSON schema comes first (``schema_path``; None: already
-    checked), so the checks below see the types it declares."""
+    checked), so the checks below see the types it declares. ``architecture`` False skips building the network on
+    the meta device (the one check that loads torch): for a cluster job's Snakemake, which re-reads the config its
+    submitting Snakemake checked whole."""
     if schema_path is not None and Path(schema_path).is_file():
         problems = schema_problems(config, schema_path)
         if problems:
@@ -521,7 +523,7 @@ def check_preset(config: dict[str, Any], name: str, schema_path: str | Path | No
                           f"use a t_prime > {configs['stage2'].t_prime}")
     check_times(preset, configs["stage2"], where)
     check_releases(preset, where)
-    if preset.get("arch"):
+    if architecture and preset.get("arch"):
         check_architecture(preset["arch"], f"{where}.arch")
     return {**configs, **check_distillation(preset, configs, where)}
 
