@@ -361,6 +361,37 @@ def test_every_measured_claim_prints_its_minimum_detectable_effect(full):
     assert "MDE 0.979" in format_summary(full.report, 1.0)
 
 
+def test_stage1_at_the_split_line_reads_the_last_quarter_of_its_curve(full):
+    """Issue 28's regime line: the synthetic Stage 1 falls linearly 80 -> 40 over iterations 0-400, evaluated every
+    100, so its last 25 % (300 -> 400) improved 1-step FID by (50 − 40) / 50 = 20 %: not plateaued (limit 10 %)."""
+    from tcm_core.report.claims import stage1_at_split
+
+    regime = stage1_at_split(full.report.results)
+    assert (regime.first, regime.tail_start, regime.split) == (0, 300, 400)
+    assert regime.improvement == pytest.approx(0.2) and regime.tail_share == 0.25 and not regime.plateaued
+    line = ("Stage 1 at the split: the last 25% of its iterations (300 -> 400) improved 1-step FID by 20.0% "
+            "(50.00 -> 40.00; periodic")
+    assert line in (full.out / "tables" / "claims.md").read_text()
+    assert line in format_summary(full.report, 1.0) and "NOT plateaued" in format_summary(full.report, 1.0)
+
+
+def test_stage1_at_the_split_uses_the_last_point_before_the_tail_and_says_its_share():
+    """Points at 0, 80, ..., 400 (6 points): none at 300, so the comparison starts at 240 and says 40 %; a curve
+    flat within 10 % over it is plateaued; no curve: not measured."""
+    from tcm_core.report.claims import split_line, stage1_at_split
+    from tcm_core.report.results import Results, TrainingRun
+
+    fids = {0: 90.0, 80: 40.0, 160: 25.0, 240: 21.0, 320: 20.5, 400: 20.0}
+    run = TrainingRun("stage1:tiny:stage1", "stage1", "main", histories={"periodic/fid_1step": list(fids.items())})
+    regime = stage1_at_split(Results("tiny", [run], []))
+    assert (regime.tail_start, regime.tail_share, regime.fid_tail_start) == (240, 0.4, 21.0)
+    assert regime.improvement == pytest.approx(1 / 21) and regime.plateaued
+    assert "the last 40% of its iterations (240 -> 400) improved 1-step FID by 4.8%" in split_line(
+        Results("tiny", [run], []))
+    assert "; plateaued (limit 10%)" in split_line(Results("tiny", [run], []))
+    assert split_line(Results("tiny", [], [])).endswith("(not measured)")
+
+
 def test_claims_that_do_not_hold_are_reported(tmp_path):
     scenario = Scenario(
         stage2_final=35.0,  # worse than Stage 1 continued (30)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tcm_core.io.atomic import write_bytes_atomic
-from tcm_core.report.claims import Claim, claims, claims_table
+from tcm_core.report.claims import Claim, claims, claims_table, split_line
 from tcm_core.report.figures import FIGURE_BUILDERS, FIGURES
 from tcm_core.report.merge import CROSSCHECK_COLUMNS, collect
 from tcm_core.report.paper import PaperRow, load_paper_values
@@ -104,6 +104,7 @@ def format_summary(report: Report, seconds: float) -> str:
         for c in mismatches[:10]
     ]
     lines.append("  claims:")
+    lines.append(f"    {split_line(results)}")
     lines += [f"    {c.cid} {c.verdict} ({c.seeds} seed(s)): {c.interval}; MDE {c.mde}; {c.measured}"
               for c in report.claims]
     lines.append("  files:")

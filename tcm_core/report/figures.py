@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tcm_core.io.atomic import write_bytes_atomic
+from tcm_core.report.claims import stage1_at_split
 from tcm_core.report.measurements import (
     ablation_baseline,
     ablation_runs,
@@ -112,6 +113,10 @@ def figure_fig1b(results: Results, path: Path) -> bool:
         if curves:
             _plot_seed_mean(ax, list(curves.values()), name)
             drawn, sources = True, sources | {source}
+    regime = stage1_at_split(results)
+    if drawn and regime is not None:  # the S1 regime check: how much Stage 1 still gained before the split
+        ax.axvspan(regime.tail_start, regime.split, color="0.88", zorder=0,
+                   label=f"Stage 1's last {regime.tail_share:.0%}: 1-step FID improved {regime.improvement:.1%}")
     if drawn:
         ax.set_title(f"Fig. 1b analogue: 1-step FID vs iteration — preset {results.preset}\n"
                      f"({'; '.join(sorted(sources))})", fontsize=10)
