@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -390,6 +391,19 @@ def test_stage1_at_the_split_uses_the_last_point_before_the_tail_and_says_its_sh
         Results("tiny", [run], []))
     assert "; plateaued (limit 10%)" in split_line(Results("tiny", [run], []))
     assert split_line(Results("tiny", [], [])).endswith("(not measured)")
+
+
+def test_power_table_of_the_synthetic_study(full):
+    """S1 and S5 on the synthetic runs: sd(d) = 0.3 over 3 seeds (jitters +0.2 j and −0.1 j), MDE 0.979 at K = 3,
+    3 % of the control's 29.9: 2 seeds already reach 15 %; with σ_eval = 0.1 per arm, σ_train = sqrt(0.07)."""
+    from tcm_core.report.power import power_rows, power_table
+
+    rows = {r.claim: r for r in power_rows(full.report.results, {"S1": (0.1, 0.1)})}
+    assert set(rows) == {"S1", "S5"} and rows["S1"].seeds == 3
+    assert rows["S1"].sd_difference == pytest.approx(0.3) and rows["S1"].control_mean == pytest.approx(29.9)
+    assert rows["S1"].train_sd == pytest.approx(math.sqrt(0.07)) and rows["S5"].eval_sd is None
+    md = power_table(list(rows.values()), 1000).markdown()
+    assert "| S1 | 3 | 0.3 | 0.1, 0.1 | 0.265 | 29.9 | 0.979 (3%) | 2 | 2 |" in md, md
 
 
 def test_claims_that_do_not_hold_are_reported(tmp_path):
