@@ -415,6 +415,10 @@ def check_times(preset: dict[str, Any], stage2: TrainConfig, where: str) -> None
         if mid_t is not None and not stage2.t_min < mid_t < stage2.t_max:
             raise ConfigError(f"{key} {mid_t} is outside (t_min, t_max) = ({stage2.t_min}, {stage2.t_max})",
                               f"{where}.eval.{key}", "choose a time inside the range")
+    outside = [t for t in evaluation.get("mid_t_sweep", []) if not stage2.t_min < t < stage2.t_max]
+    if outside:
+        raise ConfigError(f"middle times {outside} are outside (t_min, t_max) = ({stage2.t_min}, {stage2.t_max})",
+                          f"{where}.eval.mid_t_sweep", "choose times inside the range")
     for key in ("dfid_ts", "dfid_ts_wide", "periodic_dfid_ts"):
         outside = [t for t in evaluation.get(key, []) if not stage2.t_min <= t <= stage2.t_max]
         if outside:

@@ -406,6 +406,32 @@ def test_power_table_of_the_synthetic_study(full):
     assert "| S1 | 3 | 0.3 | 0.1, 0.1 | 0.265 | 29.9 | 0.979 (3%) | 2 | 2 |" in md, md
 
 
+def test_mid_t_sweep_table_and_figure(tmp_path):
+    """The sweep JSONs of two arms: the table lays every middle time out as a column ("below t'" where Stage 2 was
+    not swept), names each arm's best beside its 2-step FID at eval.mid_t and its 1-step FID; the figure draws it."""
+    from tcm_core.evaluation.mid_t_sweep import SWEEP_METRIC
+
+    results = tmp_path / "results" / "tiny"
+    build_synthetic(results, scenario=Scenario(ablations=False, intermediate=False))
+    sweeps = {"stage2/main": ([1.0, 2.0, 5.0], [31.0, 27.5, 29.0], [0.5]),
+              "stage1_continued": ([0.5, 1.0, 2.0, 5.0], [33.0, 30.5, 32.0, 35.0], [])}
+    for run, (mid_ts, fids, skipped) in sweeps.items():
+        best = min(range(len(fids)), key=fids.__getitem__)
+        (results / run / "eval" / "fid_2step_sweep.json").write_text(json.dumps({
+            "metric": SWEEP_METRIC, "label": "FID (LeNet features, 1000)", "mid_ts": mid_ts, "fids": fids,
+            "skipped_below_t_prime": skipped, "best_mid_t": mid_ts[best], "best": fids[best]}))
+    build_report("tiny", results, tmp_path / "out", tracking_uri=None)
+    md = (tmp_path / "out" / "tables" / "mid_t_sweep.md").read_text()
+    assert _rows(md)[0][:5] == ["arm", "t_mid = 0.5", "t_mid = 1", "t_mid = 2", "t_mid = 5"]
+    s2 = _row(md, "Stage 2 (TCM)")
+    assert s2[1:7] == ["below t'", "31.00", "27.50", "29.00", "2", "27.50"] and s2[-1].endswith("stage2/main")
+    control = _row(md, "Stage 1 continued (control)")
+    assert control[1:7] == ["33.00", "30.50", "32.00", "35.00", "1", "30.50"]
+    assert float(control[8]) == pytest.approx(Scenario().stage1_continued_final)  # its 1-step FID beside it
+    assert _row(md, "CD Stage 2")[1] == "below t'" and _row(md, "Stage 1")[3] == _row(md, "Stage 1")[6]  # best at 2
+    _check_png(tmp_path / "out" / "figures" / "fig_mid_t_sweep.png", 5_000)
+
+
 def test_claims_that_do_not_hold_are_reported(tmp_path):
     scenario = Scenario(
         stage2_final=35.0,  # worse than Stage 1 continued (30)

@@ -244,6 +244,14 @@ def distill_targets():
     return out + seed_targets("all", [r for r in SEEDED_RUNS if grid_of(r) == "distill"])
 
 
+def mid_t_sweep_targets():
+    """The 2-step middle-time sweep of each arm's final networks (seed 0): the main arms and the distillation
+    arm's (eval.mid_t_sweep; none when it is empty)."""
+    if not EVAL.get("mid_t_sweep"):
+        return []
+    return [f"{RESULTS}/{run}/eval/fid_2step_sweep.json" for run in main_runs() + DISTILL_RUNS]
+
+
 def release_targets():
     """The evaluations of every release: its FIDs at its NFEs (the paper's protocol: eval.num samples, min over
     eval.seeds) and its dFID sweep at eval.dfid_ts."""
