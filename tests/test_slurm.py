@@ -184,7 +184,7 @@ def test_profile_covers_every_remote_rule():
         proc = subprocess.run(snakemake_cmd("--list-rules", "--config", f"preset={preset}", kill_after=120),
                               cwd=REPO, env=job_env(), capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        rules |= {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}
+        rules |= {line.split()[0] for line in proc.stdout.splitlines() if line[:1].strip()}  # docstrings indent
     assert {"cd_stage1", "cd_stage1_continued", "cd_stage2"} <= rules
     local = {"all", "all_ablations", "all_distillation", "mlflow_init", "fetch_checkpoint", "fetch_dataset",
              "fetch_teacher", "paper_tables", "release_check", "released_table", "released_tables"}
@@ -388,7 +388,7 @@ def test_ci_all_runs_every_job_on_slurm(runs):
     everything = subprocess.run(snakemake_cmd("all", *plan, "-n", "--forceall", kill_after=120), cwd=run.work,
                                 env=job_env(TCM_SLURM_PARTITION=PARTITION), capture_output=True, text=True)
     assert everything.returncode == 0, everything.stderr[-3000:]
-    assert set(planned_jobs(everything.stdout + everything.stderr)[0]) == set(submitted)
+    assert set(planned_jobs(everything.stdout + everything.stderr)[0]) - {"all", "mlflow_init"} == set(submitted)
     # the MLflow server holds one finished child run per tracked job, with the job's metrics
     _, children = _mlflow_children(runs["server"], run.experiment)
     by_rule: dict[str, list] = {}

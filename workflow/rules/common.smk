@@ -24,7 +24,9 @@ def checked_config(cfg):
         raise problems[0]
     validate(cfg, schema="../schemas/config.schema.yaml")
     # a cluster job's Snakemake (remote mode) re-reads the config its submitting Snakemake checked whole
-    return presets.check_preset(cfg, cfg["preset"], schema_path=None, architecture=not workflow.remote_exec)
+    return presets.check_preset(
+        cfg, cfg["preset"], schema_path=None, architecture=not workflow.remote_exec
+    )
 
 
 try:
