@@ -415,6 +415,10 @@ def check_times(preset: dict[str, Any], stage2: TrainConfig, where: str) -> None
         if mid_t is not None and not stage2.t_min < mid_t < stage2.t_max:
             raise ConfigError(f"{key} {mid_t} is outside (t_min, t_max) = ({stage2.t_min}, {stage2.t_max})",
                               f"{where}.eval.{key}", "choose a time inside the range")
+    outside = [t for t in evaluation.get("mid_t_sweep", []) if not stage2.t_min < t < stage2.t_max]
+    if outside:
+        raise ConfigError(f"middle times {outside} are outside (t_min, t_max) = ({stage2.t_min}, {stage2.t_max})",
+                          f"{where}.eval.mid_t_sweep", "choose times inside the range")
     for key in ("dfid_ts", "dfid_ts_wide", "periodic_dfid_ts"):
         outside = [t for t in evaluation.get(key, []) if not stage2.t_min <= t <= stage2.t_max]
         if outside:
@@ -496,11 +500,13 @@ def check_nodes(preset: dict[str, Any], where: str) -> None:
                               "remove the key (only resources.train.nodes may exceed 1)")
 
 
-def check_preset(config: dict[str, Any], name: str, schema_path: str | Path | None = SCHEMA
-                 ) -> dict[str, TrainConfig]:
+def check_preset(config: dict[str, Any], name: str, schema_path: str | Path | None = SCHEMA,
+                 architecture: bool = True) -> dict[str, TrainConfig]:
     """Everything a job would refuse, refused now; returns the TrainConfig of each planned mode (and of the
     distillation arm's jobs, as ``distill/<mode>``). The JSON schema comes first (``schema_path``; None: already
-    checked), so the checks below see the types it declares."""
+    checked), so the checks below see the types it declares. ``architecture`` False skips building the network on
+    the meta device (the one check that loads torch): for a cluster job's Snakemake, which re-reads the config its
+    submitting Snakemake checked whole."""
     if schema_path is not None and Path(schema_path).is_file():
         problems = schema_problems(config, schema_path)
         if problems:
@@ -521,7 +527,7 @@ def check_preset(config: dict[str, Any], name: str, schema_path: str | Path | No
                           f"use a t_prime > {configs['stage2'].t_prime}")
     check_times(preset, configs["stage2"], where)
     check_releases(preset, where)
-    if preset.get("arch"):
+    if architecture and preset.get("arch"):
         check_architecture(preset["arch"], f"{where}.arch")
     return {**configs, **check_distillation(preset, configs, where)}
 

@@ -15,15 +15,19 @@ of the same seed share latent and class.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where it is used: config validation reads SEED_STRIDE without it
+    import torch
+    from torch import nn
 
 SEED_STRIDE = 1_000_000  # images per seed set; seed sets k and k+1 never share a generator seed
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats -> uint8 as EDM quantises for FID: (x·127.5 + 128).clip(0, 255), truncated."""
+    import torch
+
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
@@ -48,6 +52,8 @@ def generate(
     ``step_noise[i]`` is the noise added before step i+1 (default: ``torch.randn_like``). The net runs in eval
     mode under no_grad; its previous train/eval mode is restored afterwards.
     """
+    import torch
+
     steps = _check_steps(steps)
     if step_noise is not None and len(step_noise) != len(steps) - 1:
         raise ValueError(f"step_noise must hold len(steps) - 1 = {len(steps) - 1} tensors, got {len(step_noise)}")
@@ -70,6 +76,8 @@ def generate(
 def _image_noise(
     index: int, seed: int, shape: tuple[int, ...], label_dim: int, random_label: bool, num_extra_steps: int
 ) -> tuple[torch.Tensor, int | None, list[torch.Tensor]]:
+    import torch
+
     generator = torch.Generator().manual_seed(seed * SEED_STRIDE + index)
     latent = torch.randn(shape, generator=generator)
     label = int(torch.randint(label_dim, (1,), generator=generator)) if random_label else None
@@ -91,6 +99,8 @@ def sample_batches(
     ``class_labels``: "random" (a uniform class per image if the net is conditional, else none), None (no labels),
     an int (that class for every image), or ``num`` class indices.
     """
+    import torch
+
     steps = _check_steps(steps)
     if num < 0 or num > SEED_STRIDE:
         raise ValueError(f"num must be in [0, {SEED_STRIDE}], got {num}")

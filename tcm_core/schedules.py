@@ -22,9 +22,12 @@ Curriculum (ECT, used unchanged by TCM)
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported inside the functions that use it: the workflow reads T_MIN / T_MAX and
+    import torch  # validates configs without loading torch (about 1.5 s of every Snakemake start and SLURM job)
 
 T_MAX = 80.0  # T: EDM's sigma_max, where 1-step generation starts and every time range ends
 T_MIN = 0.002  # EDM's sigma_min: the lower end of Stage 1's time range
@@ -40,6 +43,8 @@ def largest_time_below(t: float) -> float:
 
 def time_dtype(device: torch.device) -> torch.dtype:
     """The dtype of sampled times t, s and Δt: float64, except on MPS (no float64 there)."""
+    import torch
+
     return torch.float32 if device.type == "mps" else torch.float64
 
 
@@ -50,8 +55,63 @@ def _check_range(t_min: float, t_max: float) -> None:
         raise ValueError(f"t_max must be finite and > t_min ({t_min}), got {t_max}")
 
 
+def _quantile(p, inner):
+    """``inner`` on (0, 1); −∞ at 0 and +∞ at 1 (the support's ends, as scipy.stats answers); NaN outside."""
+    p = np.asarray(p, dtype=np.float64)
+    inside = (p > 0) & (p < 1)
+    ends = np.where(p == 0, -np.inf, np.where(p == 1, np.inf, np.nan))
+    return np.where(inside, inner(np.where(inside, p, 0.5)), ends)
+
+
+class _StandardNormal:
+    """Z ~ N(0, 1): scipy.stats.norm's functions, called as scipy.stats calls them (the same numbers), from
+    scipy.special: importing scipy.stats would cost about a second of every training job and Snakemake start."""
+
+    def __init__(self) -> None:
+        from scipy import special
+
+        self._special = special
+
+    def cdf(self, z):
+        return self._special.ndtr(z)
+
+    def sf(self, z):
+        return self._special.ndtr(-np.asarray(z))
+
+    def ppf(self, p):
+        return _quantile(p, self._special.ndtri)
+
+    def isf(self, p):
+        return -self.ppf(p)
+
+    def pdf(self, z):
+        return np.exp(-np.asarray(z) ** 2 / 2.0) / np.sqrt(2 * np.pi)
+
+
+class _StandardStudentT(_StandardNormal):
+    """Z ~ Student-t with ``nu`` degrees of freedom: scipy.stats.t's functions, as scipy.stats calls them."""
+
+    def __init__(self, nu: float) -> None:
+        super().__init__()
+        self.nu = float(nu)
+
+    def cdf(self, z):
+        return self._special.stdtr(self.nu, z)
+
+    def sf(self, z):
+        return self._special.stdtr(self.nu, -np.asarray(z))
+
+    def ppf(self, p):
+        return _quantile(p, lambda inside: self._special.stdtrit(self.nu, inside))
+
+    def pdf(self, z):
+        from scipy import stats  # the density is only drawn (figures), never sampled from
+
+        return stats.t.pdf(z, self.nu)
+
+
 class _TruncatedLogDistribution:
-    """ln t = loc + scale·Z, Z ~ ``base`` (a standard scipy distribution), truncated to [ln t_min, ln t_max]."""
+    """ln t = loc + scale·Z, Z ~ ``base`` (a standard distribution above), truncated to [ln t_min, ln t_max]."""
 
     def __init__(self, base, loc: float, scale: float, t_min: float, t_max: float) -> None:
         _check_range(t_min, t_max)
@@ -75,7 +135,7 @@ class _TruncatedLogDistribution:
                 f"the distribution has no probability mass on [t_min, t_max] = [{t_min}, {t_max}] "
                 "(in float64); move the range towards the distribution's centre"
             )
-        self._table_v, self._table_x = self._build_table()
+        self._table: tuple[np.ndarray, np.ndarray] | None = None  # built on the first draw (a config check draws none)
         self._device_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- exact functions in z = (ln t − loc)/scale, v = normalised probability in [0, 1] ----
@@ -94,6 +154,12 @@ class _TruncatedLogDistribution:
         else:
             z = self._base.ppf(self._pa + v * self._mass)
         return np.clip(z, self._za, self._zb)
+
+    def table(self) -> tuple[np.ndarray, np.ndarray]:
+        """The knots (v, ln t) of the tabulated F⁻¹ that :meth:`sample` interpolates, built once."""
+        if self._table is None:
+            self._table = self._build_table()
+        return self._table
 
     def _build_table(self) -> tuple[np.ndarray, np.ndarray]:
         v_grid = np.linspace(0.0, 1.0, TABLE_POINTS)
@@ -138,6 +204,8 @@ class _TruncatedLogDistribution:
     # ---- sampling on the torch device ----
     def icdf_table(self, u: torch.Tensor) -> torch.Tensor:
         """The tabulated quantile function used by :meth:`sample` (float64 in, float64 t out, same device)."""
+        import torch
+
         table_v, table_x = self._tables(u.device)
         u = u.to(table_v.dtype).clamp(0.0, 1.0)
         hi = torch.searchsorted(table_v, u, right=True).clamp(1, table_v.numel() - 1)
@@ -153,18 +221,20 @@ class _TruncatedLogDistribution:
         Times stay in float64 through s = t − Δt and the weights, as in the official code; they are cast to
         float32 only where they enter the network. (In float32, at ratio 0.999, Δt moves by up to ~6e-5 relative.)
         """
+        import torch
+
         device = torch.device(device) if device is not None else torch.device("cpu")
         u = torch.rand(n, device=device, dtype=time_dtype(device))
         return self.icdf_table(u)
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         key = str(device)
         if key not in self._device_tables:
             dtype = time_dtype(device)
-            self._device_tables[key] = (
-                torch.as_tensor(self._table_v, dtype=dtype, device=device),
-                torch.as_tensor(self._table_x, dtype=dtype, device=device),
-            )
+            v, x = (torch.as_tensor(knots, dtype=dtype, device=device) for knots in self.table())
+            self._device_tables[key] = (v, x)
         return self._device_tables[key]
 
 
@@ -178,9 +248,7 @@ class TruncatedLogNormal(_TruncatedLogDistribution):
             raise ValueError(f"mean must be finite, got {mean}")
         self.mean = float(mean)
         self.std = float(std)
-        from scipy import stats  # here, not at import: an evaluation job never draws times (1.3 s saved)
-
-        super().__init__(stats.norm, mean, std, t_min, t_max)
+        super().__init__(_StandardNormal(), mean, std, t_min, t_max)
 
     def __repr__(self) -> str:
         return f"TruncatedLogNormal(mean={self.mean}, std={self.std}, t_min={self.t_min}, t_max={self.t_max})"
@@ -199,9 +267,7 @@ class TruncatedLogStudentT(_TruncatedLogDistribution):
         self.mu = float(mu)
         self.sigma = float(sigma)
         self.nu = float(nu)
-        from scipy import stats
-
-        super().__init__(stats.t(self.nu), mu, sigma, t_min, t_max)
+        super().__init__(_StandardStudentT(self.nu), mu, sigma, t_min, t_max)
 
     def __repr__(self) -> str:
         return (
@@ -232,6 +298,8 @@ def _check_ratio(ratio: float) -> None:
 
 def delta_t(t: torch.Tensor, ratio: float) -> torch.Tensor:
     """Δt = t·(1 − ratio)·(1 + 8·sigmoid(−t)) (ECT's 'sigmoid' mapping, k = 8, b = 1)."""
+    import torch
+
     _check_ratio(ratio)
     return t * (1.0 - ratio) * (1.0 + 8.0 * torch.sigmoid(-t))
 

@@ -202,7 +202,26 @@ def build_synthetic(root: Path, preset: str = "tiny", scenario: Scenario | None 
             spec.evals.append(data)
             spec.eval_names.append("dfid")
         _write_dfid_tprime(spec, scenario, root)
+        _write_mid_t_sweep(spec)
     return specs
+
+
+SWEEP_MID_TS = (0.5, 1.0, 2.0, 5.0)
+
+
+def _write_mid_t_sweep(spec: RunSpec) -> None:
+    """The 2-step middle-time sweep of seed 0 of each main and distillation arm (Stage 3 has none): a parabola
+    in ln t_mid around 2, at the run's 2-step FID; a truncated network is not swept below its t'."""
+    if "/seed~" in spec.run_key or spec.grid not in ("main", "distill") or spec.stage == "stage3":
+        return
+    t_prime = spec.params.get("t_prime") if spec.stage == "stage2" else None
+    swept = [m for m in SWEEP_MID_TS if t_prime is None or m >= t_prime]
+    fids = [spec.final_fid * 0.8 * (1 + 0.05 * math.log(m / 2.0) ** 2) for m in swept]
+    best = min(range(len(fids)), key=fids.__getitem__)
+    (spec.folder / "eval" / "fid_2step_sweep.json").write_text(json.dumps({
+        "metric": "fid_2step_sweep", "label": LABEL, "mid_ts": swept, "fids": fids,
+        "skipped_below_t_prime": [m for m in SWEEP_MID_TS if m not in swept], "best_mid_t": swept[best],
+        "best": fids[best]}))
 
 
 def _write_dfid_tprime(spec: RunSpec, scenario: Scenario, root: Path) -> None:

@@ -129,3 +129,23 @@ def test_seeds_for_a_wanted_mde_is_the_smallest_that_reaches_it():
         standardized_mde(1)
     with pytest.raises(ValueError):
         minimum_detectable_effect(math.nan, 3)
+
+
+# ---------------------------------------------------------------------------------------- power analysis (S1, S5)
+def test_power_row_splits_the_spread_and_projects_more_images():
+    """sd(d) = 0.5 over K = 3 with σ_a = 0.3, σ_b = 0.2 (measured over sampling seeds): σ_train² = 0.25 − 0.09 −
+    0.04 = 0.12; 4x the images quarter the evaluation variances: sd² = 0.12 + 0.13 / 4 = 0.1525. The K for an MDE of
+    15 % of a control FID of 4 (0.6) is the smallest K whose noncentral-t power at 0.6 reaches 80 % (scipy)."""
+    from tcm_core.report.power import PowerRow, evaluation_sd
+
+    row = PowerRow("S1", 3, 0.5, 4.0, (0.3, 0.2))
+    assert row.train_sd == pytest.approx(math.sqrt(0.12)) and row.projected_sd(4.0) == pytest.approx(math.sqrt(0.1525))
+    assert row.mde == pytest.approx(3.2640 * 0.5, abs=1e-4)
+    for scale, sd in ((1.0, 0.5), (4.0, math.sqrt(0.1525))):
+        k = row.seeds_needed(0.15, scale)
+        assert _power_by_hand(0.6, sd, k) >= 0.8 > _power_by_hand(0.6, sd, k - 1), (scale, k)
+    assert PowerRow("S1", 3, 0.1, 4.0, (0.3, 0.2)).train_sd == 0.0  # evaluation noise explains it all
+    assert PowerRow("S1", 3, 0.5, 4.0, None).projected_sd(4.0) == 0.5  # no evaluation spread: nothing to project
+    assert evaluation_sd([10.0, 12.0, 14.0]) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        evaluation_sd([10.0])

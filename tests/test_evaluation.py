@@ -210,3 +210,39 @@ def test_lenet_pipeline_through_cli(tmp_path):
     run_cli(["evaluate", "grid", "--ckpt", str(ckpt), "--steps", "80", "--num", "10", "--out",
              str(tmp_path / "g.png"), "--device", "cpu"], env)
     assert Image.open(tmp_path / "g.png").size == (64, 48)  # 4 columns x 3 rows of 16x16
+
+
+# ---------------------------------------------------------------------------------------------------
+# The 2-step middle-time sweep (issue 28)
+# ---------------------------------------------------------------------------------------------------
+def test_mid_t_sweep_skips_below_t_prime_and_each_point_is_the_fid_command(lenet_world, tmp_path):
+    """A Stage-2 network (t' = 1 in its provenance) is swept from t' on: 0.5 is recorded as skipped; every point
+    equals `evaluate fid --steps 80,t_mid` on the same seed sets; the best is the lowest. A Stage-1 network is
+    swept everywhere."""
+    from tcm_core.cli import main
+    from tcm_core.io.network_files import save_network
+
+    [ref] = list((lenet_world["root"] / "cache" / "ref-stats").glob("*.npz"))
+    common = ["--num", "16", "--seeds", "2", "--extractor", "lenet", "--feature-net",
+              str(lenet_world["root"] / "lenet.pt"), "--ref-stats", str(ref), "--device", "cpu", "--no-progress"]
+    stage2 = tmp_path / "stage2.safetensors"
+    save_network(micro_network(3), stage2, iteration=800, provenance={"mode": "stage2", "config": {"t_prime": 1.0}})
+    out = tmp_path / "sweep.json"
+    assert main(["evaluate", "mid-t-sweep", "--ckpt", str(stage2), "--mid-ts", "2,0.5,1", "--out", str(out),
+                 *common]) == 0
+    record = json.loads(out.read_text())
+    assert record["mid_ts"] == [1.0, 2.0] and record["skipped_below_t_prime"] == [0.5] and record["t_prime"] == 1.0
+    for mid_t, fid in zip(record["mid_ts"], record["fids"]):
+        one = tmp_path / f"fid_{mid_t:g}.json"
+        assert main(["evaluate", "fid", "--ckpt", str(stage2), "--steps", f"80,{mid_t:g}", "--out", str(one),
+                     *common]) == 0
+        assert json.loads(one.read_text())["min"] == pytest.approx(fid, rel=1e-9)
+    assert record["best"] == min(record["fids"]) and record["fids"][record["mid_ts"].index(record["best_mid_t"])] \
+        == record["best"]
+    stage1 = tmp_path / "stage1.safetensors"
+    save_network(micro_network(3), stage1, iteration=400, provenance={"mode": "stage1", "config": {"t_prime": None}})
+    assert main(["evaluate", "mid-t-sweep", "--ckpt", str(stage1), "--mid-ts", "0.5,1", "--out", str(out),
+                 *common]) == 0
+    assert json.loads(out.read_text())["skipped_below_t_prime"] == []
+    assert main(["evaluate", "mid-t-sweep", "--ckpt", str(stage2), "--mid-ts", "0.5", "--out", str(out),
+                 *common]) == 2  # nothing at or above t': one line, the config error's exit code

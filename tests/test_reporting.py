@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -359,6 +360,76 @@ def test_every_measured_claim_prints_its_minimum_detectable_effect(full):
     md = (full.out / "tables" / "claims.md").read_text()
     assert MDE_COLUMN in _rows(md)[0] and "minimum detectable effect" in md
     assert "MDE 0.979" in format_summary(full.report, 1.0)
+
+
+def test_stage1_at_the_split_line_reads_the_last_quarter_of_its_curve(full):
+    """Issue 28's regime line: the synthetic Stage 1 falls linearly 80 -> 40 over iterations 0-400, evaluated every
+    100, so its last 25 % (300 -> 400) improved 1-step FID by (50 − 40) / 50 = 20 %: not plateaued (limit 10 %)."""
+    from tcm_core.report.claims import stage1_at_split
+
+    regime = stage1_at_split(full.report.results)
+    assert (regime.first, regime.tail_start, regime.split) == (0, 300, 400)
+    assert regime.improvement == pytest.approx(0.2) and regime.tail_share == 0.25 and not regime.plateaued
+    line = ("Stage 1 at the split: the last 25% of its iterations (300 -> 400) improved 1-step FID by 20.0% "
+            "(50.00 -> 40.00; periodic")
+    assert line in (full.out / "tables" / "claims.md").read_text()
+    assert line in format_summary(full.report, 1.0) and "NOT plateaued" in format_summary(full.report, 1.0)
+
+
+def test_stage1_at_the_split_uses_the_last_point_before_the_tail_and_says_its_share():
+    """Points at 0, 80, ..., 400 (6 points): none at 300, so the comparison starts at 240 and says 40 %; a curve
+    flat within 10 % over it is plateaued; no curve: not measured."""
+    from tcm_core.report.claims import split_line, stage1_at_split
+    from tcm_core.report.results import Results, TrainingRun
+
+    fids = {0: 90.0, 80: 40.0, 160: 25.0, 240: 21.0, 320: 20.5, 400: 20.0}
+    run = TrainingRun("stage1:tiny:stage1", "stage1", "main", histories={"periodic/fid_1step": list(fids.items())})
+    regime = stage1_at_split(Results("tiny", [run], []))
+    assert (regime.tail_start, regime.tail_share, regime.fid_tail_start) == (240, 0.4, 21.0)
+    assert regime.improvement == pytest.approx(1 / 21) and regime.plateaued
+    assert "the last 40% of its iterations (240 -> 400) improved 1-step FID by 4.8%" in split_line(
+        Results("tiny", [run], []))
+    assert "; plateaued (limit 10%)" in split_line(Results("tiny", [run], []))
+    assert split_line(Results("tiny", [], [])).endswith("(not measured)")
+
+
+def test_power_table_of_the_synthetic_study(full):
+    """S1 and S5 on the synthetic runs: sd(d) = 0.3 over 3 seeds (jitters +0.2 j and −0.1 j), MDE 0.979 at K = 3,
+    3 % of the control's 29.9: 2 seeds already reach 15 %; with σ_eval = 0.1 per arm, σ_train = sqrt(0.07)."""
+    from tcm_core.report.power import power_rows, power_table
+
+    rows = {r.claim: r for r in power_rows(full.report.results, {"S1": (0.1, 0.1)})}
+    assert set(rows) == {"S1", "S5"} and rows["S1"].seeds == 3
+    assert rows["S1"].sd_difference == pytest.approx(0.3) and rows["S1"].control_mean == pytest.approx(29.9)
+    assert rows["S1"].train_sd == pytest.approx(math.sqrt(0.07)) and rows["S5"].eval_sd is None
+    md = power_table(list(rows.values()), 1000).markdown()
+    assert "| S1 | 3 | 0.3 | 0.1, 0.1 | 0.265 | 29.9 | 0.979 (3%) | 2 | 2 |" in md, md
+
+
+def test_mid_t_sweep_table_and_figure(tmp_path):
+    """The sweep JSONs of two arms: the table lays every middle time out as a column ("below t'" where Stage 2 was
+    not swept), names each arm's best beside its 2-step FID at eval.mid_t and its 1-step FID; the figure draws it."""
+    from tcm_core.evaluation.mid_t_sweep import SWEEP_METRIC
+
+    results = tmp_path / "results" / "tiny"
+    build_synthetic(results, scenario=Scenario(ablations=False, intermediate=False))
+    sweeps = {"stage2/main": ([1.0, 2.0, 5.0], [31.0, 27.5, 29.0], [0.5]),
+              "stage1_continued": ([0.5, 1.0, 2.0, 5.0], [33.0, 30.5, 32.0, 35.0], [])}
+    for run, (mid_ts, fids, skipped) in sweeps.items():
+        best = min(range(len(fids)), key=fids.__getitem__)
+        (results / run / "eval" / "fid_2step_sweep.json").write_text(json.dumps({
+            "metric": SWEEP_METRIC, "label": "FID (LeNet features, 1000)", "mid_ts": mid_ts, "fids": fids,
+            "skipped_below_t_prime": skipped, "best_mid_t": mid_ts[best], "best": fids[best]}))
+    build_report("tiny", results, tmp_path / "out", tracking_uri=None)
+    md = (tmp_path / "out" / "tables" / "mid_t_sweep.md").read_text()
+    assert _rows(md)[0][:5] == ["arm", "t_mid = 0.5", "t_mid = 1", "t_mid = 2", "t_mid = 5"]
+    s2 = _row(md, "Stage 2 (TCM)")
+    assert s2[1:7] == ["below t'", "31.00", "27.50", "29.00", "2", "27.50"] and s2[-1].endswith("stage2/main")
+    control = _row(md, "Stage 1 continued (control)")
+    assert control[1:7] == ["33.00", "30.50", "32.00", "35.00", "1", "30.50"]
+    assert float(control[8]) == pytest.approx(Scenario().stage1_continued_final)  # its 1-step FID beside it
+    assert _row(md, "CD Stage 2")[1] == "below t'" and _row(md, "Stage 1")[3] == _row(md, "Stage 1")[6]  # best at 2
+    _check_png(tmp_path / "out" / "figures" / "fig_mid_t_sweep.png", 5_000)
 
 
 def test_claims_that_do_not_hold_are_reported(tmp_path):

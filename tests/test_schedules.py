@@ -183,3 +183,39 @@ def test_delta_t_formula_and_r_clamp():
 def test_curriculum_invalid_arguments(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         curriculum_ratio(0, **kwargs)
+
+
+# ---------------------------------------------------------------- the standard distributions without scipy.stats
+@pytest.mark.parametrize("nu", [None, 0.01, 2.0, 10000.0])
+def test_standard_distributions_equal_scipy_stats_to_the_bit(nu):
+    """The truncations call scipy.special as scipy.stats does (so a job never imports scipy.stats): every
+    function equals scipy.stats' own, bit for bit, on both tails and at the ends of [0, 1]."""
+    from tcm_core.schedules import _StandardNormal, _StandardStudentT
+
+    ours, theirs = (_StandardNormal(), stats.norm) if nu is None else (_StandardStudentT(nu), stats.t(nu))
+    z = np.concatenate([-np.geomspace(1e-3, 1e4, 200), [0.0], np.geomspace(1e-3, 1e4, 200)])
+    p = np.concatenate([[0.0], np.geomspace(1e-300, 0.5, 200), 1 - np.geomspace(1e-16, 0.5, 200), [1.0]])
+    for name, x in (("cdf", z), ("sf", z), ("pdf", z), ("ppf", p), ("isf", p)):
+        np.testing.assert_array_equal(getattr(ours, name)(x), getattr(theirs, name)(x), err_msg=name)
+        assert float(getattr(ours, name)(float(x[7]))) == float(getattr(theirs, name)(float(x[7]))), name
+
+
+def test_config_checks_load_neither_torch_nor_scipy_stats():
+    """Checking a preset (what the workflow does at every start) imports neither; only the architecture check,
+    which a cluster job's Snakemake skips (``architecture=False``), loads torch."""
+    import subprocess
+    import sys
+
+    from tcm_core.presets import SCHEMA
+
+    def loaded(architecture: bool) -> str:
+        code = ("import sys; from tcm_core import presets\n"
+                "for name in ('ci', 'tiny', 'cifar10'):\n"
+                "    cfg = presets.read_yaml('config.yaml'); cfg['preset'] = name\n"
+                f"    presets.check_preset(cfg, name, architecture={architecture})\n"
+                "print(sorted(m for m in ('torch', 'scipy.stats') if m in sys.modules))")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              cwd=SCHEMA.parents[2]).stdout.strip()
+
+    assert loaded(False) == "[]"
+    assert loaded(True) == "['torch']"

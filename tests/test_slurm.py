@@ -2,7 +2,8 @@
 
 Three workflow runs go through the very profile users get, concurrently on one cluster (so the whole
 module stays within a few minutes on 2 cores), each in its own copy of the checkout:
-  main     the ci preset's `all` target; every job must be a SLURM job, GPU rules with GPU flags, and the
+  main     the slice of the ci preset's `all` that runs every kind of its jobs once (CI_SLICE, as
+           tests/test_workflow_run.py); every job must be a SLURM job, GPU rules with GPU flags, and the
            outputs and the MLflow server's store complete;
   preempt  stage 1 with more iterations; its running job is `scancel`ed after it saved a state, and the
            profile's retry must resume from that state;
@@ -49,6 +50,7 @@ from slurm_helpers import (
     wait_sacct_final,
 )
 from training_helpers import load_weights, make_small_mnist, save_micro_checkpoint
+from workflow_helpers import CI_SLICE
 
 pytestmark = pytest.mark.slow
 
@@ -182,7 +184,7 @@ def test_profile_covers_every_remote_rule():
         proc = subprocess.run(snakemake_cmd("--list-rules", "--config", f"preset={preset}", kill_after=120),
                               cwd=REPO, env=job_env(), capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        rules |= {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}
+        rules |= {line.split()[0] for line in proc.stdout.splitlines() if line[:1].strip()}  # docstrings indent
     assert {"cd_stage1", "cd_stage1_continued", "cd_stage2"} <= rules
     local = {"all", "all_ablations", "all_distillation", "mlflow_init", "fetch_checkpoint", "fetch_dataset",
              "fetch_teacher", "paper_tables", "release_check", "released_table", "released_tables"}
@@ -226,13 +228,14 @@ class Run:
     """One Snakemake process through profiles/slurm (or, slurm=False, a plain local run) in its own copy of the
     checkout."""
 
-    def __init__(self, name: str, base: Path, server: MlflowServer, target: str, ci: dict,
+    def __init__(self, name: str, base: Path, server: MlflowServer, target: str | tuple[str, ...], ci: dict,
                  extra: tuple[str, ...] = (), slurm: bool = True) -> None:
         self.name = name
         self.work = copy_workflow(base / name)
         self.experiment = f"tcm-ci-{name}"
         config = _write_config(self.work, ci)
-        common = [target, "--configfile", str(config), "--config", "preset=ci", f"tracking_uri={server.uri}",
+        targets = [target] if isinstance(target, str) else list(target)
+        common = [*targets, "--configfile", str(config), "--config", "preset=ci", f"tracking_uri={server.uri}",
                   f"experiment={self.experiment}", f"study=ci-{name}", *extra]
         self.args = (["--profile", "profiles/slurm", *common, *STATUS_TIMING, "--verbose"] if slurm
                      else [*common, "--cores", "1"])
@@ -291,7 +294,7 @@ def runs(cluster):
     bad_data = base / "not-a-dataset.zip"
     bad_data.write_bytes(b"this is not a zip archive\n")
     started = time.monotonic()
-    main = Run("main", base, server, "all", {"resources": gpu})
+    main = Run("main", base, server, CI_SLICE, {"resources": gpu})
     # Enough iterations that stage 1 runs for a while after its first saved state.
     stage1_start = 0  # Stage 1 restarts the global counter: its init (the pretraining) is a diffusion model
     preempt = Run("preempt", base, server, "results/ci/stage1/network.safetensors",
@@ -380,6 +383,12 @@ def test_ci_all_runs_every_job_on_slurm(runs):
     dry = subprocess.run(snakemake_cmd(*[a for a in run.args if a != "--verbose"], "-n", kill_after=120),
                          cwd=run.work, env=job_env(TCM_SLURM_PARTITION=PARTITION), capture_output=True, text=True)
     assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
+    # the slice ran every rule that `all` runs as a SLURM job (the same profile plans `all` from scratch)
+    plan = [a for a in run.args if a not in {"--verbose", *CI_SLICE}]
+    everything = subprocess.run(snakemake_cmd("all", *plan, "-n", "--forceall", kill_after=120), cwd=run.work,
+                                env=job_env(TCM_SLURM_PARTITION=PARTITION), capture_output=True, text=True)
+    assert everything.returncode == 0, everything.stderr[-3000:]
+    assert set(planned_jobs(everything.stdout + everything.stderr)[0]) - {"all", "mlflow_init"} == set(submitted)
     # the MLflow server holds one finished child run per tracked job, with the job's metrics
     _, children = _mlflow_children(runs["server"], run.experiment)
     by_rule: dict[str, list] = {}

@@ -148,7 +148,8 @@ def test_paper_tables_trains_three_seeds_of_the_claim_bearing_arms(tiny_paper_ta
     from the one CD Stage 1, claim S5), and the intermediate arm (claim S6) get seeds 1 and 2 in R/seed~j."""
     out = tiny_paper_tables
     counts = job_counts(out)
-    assert sum(counts.values()) == 125  # 106 before the intermediate arm (3 + 6 training, 6 fid, 4 dfid jobs)
+    # 106 before the intermediate arm (3 + 6 training, 6 fid, 4 dfid jobs), 125 before the middle-time sweeps (6)
+    assert sum(counts.values()) == 131
     assert (counts["stage1"], counts["stage1_continued"], counts["stage2"]) == (1, 1 + 2, 15 + 2 * (1 + 5))
     assert (counts["cd_stage1"], counts["cd_stage1_continued"], counts["cd_stage2"]) == (1, 1 + 2, 1 + 2)
     assert (counts["intermediate"], counts["intermediate_stage2"]) == (1 + 2, 2 * (1 + 2))
@@ -199,6 +200,21 @@ def _keys(line: str) -> dict[str, str]:
     """The key=value settings of a train command line (shell-quoted ones included)."""
     words = shlex.split(line.split(" tcm_core train ", 1)[1].split(" > ", 1)[0])
     return dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+
+
+def test_paper_tables_sweeps_the_middle_time_of_each_arm(tiny_paper_tables):
+    """One `evaluate mid-t-sweep` per main and distillation arm (seed 0), at tiny's eval.mid_t_sweep, on the arm's
+    final network, with the FID protocol of its fid jobs; the tables job reads every sweep."""
+    out = tiny_paper_tables
+    assert job_counts(out)["mid_t_sweep"] == 6
+    r = "results/tiny"
+    for run in ("stage1", "stage1_continued", "stage2/main", "distill/stage1", "distill/stage1_continued",
+                "distill/stage2"):
+        [line] = [x for x in out.splitlines() if f"--out {r}/{run}/eval/fid_2step_sweep.json" in x]
+        assert f"evaluate mid-t-sweep --ckpt {r}/{run}/network.safetensors --mid-ts 0.3,0.6,1,1.5,2,3,5,10 " in line
+        assert "--num 1000 --seeds 1 --extractor lenet" in line and f"--run-key mid_t_sweep:tiny:{run}:sweep" in line
+    tables_inputs = out.split("rule tables:")[1].split("input:")[1].split("\n")[0]
+    assert tables_inputs.count("fid_2step_sweep.json") == 6, tables_inputs
 
 
 def test_intermediate_arm_is_wired_to_the_finetuned_boundary(tiny_paper_tables):

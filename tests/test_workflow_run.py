@@ -14,21 +14,12 @@ from pathlib import Path
 import pytest
 
 from tcm_core.tracking.tracker import read_metrics
-from tests.workflow_helpers import SNAKEMAKE, env, job_counts, make_workdir, snakemake, write_overlay
+from tests.workflow_helpers import CI_SLICE, SNAKEMAKE, env, job_counts, make_workdir, snakemake, write_overlay
 
 pytestmark = pytest.mark.slow
 
 R = "results/ci"
-# A slice of `all` that still runs every kind of job once (CI time): data, LeNet, reference stats,
-# pretraining, Stage 1, the control, Stage 2, FID 1/2-step, dFID and a sample grid.
-TARGETS = [
-    f"{R}/stage2/main/eval/fid_1step.json",
-    f"{R}/stage2/main/eval/fid_2step.json",
-    f"{R}/stage2/main/eval/dfid.json",
-    f"{R}/stage2/main/eval/grid_2step.png",
-    f"{R}/stage1_continued/eval/fid_1step.json",
-    f"{R}/stage1/eval/fid_1step.json",
-]
+TARGETS = list(CI_SLICE)
 EXPECTED_JOBS = {"mlflow_init": 1, "prepare_dataset": 1, "pretrain_edm": 1, "train_feature_net": 1,
                  "reference_stats": 1, "stage1": 1, "stage1_continued": 1, "stage2": 1, "fid": 4, "dfid": 1,
                  "sample_grid": 1}

@@ -13,6 +13,16 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = str(BIN / "snakemake")
 WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "profiles", "envs")
+# A slice of the ci preset's `all` that still runs every kind of job of it once (CI time): data, LeNet, reference
+# stats, pretraining, Stage 1, the control, Stage 2, FID 1/2-step, dFID and a sample grid.
+CI_SLICE = (
+    "results/ci/stage2/main/eval/fid_1step.json",
+    "results/ci/stage2/main/eval/fid_2step.json",
+    "results/ci/stage2/main/eval/dfid.json",
+    "results/ci/stage2/main/eval/grid_2step.png",
+    "results/ci/stage1_continued/eval/fid_1step.json",
+    "results/ci/stage1/eval/fid_1step.json",
+)
 
 
 def make_workdir(dest: Path) -> Path:

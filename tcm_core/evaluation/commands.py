@@ -1,4 +1,5 @@
-"""Evaluation commands (``reference-stats``, ``evaluate fid|dfid|grid``) and the periodic-eval hook.
+"""Evaluation commands (``reference-stats``, ``evaluate fid|dfid|grid``; ``mid-t-sweep``: ``mid_t_sweep``) and the
+periodic-eval hook.
 
 Protocols (see ``../shared/reference/tcm-ect-edm.md`` §5):
 
@@ -332,7 +333,7 @@ def run_reference_stats(args: argparse.Namespace) -> int:
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="what", metavar="{fid,dfid,grid}", required=True)
+    sub = parser.add_subparsers(dest="what", metavar="{fid,dfid,grid,mid-t-sweep}", required=True)
     fid = sub.add_parser("fid", help="FID of 1- or few-step generation, min over seed sets")
     fid.add_argument("--ckpt", required=True, type=Path)
     fid.add_argument("--steps", default="80", help="sampling times, e.g. 80 or 80,1.0")
@@ -367,10 +368,18 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     _add_common_arguments(grid)
     grid.set_defaults(_run=run_evaluate)
 
+    from tcm_core.evaluation import mid_t_sweep
+
+    mid_t_sweep.add_arguments(sub, _add_common_arguments, _add_extractor_arguments)
+    sub.choices["mid-t-sweep"].set_defaults(_run=run_evaluate)
+
 
 def run_evaluate(args: argparse.Namespace) -> int:
     _check_batch(args.batch)
-    return {"fid": _run_fid, "dfid": _run_dfid, "grid": _run_grid}[args.what](args)
+    from tcm_core.evaluation.mid_t_sweep import run_mid_t_sweep
+
+    runs = {"fid": _run_fid, "dfid": _run_dfid, "grid": _run_grid, "mid-t-sweep": run_mid_t_sweep}
+    return runs[args.what](args)
 
 
 def _load_net(args: argparse.Namespace, device: torch.device):

@@ -31,6 +31,10 @@ from tcm_core.report.values import MISSING, fmt_g, fmt_precise, same_value
 
 MDE_COLUMN = f"MDE ({POWER:.0%} power)"
 EXPLODE_FACTOR = 2.0  # claim S3: "explodes" = final 1-step FID > EXPLODE_FACTOR x the baseline's, or non-finite
+#: The paper's regime for S1: Stage 2 starts from a Stage 1 that has plateaued. Checked on Stage 1's periodic
+#: 1-step FID: over the last SPLIT_TAIL of its iterations it improved by less than PLATEAU_LIMIT (relative).
+SPLIT_TAIL = 0.25
+PLATEAU_LIMIT = 0.10
 
 
 @dataclass
@@ -45,6 +49,56 @@ class Claim:
     seeds: int = 0  # K: training seeds measured on every arm of the claim
     metric: str = MISSING  # what the values measure (extractor, sample count)
     mde: str = MISSING  # the minimum detectable effect of each interval (confidence.py), at the measured spread
+
+
+@dataclass
+class SplitRegime:
+    """Stage 1's periodic 1-step FID at the start of its last SPLIT_TAIL and at the split (its last iteration)."""
+
+    first: int  # the first evaluated iteration
+    tail_start: int  # the last evaluated iteration at or before first + (1 − SPLIT_TAIL)·(split − first)
+    split: int
+    fid_tail_start: float
+    fid_split: float
+    source: str
+
+    @property
+    def improvement(self) -> float:
+        """(FID at the tail's start − FID at the split) / FID at the tail's start: > 0 when it still improved."""
+        return (self.fid_tail_start - self.fid_split) / self.fid_tail_start
+
+    @property
+    def tail_share(self) -> float:
+        """The share of Stage 1's evaluated iterations the comparison spans (SPLIT_TAIL when a point falls there)."""
+        return (self.split - self.tail_start) / (self.split - self.first)
+
+    @property
+    def plateaued(self) -> bool:
+        return self.improvement < PLATEAU_LIMIT
+
+    def line(self) -> str:
+        state = "plateaued" if self.plateaued else "NOT plateaued: the control gains by still-running Stage 1"
+        return (f"Stage 1 at the split: the last {self.tail_share:.0%} of its iterations "
+                f"({self.tail_start} -> {self.split}) improved 1-step FID by {self.improvement:.1%} "
+                f"({self.fid_tail_start:.2f} -> {self.fid_split:.2f}; {self.source}); {state} "
+                f"(limit {PLATEAU_LIMIT:.0%})")
+
+
+def stage1_at_split(results: Results) -> SplitRegime | None:
+    """The regime check of S1 on the main Stage-1 run's 1-step FID curve; None without two finite points."""
+    points, source = curve(results, results.main_run("stage1"), "fid_1step")
+    points = sorted((int(step), value) for step, value in points if math.isfinite(value))
+    if len(points) < 2 or points[0][0] == points[-1][0]:
+        return None
+    (first, _), (split, fid_split) = points[0], points[-1]
+    bound = first + (1 - SPLIT_TAIL) * (split - first)
+    tail_start, fid_tail_start = max(p for p in points if p[0] <= bound)
+    return SplitRegime(first, tail_start, split, fid_tail_start, fid_split, source)
+
+
+def split_line(results: Results) -> str:
+    regime = stage1_at_split(results)
+    return regime.line() if regime else "Stage 1 at the split: no 1-step FID curve of Stage 1 (not measured)"
 
 
 def claims(results: Results) -> list[Claim]:
@@ -73,6 +127,7 @@ def claims_table(results: Results, checked: Sequence[Claim]) -> Table:
             f"MDE: the minimum detectable effect, the smallest true mean difference in the claimed direction that "
             f"these seeds would call \"holds\" with {POWER:.0%} probability at the spread measured ({MDE_METHOD}); "
             "an inconclusive claim thus rules out, at that power, any effect larger than its MDE.",
+            f"{split_line(results)}. S1 is the paper's comparison only when Stage 1 has plateaued.",
         ],
     )
 

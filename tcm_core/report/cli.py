@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tcm_core.io.atomic import write_bytes_atomic
-from tcm_core.report.claims import Claim, claims, claims_table
+from tcm_core.report.claims import Claim, claims, claims_table, split_line
 from tcm_core.report.figures import FIGURE_BUILDERS, FIGURES
 from tcm_core.report.merge import CROSSCHECK_COLUMNS, collect
+from tcm_core.report.mid_t_sweep import sweep_table
 from tcm_core.report.paper import PaperRow, load_paper_values
 from tcm_core.report.results import Results
 from tcm_core.report.tables import TABLES, table1, table2, table3, table4, table5, table6
@@ -75,6 +76,7 @@ def _write_tables(results: Results, paper: list[PaperRow], checked: list[Claim],
         table4(results, paper),
         table5(results, paper),
         table6(results, paper),
+        sweep_table(results),
         claims_table(results, checked),
     ]
     for table in tables:
@@ -104,6 +106,7 @@ def format_summary(report: Report, seconds: float) -> str:
         for c in mismatches[:10]
     ]
     lines.append("  claims:")
+    lines.append(f"    {split_line(results)}")
     lines += [f"    {c.cid} {c.verdict} ({c.seeds} seed(s)): {c.interval}; MDE {c.mde}; {c.measured}"
               for c in report.claims]
     lines.append("  files:")

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tcm_core.io.atomic import write_bytes_atomic
+from tcm_core.report.claims import stage1_at_split
 from tcm_core.report.measurements import (
     ablation_baseline,
     ablation_runs,
@@ -23,6 +24,7 @@ from tcm_core.report.measurements import (
     seed_curves,
     seed_dfid_curves,
 )
+from tcm_core.report.mid_t_sweep import sweeps
 from tcm_core.report.paper import PAPER_DEFAULTS, PAPER_FIG4A_SIGMA_NU
 from tcm_core.report.results import Measured, Results, TrainingRun
 from tcm_core.report.values import MISSING, fmt, fmt_g, is_finite
@@ -37,6 +39,7 @@ FIGURES = {
     "fig4c_fid_rho_wb": "Fig. 4c: FID over the rho x w_b grid",
     "fig7_grad_norm": "Fig. 7: gradient norm, Stages 1 and 2",
     "fig8_dfid_vs_t": "Fig. 8: dFID_t vs t at several Stage-1 iterations",
+    "fig_mid_t_sweep": "2-step FID vs the middle time t_mid, per arm (the sweep the paper tuned t_mid by)",
 }
 FIG_SIZE_IN = (8.0, 5.0)
 FIG_DPI = 100  # -> every figure is 800 x 500 pixels
@@ -112,6 +115,10 @@ def figure_fig1b(results: Results, path: Path) -> bool:
         if curves:
             _plot_seed_mean(ax, list(curves.values()), name)
             drawn, sources = True, sources | {source}
+    regime = stage1_at_split(results)
+    if drawn and regime is not None:  # the S1 regime check: how much Stage 1 still gained before the split
+        ax.axvspan(regime.tail_start, regime.split, color="0.88", zorder=0,
+                   label=f"Stage 1's last {regime.tail_share:.0%}: 1-step FID improved {regime.improvement:.1%}")
     if drawn:
         ax.set_title(f"Fig. 1b analogue: 1-step FID vs iteration — preset {results.preset}\n"
                      f"({'; '.join(sorted(sources))})", fontsize=10)
@@ -428,6 +435,29 @@ def _draw_fid_grid(fig, ax, cells: dict[tuple[float, float], Measured]) -> None:
     fig.colorbar(image, ax=ax).set_label("1-step FID (grey: not run / not finite)")
 
 
+def figure_mid_t_sweep(results: Results, path: Path) -> bool:
+    """Each arm's 2-step FID against t_mid (log axis), its best point ringed, t' and eval.mid_t marked."""
+    found = sweeps(results)
+    fig, ax = _new_axes(f"2-step FID vs the middle time t_mid (training seed 0) — preset {results.preset}",
+                        "middle time t_mid (log scale)", "2-step FID (lower is better)")
+    for sweep in found:
+        line = ax.plot(sweep.mid_ts, sweep.fids, marker="o", markersize=3, label=sweep.arm)[0]
+        ax.plot([sweep.best_mid_t], [sweep.best], marker="o", markersize=10, fillstyle="none",
+                color=line.get_color())
+    t_prime = _t_prime(results)
+    if found:
+        ax.set_xscale("log")
+        if t_prime is not None:
+            ax.axvline(t_prime, color="0.5", linestyle="--", label=f"t' = {t_prime:g} (Stage 2 is swept from here)")
+        ax.legend(fontsize=8)
+        ax.set_title(f"2-step FID vs t_mid (training seed 0; rings: each arm's best) — preset {results.preset}\n"
+                     f"({found[0].label})", fontsize=10)
+    else:
+        _no_data(ax, "no sweep yet (eval.mid_t_sweep)")
+    _save(fig, path)
+    return bool(found)
+
+
 FIGURE_BUILDERS = {
     "fig1b_fid_stages": figure_fig1b,
     "fig2_dfid_stage1": figure_fig2,
@@ -437,4 +467,5 @@ FIGURE_BUILDERS = {
     "fig4c_fid_rho_wb": figure_fig4c,
     "fig7_grad_norm": figure_fig7,
     "fig8_dfid_vs_t": figure_fig8,
+    "fig_mid_t_sweep": figure_mid_t_sweep,
 }

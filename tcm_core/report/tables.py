@@ -24,6 +24,7 @@ TABLES = {
     "table4_stages": "Table 4: FID for training stages 1, 2, 3",
     "table5_distillation": "Table 5: Stage 1 vs Stage 2 under consistency distillation",
     "table6_intermediate": "Table 6: adding an intermediate training stage (App. B)",
+    "mid_t_sweep": "The 2-step FID vs the middle time t_mid, per arm (the paper tuned t_mid, App. C.3)",
     "claims": "Claims check",
 }
 DELTA = "Δ (ours − paper)"  # only in a table where some measured FID is the paper's metric (_drop_delta)

@@ -120,7 +120,7 @@ class RunOutputs:
         run, p = self.run, self.periodic
         return make_periodic_evaluator(
             extractor=p.extractor or "lenet", ref_stats=Path(p.ref_stats),
-            feature_net=Path(p.feature_net) if p.feature_net else None, data=run.paths.data,
+            feature_net=Path(p.feature_net) if p.feature_net else None, data=run.dataset,  # opened once
             num=run.cfg.eval_num, mid_t=run.cfg.eval_mid_t, dfid_ts=tuple(run.cfg.eval_dfid_ts), device=run.device)
 
     # ---- every iteration

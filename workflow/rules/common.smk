@@ -23,7 +23,10 @@ def checked_config(cfg):
     if problems:
         raise problems[0]
     validate(cfg, schema="../schemas/config.schema.yaml")
-    return presets.check_preset(cfg, cfg["preset"], schema_path=None)
+    # a cluster job's Snakemake (remote mode) re-reads the config its submitting Snakemake checked whole
+    return presets.check_preset(
+        cfg, cfg["preset"], schema_path=None, architecture=not workflow.remote_exec
+    )
 
 
 try:
@@ -241,6 +244,14 @@ def distill_targets():
         out += [f"{RESULTS}/{run}/eval/fid_{s}.json" for s in ("1step", "2step")]
         out.append(f"{RESULTS}/{run}/eval/grid_1step.png")
     return out + seed_targets("all", [r for r in SEEDED_RUNS if grid_of(r) == "distill"])
+
+
+def mid_t_sweep_targets():
+    """The 2-step middle-time sweep of each arm's final networks (seed 0): the main arms and the distillation
+    arm's (eval.mid_t_sweep; none when it is empty)."""
+    if not EVAL.get("mid_t_sweep"):
+        return []
+    return [f"{RESULTS}/{run}/eval/fid_2step_sweep.json" for run in main_runs() + DISTILL_RUNS]
 
 
 def release_targets():

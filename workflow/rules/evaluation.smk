@@ -37,6 +37,41 @@ rule fid:
         " {params.tracking} > {log} 2>&1"
 
 
+rule mid_t_sweep:
+    """The 2-step FID at each middle time of eval.mid_t_sweep (those at or above a truncated network's t') and
+    the best (tcm_core.evaluation.mid_t_sweep): paper_tables' sweep table and figure."""
+    input:
+        ckpt=eval_ckpt,
+        ref=ref_stats_path,
+        feature_net=feature_net_path,
+        mlflow=ancient("results/{preset}/mlflow.json"),
+    output:
+        json="results/{preset}/{run}/eval/fid_2step_sweep.json",
+    log:
+        "results/{preset}/logs/mid_t_sweep/{run}.log",
+    conda:
+        "../../envs/tcm.yaml"
+    threads: res("eval", "cpus_per_task")
+    resources:
+        gpu=min(1, res("eval", "gpu")),
+        mem_mb=res("eval", "mem_mb"),
+        runtime=res("eval", "runtime"),
+        cpus_per_task=res("eval", "cpus_per_task"),
+    params:
+        mid_ts=",".join(f"{t:g}" for t in EVAL.get("mid_t_sweep", [])),
+        num=eval_num,
+        seeds=eval_seeds,
+        features=feature_args,
+        device=P["device"],
+        tracking=eval_tracking("mid_t_sweep"),
+        env=eval_env("mid_t_sweep"),
+    shell:
+        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate mid-t-sweep --ckpt {input.ckpt}"
+        " --mid-ts {params.mid_ts} --num {params.num} --seeds {params.seeds} {params.features}"
+        " --ref-stats {input.ref} --out {output.json} --device {params.device}"
+        " {params.tracking} > {log} 2>&1"
+
+
 rule dfid:
     input:
         ckpt=eval_ckpt,

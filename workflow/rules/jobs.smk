@@ -279,7 +279,7 @@ def target_run_key(run):
 
 
 def eval_run_key(rule_name, wildcards):
-    suffix = wildcards.get("steps") or wildcards.get("sweep")
+    suffix = wildcards.get("steps") or wildcards.get("sweep") or "sweep"
     return f"{rule_name}:{PRESET}:{wildcards.run}:{suffix}"
 
 

@@ -24,6 +24,7 @@ PAPER_TABLE_INPUTS = sorted(
         + [f"{RESULTS}/{run}/config.json" for run in PAPER_TABLE_RUNS]
         + seed_targets("paper_tables")  # training seeds 1 .. K-1 of the claim-bearing arms
         + intermediate_targets("paper_tables")
+        + mid_t_sweep_targets()
     )
 )
 # Tables (Markdown + CSV) and figures: tcm_core.report.cli.output_files() lists the same names.
@@ -34,6 +35,7 @@ PAPER_TABLES = {
     "table4_stages": ("table4.rst", "Table 4 (stages)"),
     "table5_distillation": ("table5.rst", "Table 5 (distillation)"),
     "table6_intermediate": ("table6.rst", "Table 6 (intermediate stage)"),
+    "mid_t_sweep": ("mid_t_sweep.rst", "2-step middle-time sweep"),
     "claims": ("claims.rst", "Claims check"),
 }
 PAPER_FIGURES = {
@@ -45,6 +47,7 @@ PAPER_FIGURES = {
     "fig4c_fid_rho_wb": ("fig4c.rst", "Fig. 4c"),
     "fig7_grad_norm": ("fig7.rst", "Fig. 7"),
     "fig8_dfid_vs_t": ("fig8.rst", "Fig. 8"),
+    "fig_mid_t_sweep": ("fig_mid_t_sweep.rst", "2-step middle-time sweep"),
 }
 
 
