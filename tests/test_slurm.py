@@ -348,6 +348,9 @@ def _mlflow_children(server: MlflowServer, experiment: str):
     return client, children
 
 
+SLICE_LOCAL_RULES = {"all", "mlflow_init"}  # the rules of the slice that run beside Snakemake, not on SLURM
+
+
 def test_ci_all_runs_every_job_on_slurm(runs):
     run: Run = runs["main"]
     out = run.output
@@ -359,7 +362,7 @@ def test_ci_all_runs_every_job_on_slurm(runs):
         submitted[s.rule] = submitted.get(s.rule, 0) + 1
     # every non-local job went through sbatch exactly once, into the partition from the environment
     assert remote and submitted == remote, (submitted, remote)
-    assert set(local) <= {"all", "mlflow_init"}, local
+    assert set(local) <= SLICE_LOCAL_RULES, local
     elsewhere = [s.sbatch for s in subs if f"-p {PARTITION}" not in s.sbatch]
     assert not elsewhere, elsewhere
     # GPU rules carried GPU flags (and one node, for torchrun), CPU rules none
@@ -388,7 +391,7 @@ def test_ci_all_runs_every_job_on_slurm(runs):
     everything = subprocess.run(snakemake_cmd("all", *plan, "-n", "--forceall", kill_after=120), cwd=run.work,
                                 env=job_env(TCM_SLURM_PARTITION=PARTITION), capture_output=True, text=True)
     assert everything.returncode == 0, everything.stderr[-3000:]
-    assert set(planned_jobs(everything.stdout + everything.stderr)[0]) - {"all", "mlflow_init"} == set(submitted)
+    assert set(planned_jobs(everything.stdout + everything.stderr)[0]) - SLICE_LOCAL_RULES == set(submitted)
     # the MLflow server holds one finished child run per tracked job, with the job's metrics
     _, children = _mlflow_children(runs["server"], run.experiment)
     by_rule: dict[str, list] = {}
