@@ -3,7 +3,8 @@
 A dataset is a ``.zip`` or a folder of images plus an optional ``dataset.json`` holding
 ``{"labels": [[relative_name, label], ...]}`` (EDM's ``dataset_tool.py`` layout). Images are decoded once
 into one uint8 array kept in memory when it is small (all the sets this project trains on at CPU scale);
-larger sets are decoded on access.
+larger sets are decoded on access. The decoded array of a zip is cached per machine under
+``$TCM_CACHE_DIR/decoded``, keyed by the zip's sha256 (see ``decoded_cache_path``).
 
 CLI: ``python -m tcm_core prepare-dataset --name mnist5k --resolution 16 --out D.zip`` and
 ``python -m tcm_core prepare-dataset --name cifar10 --source cifar-10-python.tar.gz --out X.zip``.
@@ -30,7 +31,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tcm_core.errors import ConfigError, MissingFileError, RefusedFileError, TcmError, one_line, storage_error
+from tcm_core.errors import (
+    ConfigError,
+    MissingFileError,
+    RefusedFileError,
+    StorageError,
+    TcmError,
+    one_line,
+    storage_error,
+)
+from tcm_core.io import default_cache_dir
 from tcm_core.io.atomic import atomic_path
 from tcm_core.io.hashing import file_digest, sha256_file
 
@@ -105,14 +115,25 @@ class ImageDataset:
         if in_memory is None:
             in_memory = nbytes <= IN_MEMORY_LIMIT_BYTES
         self.images: np.ndarray | None = None
-        if in_memory:
-            self.images = np.empty((len(self._files), *first.shape), dtype=np.uint8)
-            for i, name in enumerate(self._files):
-                self.images[i] = self._decode_checked(name)
-            self._close_zip()
         self._sha256: str | None = None
+        if in_memory:
+            self.images = self._decode_all((len(self._files), *first.shape))
+            self._close_zip()
 
     # -- reading --------------------------------------------------------------------------------------
+    def _decode_all(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Every image as one uint8 array. A zip's array is read from the decoded-array cache when the cache holds
+        one made from a zip of the same sha256, else decoded (each image checked) and put in the cache."""
+        cache = decoded_cache_path(self.sha256) if self._is_zip else None
+        images = _read_decoded(cache, shape) if cache is not None else None
+        if images is None:
+            images = np.empty(shape, dtype=np.uint8)
+            for i, name in enumerate(self._files):
+                images[i] = self._decode_checked(name)
+            if cache is not None:
+                _write_decoded(cache, images)
+        return images
+
     def _refusing(self) -> contextlib.AbstractContextManager[None]:
         return refusing(self.path, "not a readable dataset", "rebuild it (prepare-dataset) or check --data")
 
@@ -216,6 +237,42 @@ class ImageDataset:
         out = torch.zeros(len(labels), self.label_dim, dtype=torch.float32)
         out[torch.arange(len(labels)), torch.as_tensor(labels, dtype=torch.long)] = 1.0
         return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decoded-array cache: a zip's images decoded once per machine, not once per job (decoding mnist5k's 5,000
+# PNGs takes about a second, as long as a tiny training job's own work). Keyed by the zip's sha256, so an
+# edited or rebuilt zip misses; DECODED_FORMAT names what _decode_png returns (change it with the decoder).
+# ---------------------------------------------------------------------------------------------------
+DECODED_FORMAT = "chw-uint8-1"
+
+
+def decoded_cache_path(zip_sha256: str) -> Path:
+    """Where the decoded array of the zip with this sha256 is kept (``$TCM_CACHE_DIR/decoded``)."""
+    return default_cache_dir() / "decoded" / f"{zip_sha256}-{DECODED_FORMAT}.npy"
+
+
+def _read_decoded(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The cached array if ``path`` holds a uint8 array of exactly ``shape``, else None (absent, torn, another
+    shape: the caller decodes again). Mapped first, so a header claiming more than the file holds reads nothing."""
+    try:
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        if mapped.dtype != np.uint8 or mapped.shape != shape:
+            return None
+        return np.array(mapped)
+    except (OSError, ValueError, EOFError):
+        return None
+
+
+def _write_decoded(path: Path, images: np.ndarray) -> None:
+    """Put the array in the cache (atomically). A cache that cannot be written costs the next job a decode, not
+    this job its run: the error is dropped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, images, allow_pickle=False)
+    except (OSError, StorageError):
+        pass
 
 
 def open_dataset(path: str | Path) -> ImageDataset:

@@ -53,6 +53,93 @@ def test_unlabelled_grey_dataset(tmp_path):
     assert y is None and x.shape == (4, 1, 6, 6)
 
 
+# ------------------------------------------------------------------------------------- the decoded-array cache
+
+
+def _counting_decoder(monkeypatch):
+    calls = []
+    real = data._decode_png
+    monkeypatch.setattr(data, "_decode_png", lambda raw: calls.append(1) or real(raw))
+    return calls
+
+
+def test_decoded_cache_serves_a_second_open_bit_identically(tmp_path, monkeypatch):
+    monkeypatch.setenv("TCM_CACHE_DIR", str(tmp_path / "cache"))
+    images, labels = _random_images(12), np.arange(12) % 3
+    write_dataset_zip(tmp_path / "d.zip", images, labels)
+    calls = _counting_decoder(monkeypatch)
+    first = open_dataset(tmp_path / "d.zip")
+    assert len(calls) == 13  # the first image (shape check), then every image
+    cache = data.decoded_cache_path(first.sha256)
+    assert cache.parent == tmp_path / "cache" / "decoded" and np.array_equal(np.load(cache), images)
+    calls.clear()
+    second = open_dataset(tmp_path / "d.zip")
+    assert len(calls) == 1  # only the first image: the array came from the cache
+    assert np.array_equal(second.images, images) and np.array_equal(second.labels, labels)
+    second.images[0, 0, 0, 0] ^= 1  # a private, writable copy: the cache file is not changed through it
+    assert np.array_equal(np.load(cache), images)
+    # the same images at another path hit the same entry; other images (another sha256) miss it
+    write_dataset_zip(tmp_path / "copy.zip", images, labels)
+    calls.clear()
+    assert np.array_equal(open_dataset(tmp_path / "copy.zip").images, images) and len(calls) == 1
+    others = _random_images(12, seed=1)
+    write_dataset_zip(tmp_path / "d.zip", others, labels)
+    assert np.array_equal(open_dataset(tmp_path / "d.zip").images, others)
+
+
+def test_decoded_cache_never_hides_a_corrupt_image(tmp_path, monkeypatch):
+    monkeypatch.setenv("TCM_CACHE_DIR", str(tmp_path / "cache"))
+    write_dataset_zip(tmp_path / "d.zip", _random_images(6))
+    open_dataset(tmp_path / "d.zip")  # cached
+    with zipfile.ZipFile(tmp_path / "d.zip") as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    members["00000/img00000004.png"] = members["00000/img00000004.png"][:40]  # torn image, same names
+    with zipfile.ZipFile(tmp_path / "d.zip", "w") as z:
+        for name, raw in members.items():
+            z.writestr(name, raw)
+    with pytest.raises(RefusedFileError, match="not a readable dataset"):
+        open_dataset(tmp_path / "d.zip")
+
+
+def _npy_header(shape) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("content", ["wrong shape", "wrong dtype", "truncated", "huge claim", "not npy", "pickle"])
+def test_a_bad_cache_entry_is_decoded_again_and_replaced(tmp_path, monkeypatch, content):
+    monkeypatch.setenv("TCM_CACHE_DIR", str(tmp_path / "cache"))
+    images = _random_images(7)
+    write_dataset_zip(tmp_path / "d.zip", images)
+    cache = data.decoded_cache_path(data.sha256_file(tmp_path / "d.zip"))
+    cache.parent.mkdir(parents=True)
+    if content == "wrong shape":
+        np.save(cache, images[:6])
+    elif content == "wrong dtype":
+        np.save(cache, images.astype(np.int16))
+    elif content == "truncated":  # the right header, a torn body
+        cache.write_bytes(_npy_header(images.shape) + images.tobytes()[:100])
+    elif content == "huge claim":  # a header asking for a terabyte must not allocate it
+        cache.write_bytes(_npy_header((1 << 40,)) + b"\0" * 64)
+    elif content == "not npy":
+        cache.write_bytes(b"garbage" * 10)
+    else:
+        np.save(cache, np.array([{"code": 1}], dtype=object), allow_pickle=True)
+    calls = _counting_decoder(monkeypatch)
+    assert np.array_equal(open_dataset(tmp_path / "d.zip").images, images) and len(calls) == 8
+    assert np.array_equal(np.load(cache), images)  # replaced by the good array
+
+
+def test_an_unwritable_cache_costs_a_decode_not_the_run(tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("TCM_CACHE_DIR", str(tmp_path / "cache"))
+    images = _random_images(4)
+    write_dataset_zip(tmp_path / "d.zip", images)
+    for _ in range(2):
+        assert np.array_equal(open_dataset(tmp_path / "d.zip").images, images)
+
+
 def test_mnist5k_resolutions():
     digits, labels = data.load_mnist5k()
     assert digits.shape == (5000, 28, 28) and digits.dtype == np.uint8

@@ -31,16 +31,13 @@ import torch
 
 from tcm_core.errors import ConfigError, MissingFileError, RefusedFileError, storage_error
 from tcm_core.evaluation import metrics
+from tcm_core.io import default_cache_dir
 from tcm_core.io.atomic import atomic_path
 from tcm_core.schedules import T_MAX
 
 DFID_TS_OFFICIAL: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0)  # TCM's --dfid_ts default
 DFID_TS_WIDE: tuple[float, ...] = (0.2, 0.5, 0.8, 1.0, 1.5, 2.0, 4.0, 10.0, 40.0, 80.0)
 STATS_FORMAT = "tcm-ref-stats-1"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("TCM_CACHE_DIR", Path.home() / ".cache" / "tcm_pipeline"))
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

@@ -165,9 +165,10 @@ def _resize_pool() -> ThreadPoolExecutor:
 def _resolve_weights(source: str | Path, sha256: str | None) -> Path:
     text = str(source)
     if text.startswith(("http://", "https://")):
+        from tcm_core.io import default_cache_dir
         from tcm_core.io.downloads import fetch
 
-        cache = Path(os.environ.get("TCM_CACHE_DIR", Path.home() / ".cache" / "tcm_pipeline")) / "inception"
+        cache = default_cache_dir() / "inception"
         return Path(fetch(text, cache / OFFICIAL_INCEPTION_NAME, sha256=sha256))
     path = Path(source)
     if not path.exists():

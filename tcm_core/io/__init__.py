@@ -4,3 +4,11 @@
 them), ``foreign_checkpoints`` (EDM / EDM2 / ECT / TCM checkpoints), ``network_files`` (our format and the one
 ``load_network``), ``hashing`` (sha256 pins) and ``atomic`` (write-then-rename outputs).
 """
+
+import os
+from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    """Where fetched files and derived caches live: ``$TCM_CACHE_DIR``, else ``~/.cache/tcm_pipeline``."""
+    return Path(os.environ.get("TCM_CACHE_DIR", Path.home() / ".cache" / "tcm_pipeline"))
