@@ -39,7 +39,7 @@ LONGEST_FIRST = ("test_slurm", "test_workflow_run", "test_reporting", "test_gpuc
 # run every other unit (and their jobs, Snakemake and SLURM daemons included: children inherit it) at a lower
 # priority, so the critical unit takes the cores it can use and the rest fill the gaps.
 CRITICAL_UNITS = ("test_reporting",)
-NICE_BESIDE_CRITICAL = 10
+NICE_BESIDE_CRITICAL = 5
 
 
 def _unit(item: pytest.Item) -> str:
