@@ -37,7 +37,10 @@ LONGEST_FIRST = ("test_slurm", "test_workflow_run", "test_reporting", "test_gpuc
 # The critical path: the ci `paper_tables` run (test_reporting) needs ~8 CPU-minutes; at equal priority it got a
 # quarter of the machine beside three other workers and ended last, the other workers idle meanwhile. Workers
 # run every other unit (and their jobs, Snakemake and SLURM daemons included: children inherit it) at a lower
-# priority, so the critical unit takes the cores it can use and the rest fill the gaps.
+# priority, so the critical unit takes the cores it can use and the rest fill the gaps. With Linux autogroups
+# (sched_autogroup_enabled) a process that starts its own session shares the CPU equally with the whole test
+# run whatever its nice: tests start children in their own process group (process_group=0), not session. SLURM
+# jobs still get a session each (slurmstepd): the SLURM module's jobs take a full share while they run.
 CRITICAL_UNITS = ("test_reporting",)
 NICE_BESIDE_CRITICAL = 5
 
