@@ -42,7 +42,7 @@ LONGEST_FIRST = ("test_slurm", "test_workflow_run", "test_reporting", "test_gpuc
 # run whatever its nice: tests start children in their own process group (process_group=0), not session. SLURM
 # jobs still get a session each (slurmstepd): the SLURM module's jobs take a full share while they run.
 CRITICAL_UNITS = ("test_reporting",)
-NICE_BESIDE_CRITICAL = 5
+NICE_BESIDE_CRITICAL = 10
 
 
 def _unit(item: pytest.Item) -> str:

@@ -109,7 +109,7 @@ class MlflowServer:
              "--artifacts-destination", str(self.directory / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            process_group=0,  # its own process group: stop() ends the server and its workers
+            start_new_session=True,  # its own process group: stop() ends the server and its workers
         )
 
     def wait_healthy(self, timeout: float = 180) -> None:

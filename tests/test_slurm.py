@@ -246,7 +246,7 @@ class Run:
             self.proc = subprocess.Popen(snakemake_cmd(*self.args, kill_after=KILL_AFTER), cwd=self.work,
                                          env=env, stdout=f,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         process_group=0)
+                                         start_new_session=True)
         self.seconds = None
 
     def kill(self) -> None:

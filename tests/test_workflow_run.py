@@ -89,7 +89,7 @@ def server(ran):
     cmd = [str(Path(SNAKEMAKE).parent / "mlflow"), "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]
     proc = subprocess.Popen(cmd, cwd=wd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            process_group=0)
+                            start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
@@ -180,7 +180,7 @@ def test_killed_stage1_resumes(ran):
     args = ["--cores", "2", "--configfile", "config.yaml", "long.yaml", "--config", "preset=ci", "--",
             f"{R}/stage1/network.safetensors"]
     proc = subprocess.Popen([SNAKEMAKE, *args], cwd=wd, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, process_group=0)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     states = sorted((wd / R / "_state" / "stage1").glob("*"), key=os.path.getmtime)
     deadline = time.time() + 300
     state_files: list[Path] = []

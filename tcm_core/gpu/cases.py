@@ -264,10 +264,10 @@ def _free_port() -> int:
 
 
 def run_process_group(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
-    """(exit code, stdout + stderr) of ``cmd`` in its own process group; on timeout every process in it is killed
+    """(exit code, stdout + stderr) of ``cmd`` in its own session; on timeout every process in it is killed
     (torchrun's workers too, which would otherwise keep holding the GPU)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            process_group=0)
+                            start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
