@@ -34,17 +34,6 @@ LONGEST_FIRST = ("test_slurm", "test_workflow_run", "test_reporting", "test_gpuc
                  "test_training", "test_faults", "test_workflow_dryrun")
 
 
-# The critical path: the ci `paper_tables` run (test_reporting) needs ~8 CPU-minutes; at equal priority it got a
-# quarter of the machine beside three other workers and ended last, the other workers idle meanwhile. Workers
-# run every other unit (and their jobs, Snakemake and SLURM daemons included: children inherit it) at a lower
-# priority, so the critical unit takes the cores it can use and the rest fill the gaps. With Linux autogroups
-# (sched_autogroup_enabled) a process that starts its own session shares the CPU equally with the whole test
-# run whatever its nice: tests start children in their own process group (process_group=0), not session. SLURM
-# jobs still get a session each (slurmstepd): the SLURM module's jobs take a full share while they run.
-CRITICAL_UNITS = ("test_reporting",)
-NICE_BESIDE_CRITICAL = 10
-
-
 def _unit(item: pytest.Item) -> str:
     stem = item.path.stem
     return XDIST_UNITS.get(stem, stem)
@@ -56,19 +45,3 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(_unit(item), len(rank)))  # stable: file order within each unit
     for item in items:
         item.add_marker(pytest.mark.xdist_group(_unit(item)))
-
-
-def lower_priority_beside_critical(unit: str) -> None:
-    """On an xdist worker, lower this worker's priority for good before its first test outside CRITICAL_UNITS
-    (priority cannot be raised back without privileges: a worker that ran the critical unit keeps normal
-    priority for what it takes later, when the critical path is done)."""
-    if os.environ.get("PYTEST_XDIST_WORKER") and unit not in CRITICAL_UNITS:
-        current = os.nice(0)
-        if current < NICE_BESIDE_CRITICAL:
-            os.nice(NICE_BESIDE_CRITICAL - current)
-
-
-@pytest.fixture(autouse=True)
-def _critical_unit_first(request):
-    lower_priority_beside_critical(_unit(request.node))
-    yield

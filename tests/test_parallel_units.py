@@ -4,7 +4,6 @@ on the one cluster of this machine."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -20,30 +19,6 @@ def test_the_slurm_modules_are_one_unit_and_start_first():
     assert conftest.LONGEST_FIRST[0] == "test_slurm"
     assert "-n" in (REPO / "scripts" / "test.sh").read_text() and "--dist loadgroup" in (
         REPO / "scripts" / "test.sh").read_text()
-
-
-def test_the_critical_unit_starts_first_and_the_others_run_beside_it_at_lower_priority(tmp_path):
-    assert set(conftest.CRITICAL_UNITS) <= set(conftest.LONGEST_FIRST[:4])  # started at once on the 4 workers
-    report = tmp_path / "nice.txt"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-n", "2", "--dist",
-                           "loadgroup", "--no-loadscope-reorder",
-                           "tests/test_parallel_units.py::test_report_the_priority_of_this_worker"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TCM_NICE_REPORT": str(report)})
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert report.read_text() == str(conftest.NICE_BESIDE_CRITICAL)  # a worker's test outside the critical unit
-    base, lowered = os.nice(0), max(os.nice(0), conftest.NICE_BESIDE_CRITICAL)  # a child starts at our priority
-    for unit, expected in ((conftest.CRITICAL_UNITS[0], base), ("test_losses", lowered)):
-        code = f"import conftest, os; conftest.lower_priority_beside_critical({unit!r}); print(os.nice(0))"
-        child = subprocess.run([sys.executable, "-c", code], cwd=REPO / "tests", capture_output=True, text=True,
-                               timeout=120, env={**os.environ, "PYTEST_XDIST_WORKER": "gw0"}, check=True)
-        assert int(child.stdout) == expected, unit
-
-
-def test_report_the_priority_of_this_worker():
-    """Writes this worker's niceness for the test above (a no-op in a plain run)."""
-    if os.environ.get("TCM_NICE_REPORT"):
-        Path(os.environ["TCM_NICE_REPORT"]).write_text(str(os.nice(0)))
 
 
 def test_each_module_is_one_unit_on_the_workers():
