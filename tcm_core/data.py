@@ -268,8 +268,7 @@ def _write_decoded(path: Path, images: np.ndarray) -> None:
     """Put the array in the cache (atomically). A cache that cannot be written costs the next job a decode, not
     this job its run: the error is dropped."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # makes the folder
             np.save(handle, images, allow_pickle=False)
     except (OSError, StorageError):
         pass

@@ -24,6 +24,7 @@ def test_a_process_records_itself_and_the_summary_sums_by_command_and_test(tmp_p
     assert summary.startswith("2 Python processes")
     [row] = [line for line in summary.splitlines() if line.endswith("| tests/test_x.py::test_y |")]
     assert float(row.split("|")[1]) >= 0.6 and row.split("|")[2].strip() == "2"
+    assert row.split("|")[3].strip() == "0 / 0 / 0"  # neither torch, dynamo nor MLflow was imported
 
 
 def test_commands_are_named_as_the_pipeline_runs_them():

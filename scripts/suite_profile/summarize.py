@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+from proclog_site import LOADED
+
 
 def command(argv: list[str]) -> str:
     if argv and argv[0].endswith("tcm_core/__main__.py") and len(argv) > 1:
@@ -19,13 +21,13 @@ def main(folder: str, top: int = 20) -> None:
     total = sum(r["cpu_s"] for r in records)
     print(f"{len(records)} Python processes, {total:.0f} CPU seconds")
     for title, key in (("command", lambda r: command(r["argv"])), ("test", lambda r: r["test"] or "(none)")):
-        sums: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+        groups: dict[str, list[dict]] = collections.defaultdict(list)
         for r in records:
-            sums[key(r)][0] += 1
-            sums[key(r)][1] += r["cpu_s"]
-        print(f"\n| CPU s | processes | {title} |\n|---|---|---|")
-        for name, (count, cpu) in sorted(sums.items(), key=lambda kv: -kv[1][1])[:top]:
-            print(f"| {cpu:.0f} | {count} | {name} |")
+            groups[key(r)].append(r)
+        print(f"\n| CPU s | processes | loaded {' / '.join(LOADED)} | {title} |\n|---|---|---|---|")
+        for name, group in sorted(groups.items(), key=lambda kv: -sum(r["cpu_s"] for r in kv[1]))[:top]:
+            loaded = " / ".join(str(sum(m in r["loaded"] for r in group)) for m in LOADED)
+            print(f"| {sum(r['cpu_s'] for r in group):.0f} | {len(group)} | {loaded} | {name} |")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from tcm_core.errors import ConfigError, MissingFileError, RefusedFileError, one_line
+from tcm_core.io import default_cache_dir
 from tcm_core.io.atomic import atomic_path, save_torch_atomic
 from tcm_core.io.hashing import cached_sha256, sha256_file
 
@@ -165,7 +166,6 @@ def _resize_pool() -> ThreadPoolExecutor:
 def _resolve_weights(source: str | Path, sha256: str | None) -> Path:
     text = str(source)
     if text.startswith(("http://", "https://")):
-        from tcm_core.io import default_cache_dir
         from tcm_core.io.downloads import fetch
 
         cache = default_cache_dir() / "inception"
