@@ -213,6 +213,87 @@ def test_lenet_pipeline_through_cli(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Several evaluations in one process (evaluate many: the workflow's evaluate_network)
+# ---------------------------------------------------------------------------------------------------
+_TIMING = ("seconds", "images_per_second", "ckpt", "ref_stats", "data")
+
+
+def test_evaluate_many_writes_what_each_command_writes_alone_with_its_own_mlflow_run(lenet_world, tmp_path,
+                                                                                    monkeypatch):
+    """`evaluate many --each "fid ..." --each "grid ..." --each "dfid ..."`: each output equals the one of the
+    command run alone (the same values and grid pixels), and each evaluation is its own FINISHED MLflow child run
+    with its own run key, the rule that would run it alone, the job's shared tags and only its own file."""
+    import shlex
+
+    from mlflow.tracking import MlflowClient
+
+    from tcm_core.cli import main
+    from tcm_core.io.network_files import save_network
+    from tcm_core.tracking.tracker import ENV_ARTIFACTS, ENV_TAGS
+
+    root = lenet_world["root"]
+    [ref] = list((root / "cache" / "ref-stats").glob("*.npz"))
+    ckpt = tmp_path / "net.safetensors"
+    save_network(micro_network(5), ckpt, iteration=40, provenance={"mode": "stage1", "config": {}})
+    features = f"--extractor lenet --feature-net {root / 'lenet.pt'} --ref-stats {ref}"
+    uri, parent = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "mlflow.json"
+    assert main(["mlflow-init", "--tracking-uri", uri, "--experiment", "tcm-many", "--study", "s",
+                 "--out", str(parent)]) == 0
+
+    def commands(folder: Path, tracked: bool) -> list[str]:
+        def track(key: str) -> str:
+            return f" --mlflow-uri {uri} --mlflow-parent {parent} --run-key {key}" if tracked else ""
+
+        common = f"--ckpt {ckpt} --device cpu --no-progress"
+        return [f"fid {common} --steps 80,1.0 --num 24 --seeds 2 {features} --out {folder / 'fid_2step.json'}"
+                + track("fid:x:net:2step"),
+                f"grid {common} --steps 80 --num 9 --out {folder / 'grid_1step.png'}"
+                + track("sample_grid:x:net:1step"),
+                f"dfid {common} --data {lenet_world['data']} --ts 1,4 --num 24 {features}"
+                f" --out {folder / 'dfid.json'}" + track("dfid:x:net:dfid")]
+
+    for each in commands(tmp_path / "alone", tracked=False):
+        assert main(["evaluate", *shlex.split(each)]) == 0
+    monkeypatch.setenv(ENV_TAGS, '{"tcm.preset": "x", "tcm.stage": "eval"}')
+    monkeypatch.setenv(ENV_ARTIFACTS, json.dumps([str(ckpt)]))  # a job's files: not logged on every evaluation
+    argv = ["evaluate", "many"] + [w for each in commands(tmp_path / "many", tracked=True) for w in ("--each", each)]
+    assert main(argv) == 0
+    assert os.environ[ENV_TAGS] == '{"tcm.preset": "x", "tcm.stage": "eval"}'  # the job's environment is restored
+    for name in ("fid_2step.json", "dfid.json"):
+        alone, many = (json.loads((tmp_path / f / name).read_text()) for f in ("alone", "many"))
+        assert {k: v for k, v in alone.items() if k not in _TIMING} == {k: v for k, v in many.items()
+                                                                        if k not in _TIMING}
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "alone" / "grid_1step.png")),
+                          np.asarray(Image.open(tmp_path / "many" / "grid_1step.png")))
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([json.loads(parent.read_text())["experiment_id"]], "tags.`tcm.stage` = 'eval'")
+    by_key = {r.data.tags["tcm.run_key"]: r for r in runs}
+    assert set(by_key) == {"fid:x:net:2step", "sample_grid:x:net:1step", "dfid:x:net:dfid"}
+    fid = json.loads((tmp_path / "many" / "fid_2step.json").read_text())
+    assert by_key["fid:x:net:2step"].data.metrics == {"fid_2step": fid["min"]}
+    for key, run in by_key.items():
+        assert run.info.status == "FINISHED" and run.data.tags["tcm.rule"] == key.split(":")[0]
+        assert run.data.tags["tcm.preset"] == "x"
+        files = {a.path for a in client.list_artifacts(run.info.run_id)} - {"metrics.jsonl", "params.json"}
+        assert len(files) == 1 and files <= {"fid_2step.json", "grid_1step.png", "dfid.json"}, (key, files)
+
+
+def test_evaluate_many_checks_every_evaluation_before_running_any(lenet_world, tmp_path, capsys):
+    from tcm_core.cli import main
+
+    out = tmp_path / "fid.json"
+    good = f"grid --ckpt {tmp_path / 'absent.safetensors'} --num 4 --out {tmp_path / 'g.png'}"
+    assert main(["evaluate", "many", "--each", f"fid --num 4 --out {out}", "--each", "many --each x"]) == 2
+    assert "--each" in capsys.readouterr().err
+    for bad in ("mid-t-sweep --ckpt x", "", f"{good} --mlflow-uri sqlite:///{tmp_path / 'x.db'}"):
+        assert main(["evaluate", "many", "--each", good, "--each", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--each" in err[0], err
+    assert not (tmp_path / "g.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
 # The 2-step middle-time sweep (issue 28)
 # ---------------------------------------------------------------------------------------------------
 def test_mid_t_sweep_skips_below_t_prime_and_each_point_is_the_fid_command(lenet_world, tmp_path):

@@ -21,6 +21,16 @@ def test_the_slurm_modules_are_one_unit_and_start_first():
         REPO / "scripts" / "test.sh").read_text()
 
 
+def test_the_paper_tables_run_is_a_unit_of_its_own_started_at_once():
+    [(name, unit)] = conftest.OWN_UNITS.items()
+    assert f"def {name}(" in (REPO / "tests" / "test_reporting.py").read_text()
+    workers = int(re.search(r'TCM_TEST_WORKERS:-(\d+)', (REPO / "scripts" / "test.sh").read_text()).group(1))
+    assert conftest.LONGEST_FIRST.index(unit) < workers  # one of the units the workers start with
+    # the unit its worker is handed with it (xdist: while <= 2 tests are pending) is the 2-test test_atomic
+    assert conftest.LONGEST_FIRST[workers] == "test_atomic"
+    assert (REPO / "tests" / "test_atomic.py").read_text().count("\ndef test_") <= 2
+
+
 def test_each_module_is_one_unit_on_the_workers():
     modules = ["tests/test_measurements_doc.py", "tests/test_precond.py"]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-n", "2", "--dist",

@@ -57,7 +57,10 @@ pytestmark = pytest.mark.slow
 PARTITION = "tcmci"
 STATUS_TIMING = ["--slurm-init-seconds-before-status-checks", "2"]
 KILL_AFTER = 900  # seconds; Snakemake is SIGKILLed after this (it can hang on a job it never sees end)
-TRACKED_RULES = {"pretrain_edm", "stage1", "stage1_continued", "stage2", "stage3", "fid", "dfid", "sample_grid"}
+TRACKED_RULES = {"pretrain_edm", "stage1", "stage1_continued", "stage2", "stage3", "fid", "dfid", "sample_grid",
+                 "evaluate_network"}
+# the MLflow child runs of one evaluate_network job, by the rule that would run each alone (ci: 2 dFID sweeps)
+NETWORK_EVALUATIONS = {"fid": 2, "sample_grid": 2, "dfid": 2}
 PREEMPT_ITERATIONS = 30  # stage 1 of the preempt run: long enough to be cancelled after a saved state
 TRAIN_RULES = {"pretrain_edm", "stage1", "stage1_continued", "stage2", "stage3"}
 STAGE2_MAIN = "results/ci/stage2/main/network.safetensors"
@@ -119,9 +122,10 @@ def test_profile_name_resolves_and_plans_gpu_requests(tmp_path):
         assert r["gpu"] == str(cifar["train"]["gpu"]) and r["nodes"] == "1", (rule, r)
         assert r["runtime"] == "1440" and r["gpu_model"] == "a100", (rule, r)  # 24h from the environment
         assert r["slurm_partition"] == "gpu" and r["slurm_account"] == "proj42", (rule, r)
-    for rule in ("fid", "dfid", "sample_grid", "reference_stats"):
+    for rule in ("fid", "dfid", "reference_stats", "evaluate_network"):  # sample_grid: the distillation arm
         r = resources[rule]
-        assert r["gpu"] == "1" and r["runtime"] == str(cifar["eval"]["runtime"]), (rule, r)
+        runs = 6 if rule == "evaluate_network" else 1  # cifar10's main networks: 2 FIDs, 2 grids, 2 dFID sweeps
+        assert r["gpu"] == "1" and r["runtime"] == str(runs * cifar["eval"]["runtime"]), (rule, r)
         assert r["slurm_partition"] == "gpu" and r["gpu_model"] == "a100", (rule, r)
     assert resources["prepare_dataset"]["gpu"] == "0" and "gpu_model" not in resources["prepare_dataset"]
     assert resources["prepare_dataset"]["slurm_partition"] == "gpu"
@@ -397,7 +401,11 @@ def test_ci_all_runs_every_job_on_slurm(runs):
     by_rule: dict[str, list] = {}
     for child in children:
         by_rule.setdefault(child.data.tags.get("tcm.rule"), []).append(child)
+    expected: dict[str, int] = {}  # child runs by tcm.rule: one per job, an evaluate_network job's per evaluation
     for rule, count in submitted.items():
+        for each, n in (NETWORK_EVALUATIONS if rule == "evaluate_network" else {rule: 1}).items():
+            expected[each] = expected.get(each, 0) + n * count
+    for rule, count in expected.items():
         if rule not in TRACKED_RULES:
             continue
         got = by_rule.get(rule, [])

@@ -10,7 +10,7 @@ from tests.workflow_helpers import REPO, job_counts, make_workdir, snakemake, wr
 
 pytestmark = pytest.mark.slow
 
-EVALS_MAIN = {"fid": 6, "dfid": 6, "sample_grid": 6}  # 3 runs x (1/2-step FID, 2 dFID sweeps, 2 grids)
+EVALS_MAIN = {"evaluate_network": 3}  # 3 runs, one job each: 1/2-step FID, their 2 grids, 2 dFID sweeps
 OWN_PRETRAIN = {"mlflow_init": 1, "prepare_dataset": 1, "pretrain_edm": 1, "train_feature_net": 1,
                 "reference_stats": 1}
 TRAIN_MAIN = {"stage1": 1, "stage1_continued": 1, "stage2": 1}
@@ -19,7 +19,7 @@ TRAIN_MAIN = {"stage1": 1, "stage1_continued": 1, "stage2": 1}
 # the intermediate arm (App. B): the fine-tuning, its 2 Stage-2 variants with their 1-step FIDs, and dFID_t' of
 # Stage 1's network and of the fine-tuned one (before / after)
 INTERMEDIATE = {"intermediate": 1, "intermediate_stage2": 2}
-ABLATIONS = {"stage2": 15, "stage3": 1, "fid": 6 + 14 + 1 + 2, "dfid": 6 + 2, **INTERMEDIATE}
+ABLATIONS = {"stage2": 15, "stage3": 1, "fid": 14 + 1 + 2, "dfid": 2, **INTERMEDIATE}
 
 EXPECTED = {
     ("tiny", "all"): {**OWN_PRETRAIN, **TRAIN_MAIN, **EVALS_MAIN, "all": 1},
@@ -148,15 +148,17 @@ def test_paper_tables_trains_three_seeds_of_the_claim_bearing_arms(tiny_paper_ta
     from the one CD Stage 1, claim S5), and the intermediate arm (claim S6) get seeds 1 and 2 in R/seed~j."""
     out = tiny_paper_tables
     counts = job_counts(out)
-    # 106 before the intermediate arm (3 + 6 training, 6 fid, 4 dfid jobs), 125 before the middle-time sweeps (6)
-    assert sum(counts.values()) == 131
+    # 106 before the intermediate arm (3 + 6 training, 6 fid, 4 dfid jobs), 125 before the middle-time sweeps (6),
+    # 131 before the main networks' 18 evaluations became 3 evaluate_network jobs
+    assert sum(counts.values()) == 116
     assert (counts["stage1"], counts["stage1_continued"], counts["stage2"]) == (1, 1 + 2, 15 + 2 * (1 + 5))
     assert (counts["cd_stage1"], counts["cd_stage1_continued"], counts["cd_stage2"]) == (1, 1 + 2, 1 + 2)
     assert (counts["intermediate"], counts["intermediate_stage2"]) == (1 + 2, 2 * (1 + 2))
     # 1- and 2-step FIDs of the main and distillation runs, 1-step of each ablation cell, Stage 3 and intermediate
     # variant, and the 1-step FID of each extra seed (2 x (2 CT arms + 5 ablation cells + 2 CD arms + 2 variants))
     assert counts["fid"] == ABLATIONS["fid"] + DISTILL["fid"] + 2 * (2 + 5 + 2 + 2)
-    assert counts["dfid"] == 6 + 1 + 3  # the main runs' 2 sweeps; dFID_t' of Stage 1 and of 3 fine-tuned seeds
+    assert counts["dfid"] == 1 + 3  # dFID_t' of Stage 1 and of 3 fine-tuned seeds (the main runs': evaluate_network)
+    assert counts["evaluate_network"] == 3
     d = "results/tiny/distill"
     for j in (1, 2):
         for stage, rule in (("stage1_continued", "cd_stage1_continued"), ("stage2", "cd_stage2")):

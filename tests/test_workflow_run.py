@@ -21,8 +21,7 @@ pytestmark = pytest.mark.slow
 R = "results/ci"
 TARGETS = list(CI_SLICE)
 EXPECTED_JOBS = {"mlflow_init": 1, "prepare_dataset": 1, "pretrain_edm": 1, "train_feature_net": 1,
-                 "reference_stats": 1, "stage1": 1, "stage1_continued": 1, "stage2": 1, "fid": 4, "dfid": 1,
-                 "sample_grid": 1}
+                 "reference_stats": 1, "stage1": 1, "stage1_continued": 1, "stage2": 1, "evaluate_network": 3}
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +56,9 @@ def test_outputs_and_mlflow_store(ran):
     parents = [r for r in runs if r.data.tags.get("tcm.role") == "parent"]
     assert [p.info.run_id for p in parents] == [record["parent_run_id"]]
     children = {r.data.tags["tcm.run_key"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
-    # one child run per job that logs (training and evaluation), each under the study parent
-    assert len(children) == 4 + 6, sorted(children)
+    # one child run per training job and per evaluation (an evaluate_network job: 2 FIDs, 2 grids, 2 dFID sweeps
+    # of its network), each under the study parent
+    assert len(children) == 4 + 3 * 6, sorted(children)
     assert all(r.data.tags["mlflow.parentRunId"] == record["parent_run_id"] for r in children.values())
     assert all(r.info.status == "FINISHED" and r.data.tags["tcm.preset"] == "ci" for r in children.values())
     s2 = children["stage2:ci:stage2/main"]

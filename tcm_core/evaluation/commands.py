@@ -330,7 +330,7 @@ def run_reference_stats(args: argparse.Namespace) -> int:
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="what", metavar="{fid,dfid,grid,mid-t-sweep}", required=True)
+    sub = parser.add_subparsers(dest="what", metavar="{fid,dfid,grid,mid-t-sweep,many}", required=True)
     fid = sub.add_parser("fid", help="FID of 1- or few-step generation, min over seed sets")
     fid.add_argument("--ckpt", required=True, type=Path)
     fid.add_argument("--steps", default="80", help="sampling times, e.g. 80 or 80,1.0")
@@ -369,12 +369,19 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
     mid_t_sweep.add_arguments(sub, _add_common_arguments, _add_extractor_arguments)
     sub.choices["mid-t-sweep"].set_defaults(_run=run_evaluate)
+    from tcm_core.evaluation import many
+
+    many.add_arguments(sub)
+    sub.choices["many"].set_defaults(_run=run_evaluate)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    _check_batch(args.batch)
+    from tcm_core.evaluation.many import run_many
     from tcm_core.evaluation.mid_t_sweep import run_mid_t_sweep
 
+    if args.what == "many":
+        return run_many(args)
+    _check_batch(args.batch)
     runs = {"fid": _run_fid, "dfid": _run_dfid, "grid": _run_grid, "mid-t-sweep": run_mid_t_sweep}
     return runs[args.what](args)
 

@@ -23,18 +23,10 @@ rule fid:
         runtime=res("eval", "runtime"),
         cpus_per_task=res("eval", "cpus_per_task"),
     params:
-        steps=eval_steps,
-        num=eval_num,
-        seeds=eval_seeds,
-        features=feature_args,
-        device=P["device"],
-        tracking=eval_tracking("fid"),
+        command=fid_params,
         env=eval_env("fid"),
     shell:
-        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate fid --ckpt {input.ckpt}"
-        " --steps {params.steps} --num {params.num} --seeds {params.seeds} {params.features}"
-        " --ref-stats {input.ref} --out {output.json} --device {params.device}"
-        " {params.tracking} > {log} 2>&1"
+        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate {params.command} > {log} 2>&1"
 
 
 rule mid_t_sweep:
@@ -93,17 +85,10 @@ rule dfid:
         runtime=res("eval", "runtime"),
         cpus_per_task=res("eval", "cpus_per_task"),
     params:
-        ts=dfid_ts,
-        num=EVAL["dfid_num"],
-        features=feature_args,
-        device=P["device"],
-        tracking=eval_tracking("dfid"),
+        command=dfid_params,
         env=eval_env("dfid"),
     shell:
-        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate dfid --ckpt {input.ckpt}"
-        " --data {input.data} --ts {params.ts} --num {params.num} {params.features}"
-        " --ref-stats {input.ref} --out {output.json} --device {params.device}"
-        " {params.tracking} > {log} 2>&1"
+        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate {params.command} > {log} 2>&1"
 
 
 rule sample_grid:
@@ -111,13 +96,7 @@ rule sample_grid:
         ckpt=eval_ckpt,
         mlflow=ancient("results/{preset}/mlflow.json"),
     output:
-        png=report(
-            "results/{preset}/{run}/eval/grid_{steps}.png",
-            caption="../report/sample_grid.rst",
-            category="Samples",
-            subcategory="{run}",
-            labels={"run": "{run}", "sampling": "{steps}"},
-        ),
+        png=grid_report("results/{preset}/{run}/eval/grid_{steps}.png", "{steps}"),
     log:
         "results/{preset}/logs/sample_grid/{run}/{steps}.log",
     conda:
@@ -129,12 +108,45 @@ rule sample_grid:
         runtime=res("eval", "runtime"),
         cpus_per_task=res("eval", "cpus_per_task"),
     params:
-        steps=eval_steps,
-        num=EVAL["grid_num"],
-        device=P["device"],
-        tracking=eval_tracking("sample_grid"),
+        command=grid_params,
         env=eval_env("sample_grid"),
     shell:
-        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate grid --ckpt {input.ckpt}"
-        " --steps {params.steps} --num {params.num} --seed 0 --out {output.png}"
-        " --device {params.device} {params.tracking} > {log} 2>&1"
+        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate {params.command} > {log} 2>&1"
+
+
+rule evaluate_network:
+    """Every evaluation `all` reads of a main network (network_evaluations: 1- and 2-step FID, their grids, the
+    dFID sweeps) in one job: `evaluate many` runs each evaluation's own command in one process, so torch and
+    MLflow start once, not six times. The outputs, MLflow child runs and run keys are those of the separate
+    rules (fid, sample_grid, dfid), which still evaluate every other network and any single file asked for.
+    """
+    input:
+        ckpt=eval_ckpt,
+        data=dataset_path,
+        ref=ref_stats_path,
+        feature_net=feature_net_path,
+        mlflow=ancient("results/{preset}/mlflow.json"),
+    output:
+        **network_eval_outputs(),
+    log:
+        "results/{preset}/logs/evaluate_network/{run}.log",
+    wildcard_constraints:
+        run="|".join(main_runs()),
+    conda:
+        "../../envs/tcm.yaml"
+    threads: res("eval", "cpus_per_task")
+    resources:
+        gpu=min(1, res("eval", "gpu")),
+        mem_mb=res("eval", "mem_mb"),
+        runtime=res("eval", "runtime") * len(network_evaluations()),  # the separate jobs' time, in turn
+        cpus_per_task=res("eval", "cpus_per_task"),
+    params:
+        each=network_each,
+        env=eval_env("evaluate_network", per_output=False),
+    shell:
+        "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate many {params.each} > {log} 2>&1"
+
+
+ruleorder: evaluate_network > fid
+ruleorder: evaluate_network > dfid
+ruleorder: evaluate_network > sample_grid

@@ -4,6 +4,7 @@
 import hashlib
 import json
 import shlex
+import types
 
 import yaml
 
@@ -24,11 +25,12 @@ def fill(template, wildcards):
     return template.format(**dict(wildcards.items()))
 
 
-def mlflow_env(run_key, stage, grid="main", target=None, artifacts=()):
-    """Environment prefix that tags the job's MLflow child run (read by tcm_core.tracking.tracker.open_tracker)."""
-    tags = {
-        "tcm.run_key": run_key,
-        "tcm.rule": run_key.split(":", 1)[0],
+def mlflow_env(run_key, stage, grid="main", target=None, artifacts=(), shared=False):
+    """Environment prefix that tags the job's MLflow child run (read by tcm_core.tracking.tracker.open_tracker);
+    shared: the tags of every run of an `evaluate many` job, without the run key and rule each one adds.
+    """
+    tags = {} if shared else {"tcm.run_key": run_key, "tcm.rule": run_key.split(":", 1)[0]}
+    tags |= {
         "tcm.preset": PRESET,
         "tcm.stage": stage,
         "tcm.grid": grid,
@@ -279,22 +281,36 @@ def target_run_key(run):
 
 
 def eval_run_key(rule_name, wildcards):
-    suffix = wildcards.get("steps") or wildcards.get("sweep") or "sweep"
+    suffix = getattr(wildcards, "steps", None) or getattr(wildcards, "sweep", None) or "sweep"
     return f"{rule_name}:{PRESET}:{wildcards.run}:{suffix}"
+
+
+def eval_tracking_args(rule_name, wildcards, mlflow_record):
+    target = target_run_key(wildcards.run)
+    extra = f" --target-run-key {shlex.quote(target)}" if target else ""
+    return tracking_args(eval_run_key(rule_name, wildcards), mlflow_record) + extra
 
 
 def eval_tracking(rule_name):
     def args(wildcards, input):
-        target = target_run_key(wildcards.run)
-        key = eval_run_key(rule_name, wildcards)
-        extra = f" --target-run-key {shlex.quote(target)}" if target else ""
-        return tracking_args(key, input.mlflow) + extra
+        return eval_tracking_args(rule_name, wildcards, input.mlflow)
 
     return args
 
 
-def eval_env(rule_name):
+def eval_env(rule_name, per_output=True):
+    """The job's MLflow tags; per_output=False: the tags an `evaluate many` job shares (no run key, rule or
+    artifacts: each evaluation adds its own)."""
+
     def env(wildcards, output):
+        if not per_output:
+            return mlflow_env(
+                "",
+                "eval",
+                grid_of(wildcards.run),
+                target=target_run_key(wildcards.run),
+                shared=True,
+            )
         return mlflow_env(
             eval_run_key(rule_name, wildcards),
             "eval",
@@ -304,6 +320,90 @@ def eval_env(rule_name):
         )
 
     return env
+
+
+# The arguments of `python -m tcm_core evaluate fid | dfid | grid`: rendered once here, for the rules that run one
+# evaluation (fid, dfid, sample_grid) and for evaluate_network, which runs several in one `evaluate many` job.
+
+
+def fid_command(wildcards, input, out):
+    return (
+        f"fid --ckpt {input.ckpt} --steps {eval_steps(wildcards)} --num {eval_num(wildcards)}"
+        f" --seeds {eval_seeds(wildcards)} {feature_args()} --ref-stats {input.ref} --out {out}"
+        f" --device {P['device']} {eval_tracking_args('fid', wildcards, input.mlflow)}"
+    )
+
+
+def dfid_command(wildcards, input, out):
+    return (
+        f"dfid --ckpt {input.ckpt} --data {input.data} --ts {dfid_ts(wildcards)} --num {EVAL['dfid_num']}"
+        f" {feature_args()} --ref-stats {input.ref} --out {out} --device {P['device']}"
+        f" {eval_tracking_args('dfid', wildcards, input.mlflow)}"
+    )
+
+
+def grid_command(wildcards, input, out):
+    return (
+        f"grid --ckpt {input.ckpt} --steps {eval_steps(wildcards)} --num {EVAL['grid_num']} --seed 0 --out {out}"
+        f" --device {P['device']} {eval_tracking_args('sample_grid', wildcards, input.mlflow)}"
+    )
+
+
+def fid_params(wildcards, input, output):
+    return fid_command(wildcards, input, output.json)
+
+
+def dfid_params(wildcards, input, output):
+    return dfid_command(wildcards, input, output.json)
+
+
+def grid_params(wildcards, input, output):
+    return grid_command(wildcards, input, output.png)
+
+
+def network_evaluations():
+    """What evaluate_network writes for a main network, {output name: (command, wildcards besides run)}: the
+    1- and 2-step FIDs, their sample grids and the dFID sweeps, each the command of its own rule."""
+    out = {f"fid_{s}": (fid_command, {"steps": s}) for s in ("1step", "2step")}
+    out |= {f"grid_{s}": (grid_command, {"steps": s}) for s in ("1step", "2step")}
+    return out | {sweep: (dfid_command, {"sweep": sweep}) for sweep in dfid_sweeps()}
+
+
+def grid_report(path, steps):
+    """A sample grid as the report shows it (under Samples, per run)."""
+    return report(
+        path,
+        caption="../report/sample_grid.rst",
+        category="Samples",
+        subcategory="{run}",
+        labels={"run": "{run}", "sampling": steps},
+    )
+
+
+def network_eval_outputs():
+    out = {name: f"results/{{preset}}/{{run}}/eval/{name}.json" for name in network_evaluations()}
+    for steps in ("1step", "2step"):
+        out[f"grid_{steps}"] = grid_report(
+            f"results/{{preset}}/{{run}}/eval/grid_{steps}.png", steps
+        )
+    return out
+
+
+def in_double_quotes(text):
+    """`text` as one double-quoted shell word in which only $TCM_MLFLOW_URI (the tracking URI) is expanded."""
+    escaped = "".join(f"\\{c}" if c in '\\"`$' else c for c in text)
+    uri = "$TCM_MLFLOW_URI"
+    escaped = escaped.replace(f"\\{uri}", uri)
+    return f'"{escaped}"'
+
+
+def network_each(wildcards, input, output):
+    """`--each '...'` of every evaluation of evaluate_network, in the order of network_evaluations()."""
+    words = []
+    for name, (command, extra) in network_evaluations().items():
+        sub = types.SimpleNamespace(run=wildcards.run, **extra)
+        words.append(f"--each {in_double_quotes(command(sub, input, getattr(output, name)))}")
+    return " ".join(words)
 
 
 def dfid_ts(wildcards):
