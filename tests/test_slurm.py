@@ -122,7 +122,7 @@ def test_profile_name_resolves_and_plans_gpu_requests(tmp_path):
         assert r["gpu"] == str(cifar["train"]["gpu"]) and r["nodes"] == "1", (rule, r)
         assert r["runtime"] == "1440" and r["gpu_model"] == "a100", (rule, r)  # 24h from the environment
         assert r["slurm_partition"] == "gpu" and r["slurm_account"] == "proj42", (rule, r)
-    for rule in ("fid", "dfid", "reference_stats", "evaluate_network"):  # sample_grid: the distillation arm
+    for rule in ("fid", "dfid", "reference_stats", "evaluate_network"):  # sample_grid: no job of this plan
         r = resources[rule]
         runs = 6 if rule == "evaluate_network" else 1  # cifar10's main networks: 2 FIDs, 2 grids, 2 dFID sweeps
         assert r["gpu"] == "1" and r["runtime"] == str(runs * cifar["eval"]["runtime"]), (rule, r)

@@ -42,7 +42,7 @@ EXPECTED = {
 }
 
 
-DISTILL = {"cd_stage1": 1, "cd_stage1_continued": 1, "cd_stage2": 1, "fid": 6, "sample_grid": 3}
+DISTILL = {"cd_stage1": 1, "cd_stage1_continued": 1, "cd_stage2": 1, "evaluate_distill_network": 3}  # 2 FIDs + grid
 CIFAR_SOURCES = {"fetch_checkpoint": 1, "fetch_dataset": 1, "mlflow_init": 1, "prepare_dataset": 1,
                  "reference_stats": 1}
 
@@ -149,14 +149,15 @@ def test_paper_tables_trains_three_seeds_of_the_claim_bearing_arms(tiny_paper_ta
     out = tiny_paper_tables
     counts = job_counts(out)
     # 106 before the intermediate arm (3 + 6 training, 6 fid, 4 dfid jobs), 125 before the middle-time sweeps (6),
-    # 131 before the main networks' 18 evaluations became 3 evaluate_network jobs
-    assert sum(counts.values()) == 116
+    # 131 before the main networks' 18 evaluations became 3 evaluate_network jobs, 116 before the distillation arm's
+    # 9 became 3 evaluate_distill_network jobs
+    assert sum(counts.values()) == 110
     assert (counts["stage1"], counts["stage1_continued"], counts["stage2"]) == (1, 1 + 2, 15 + 2 * (1 + 5))
     assert (counts["cd_stage1"], counts["cd_stage1_continued"], counts["cd_stage2"]) == (1, 1 + 2, 1 + 2)
     assert (counts["intermediate"], counts["intermediate_stage2"]) == (1 + 2, 2 * (1 + 2))
     # 1- and 2-step FIDs of the main and distillation runs, 1-step of each ablation cell, Stage 3 and intermediate
     # variant, and the 1-step FID of each extra seed (2 x (2 CT arms + 5 ablation cells + 2 CD arms + 2 variants))
-    assert counts["fid"] == ABLATIONS["fid"] + DISTILL["fid"] + 2 * (2 + 5 + 2 + 2)
+    assert counts["fid"] == ABLATIONS["fid"] + 2 * (2 + 5 + 2 + 2)
     assert counts["dfid"] == 1 + 3  # dFID_t' of Stage 1 and of 3 fine-tuned seeds (the main runs': evaluate_network)
     assert counts["evaluate_network"] == 3
     d = "results/tiny/distill"

@@ -150,3 +150,22 @@ rule evaluate_network:
 ruleorder: evaluate_network > fid
 ruleorder: evaluate_network > dfid
 ruleorder: evaluate_network > sample_grid
+
+
+if DISTILL_RUNS:
+
+    use rule evaluate_network as evaluate_distill_network with:
+        output:
+            **network_eval_outputs("distill"),
+        log:
+            "results/{preset}/logs/evaluate_distill_network/{run}.log",
+        wildcard_constraints:
+            run="|".join(DISTILL_RUNS),
+        resources:
+            gpu=min(1, res("eval", "gpu")),
+            mem_mb=res("eval", "mem_mb"),
+            runtime=res("eval", "runtime") * len(network_evaluations("distill")),
+            cpus_per_task=res("eval", "cpus_per_task"),
+
+    ruleorder: evaluate_distill_network > fid
+    ruleorder: evaluate_distill_network > sample_grid

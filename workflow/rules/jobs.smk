@@ -361,10 +361,14 @@ def grid_params(wildcards, input, output):
     return grid_command(wildcards, input, output.png)
 
 
-def network_evaluations():
+def network_evaluations(arm="main"):
     """What evaluate_network writes for a main network, {output name: (command, wildcards besides run)}: the
-    1- and 2-step FIDs, their sample grids and the dFID sweeps, each the command of its own rule."""
+    1- and 2-step FIDs, their sample grids and the dFID sweeps, each the command of its own rule; arm="distill":
+    what evaluate_distill_network writes for the distillation arm's (the FIDs and the 1-step grid).
+    """
     out = {f"fid_{s}": (fid_command, {"steps": s}) for s in ("1step", "2step")}
+    if arm == "distill":
+        return out | {"grid_1step": (grid_command, {"steps": "1step"})}
     out |= {f"grid_{s}": (grid_command, {"steps": s}) for s in ("1step", "2step")}
     return out | {sweep: (dfid_command, {"sweep": sweep}) for sweep in dfid_sweeps()}
 
@@ -380,12 +384,13 @@ def grid_report(path, steps):
     )
 
 
-def network_eval_outputs():
-    out = {name: f"results/{{preset}}/{{run}}/eval/{name}.json" for name in network_evaluations()}
-    for steps in ("1step", "2step"):
-        out[f"grid_{steps}"] = grid_report(
-            f"results/{{preset}}/{{run}}/eval/grid_{steps}.png", steps
-        )
+def network_eval_outputs(arm="main"):
+    out = {}
+    for name in network_evaluations(arm):
+        if name.startswith("grid_"):
+            out[name] = grid_report(f"results/{{preset}}/{{run}}/eval/{name}.png", name[5:])
+        else:
+            out[name] = f"results/{{preset}}/{{run}}/eval/{name}.json"
     return out
 
 
@@ -398,9 +403,11 @@ def in_double_quotes(text):
 
 
 def network_each(wildcards, input, output):
-    """`--each '...'` of every evaluation of evaluate_network, in the order of network_evaluations()."""
+    """`--each '...'` of every evaluation of evaluate_network (or evaluate_distill_network), in the order of
+    network_evaluations()."""
     words = []
-    for name, (command, extra) in network_evaluations().items():
+    arm = "distill" if grid_of(wildcards.run) == "distill" else "main"
+    for name, (command, extra) in network_evaluations(arm).items():
         sub = types.SimpleNamespace(run=wildcards.run, **extra)
         words.append(f"--each {in_double_quotes(command(sub, input, getattr(output, name)))}")
     return " ".join(words)
