@@ -142,7 +142,7 @@ rule evaluate_network:
         cpus_per_task=res("eval", "cpus_per_task"),
     params:
         each=network_each,
-        env=eval_env("evaluate_network", per_output=False),
+        env=network_eval_env,
     shell:
         "{params.env} OMP_NUM_THREADS={threads} python -m tcm_core evaluate many {params.each} > {log} 2>&1"
 

@@ -25,11 +25,11 @@ def fill(template, wildcards):
     return template.format(**dict(wildcards.items()))
 
 
-def mlflow_env(run_key, stage, grid="main", target=None, artifacts=(), shared=False):
+def mlflow_env(run_key, stage, grid="main", target=None, artifacts=()):
     """Environment prefix that tags the job's MLflow child run (read by tcm_core.tracking.tracker.open_tracker);
-    shared: the tags of every run of an `evaluate many` job, without the run key and rule each one adds.
+    run_key None: the tags every run of an `evaluate many` job shares (each adds its own run key and rule).
     """
-    tags = {} if shared else {"tcm.run_key": run_key, "tcm.rule": run_key.split(":", 1)[0]}
+    tags = {} if run_key is None else {"tcm.run_key": run_key, "tcm.rule": run_key.split(":", 1)[0]}
     tags |= {
         "tcm.preset": PRESET,
         "tcm.stage": stage,
@@ -298,19 +298,8 @@ def eval_tracking(rule_name):
     return args
 
 
-def eval_env(rule_name, per_output=True):
-    """The job's MLflow tags; per_output=False: the tags an `evaluate many` job shares (no run key, rule or
-    artifacts: each evaluation adds its own)."""
-
+def eval_env(rule_name):
     def env(wildcards, output):
-        if not per_output:
-            return mlflow_env(
-                "",
-                "eval",
-                grid_of(wildcards.run),
-                target=target_run_key(wildcards.run),
-                shared=True,
-            )
         return mlflow_env(
             eval_run_key(rule_name, wildcards),
             "eval",
@@ -320,6 +309,11 @@ def eval_env(rule_name, per_output=True):
         )
 
     return env
+
+
+def network_eval_env(wildcards):
+    """The MLflow tags an `evaluate many` job shares: no run key, rule or artifacts (each evaluation has its own)."""
+    return mlflow_env(None, "eval", grid_of(wildcards.run), target=target_run_key(wildcards.run))
 
 
 # The arguments of `python -m tcm_core evaluate fid | dfid | grid`: rendered once here, for the rules that run one
@@ -388,7 +382,9 @@ def network_eval_outputs(arm="main"):
     out = {}
     for name in network_evaluations(arm):
         if name.startswith("grid_"):
-            out[name] = grid_report(f"results/{{preset}}/{{run}}/eval/{name}.png", name[5:])
+            out[name] = grid_report(
+                f"results/{{preset}}/{{run}}/eval/{name}.png", name.removeprefix("grid_")
+            )
         else:
             out[name] = f"results/{{preset}}/{{run}}/eval/{name}.json"
     return out
