@@ -169,7 +169,7 @@ def test_paper_tables_trains_three_seeds_of_the_claim_bearing_arms(tiny_paper_ta
             # compared by final FIDs (S5, Table 5): no mid-run evaluation; seed 0 keeps its curves
             assert " eval_points=0 " in line and " eval_every=0 " in line, line
             seed0 = next(x for x in out.splitlines() if f"--out {d}/{stage} " in x)
-            assert " eval_points=6 " in seed0, seed0
+            assert " eval_points=5 " in seed0, seed0
             assert f"--state-dir results/tiny/_state/distill/{stage}/seed~{j}/" in line, line
             assert f"--init {d}/stage1/network.safetensors" in line  # the one CD Stage 1
             start = f"--init-state {d}/stage1/train_state.pt" if stage == "stage1_continued" else (
@@ -182,11 +182,11 @@ def test_paper_tables_trains_three_seeds_of_the_claim_bearing_arms(tiny_paper_ta
         assert f"{r}/stage2/ablation/t_prime~1.0/rho~0.25/w_b~0.01/student_sigma~0.2/student_nu~0.01/seed~{j}" in out
     control = next(line for line in out.splitlines() if f"--out {r}/stage1_continued/seed~2 " in line)
     assert " seed=103 " in control and f"--init-state {r}/stage1/train_state.pt" in control  # Stage 1's state
-    assert " eval_points=6 " in control and " eval_num=256 " in control  # periodic: 6 points, 256 samples
+    assert " eval_points=5 " in control and " eval_num=1000 " in control  # periodic: 5 points, 1000 samples
     assert f"{r}/stage2/ablation/t_prime~1.0/rho~0.1/w_b~0.1/student_sigma~0.2/student_nu~0.01/seed~1" not in out
     # periodic curves only where a figure draws them: the (sigma, nu) grid of Fig. 4b, not the t' cells
     cell = "stage2/ablation/t_prime~1.0/rho~0.25/w_b~0.1/student_sigma~{}/student_nu~{} "
-    for sigma, nu, points in (("2.0", "10000.0", 6), ("0.2", "2.0", 6), ("0.2", "0.01", 6)):
+    for sigma, nu, points in (("2.0", "10000.0", 5), ("0.2", "2.0", 5), ("0.2", "0.01", 5)):
         line = next(x for x in out.splitlines() if f"--out {r}/" + cell.format(sigma, nu) in x)
         assert f" eval_points={points} " in line, line
     t_cell = next(x for x in out.splitlines() if f"--out {r}/stage2/ablation/t_prime~0.17/" in x)
