@@ -22,11 +22,11 @@ Resolution of a mode's keys from ``presets[P]`` (see docs/ARCHITECTURE.md "confi
   the preset's ``teacher`` (``{kind: pretrain}`` the preset's own pretrained model, ``{kind: init}`` the Stage-1
   init file, ``{kind: checkpoint, name | url, sha256}`` fetched like the init, ``{kind: path, path}``).
 
-Training seeds: ``training_seeds: {all: K0, paper_tables: K}`` gives the claim-bearing arms (the control and the
-main Stage 2, both from the one Stage-1 run, :func:`seeded_ablation_points`, and the distillation arm's control and
-Stage 2 (:data:`DISTILL_SEEDED_MODES`), both from the one CD Stage-1 run) K independent training seeds for the
-target ``paper_tables`` (K0 for ``all`` and ``all_distillation``). Seed j > 0 of run folder R is the folder
-``R/seed~j``; seed 0 is R itself (the run of ``all``).
+Training seeds: ``training_seeds: {all: K0, paper_tables: K, study: KS}`` gives the claim-bearing arms (the
+control and the main Stage 2, both from the one Stage-1 run, :func:`seeded_ablation_points`, and the distillation
+arm's control and Stage 2 (:data:`DISTILL_SEEDED_MODES`), both from the one CD Stage-1 run) K independent training
+seeds for the target ``paper_tables`` (K0 for ``all`` and ``all_distillation``, KS for ``study``). Seed j > 0 of run
+folder R is ``R/seed~j``; seed 0 is R itself (the run of ``all``).
 
 A flat YAML (no ``presets``) is taken as the TrainConfig keys directly.
 
@@ -250,7 +250,7 @@ def ablation_keys(preset: dict[str, Any], point: dict[str, Any]) -> dict[str, An
 
 
 def training_seeds(preset: dict[str, Any], target: str) -> int:
-    """K: the training seeds of the claim-bearing arms for ``target`` (all | paper_tables); 1 when unset."""
+    """K: the training seeds of the claim-bearing arms for ``target`` (all | paper_tables | study); 1 when unset."""
     return int((preset.get("training_seeds") or {}).get(target, 1))
 
 

@@ -221,6 +221,27 @@ def test_table5_and_claim_s5_with_one_training_seed_are_inconclusive(tmp_path):
     assert diff[2:4] == ["-5 (1 seed, no interval)", "1"] and "verdict: **inconclusive**" in md
 
 
+def test_training_seeds_reports_the_first_k_seeds_as_a_study_of_k_would(tmp_path):
+    """`tables --training-seeds K` (paper_tables' K beside a longer study's seeds in one folder): the claims and
+    tables equal those of a folder that holds only those K seeds; without it every seed found counts."""
+    three, two = tmp_path / "three" / "results" / "tiny", tmp_path / "two" / "results" / "tiny"
+    build_synthetic(three, scenario=Scenario(seeds=3))
+    build_synthetic(two, scenario=Scenario(seeds=2))
+    cut = build_report("tiny", three, tmp_path / "cut", tracking_uri=None, figures=False, training_seeds=2)
+    alone = build_report("tiny", two, tmp_path / "alone", tracking_uri=None, figures=False)
+    every = build_report("tiny", three, tmp_path / "every", tracking_uri=None, figures=False)
+
+    def rows(report):
+        return [(c.cid, c.verdict, c.seeds, c.interval, c.mde, c.measured) for c in report.claims]
+
+    assert rows(cut) == rows(alone) and {c.seeds for c in cut.claims if c.cid in ("S1", "S5")} == {2}
+    assert {c.seeds for c in every.claims if c.cid in ("S1", "S5")} == {3}
+    for name in ("claims.csv", "table5_distillation.csv", "table6_intermediate.csv", "table3_tprime.csv"):
+        assert (tmp_path / "cut" / "tables" / name).read_text() == (tmp_path / "alone" / "tables" / name).read_text()
+    assert not any(r.seed_index >= 2 for r in cut.results.runs)
+    assert "training seeds 0 .. 1 of each arm (--training-seeds 2)" in cut.results.notes
+
+
 def test_table5_without_a_distillation_arm_says_so(tmp_path):
     results = tmp_path / "results" / "tiny"
     build_synthetic(results, scenario=Scenario(distill={}, ablations=False))

@@ -283,6 +283,25 @@ def test_paper_tables_plans_the_distillation_arm(workdir):
     assert "results/ci/tables/table5_distillation.md" in out
 
 
+def test_study_trains_its_own_seed_count_and_reports_in_its_folder(workdir):
+    """`study` is paper_tables at training_seeds.study: seeds 1 .. KS-1 of every claim-bearing arm, and the tables
+    read exactly KS seeds (--training-seeds) into results/<preset>/study; paper_tables keeps its own K."""
+    write_overlay(workdir / "study.yaml", "presets:\n  ci: {training_seeds: {paper_tables: 2, study: 4}}\n")
+    out = snakemake(workdir, "-n", "-p", "--configfile", "config.yaml", "study.yaml", "--config", "preset=ci",
+                    "--", "study", check=True).stdout
+    counts = job_counts(out)
+    assert (counts["stage1_continued"], counts["cd_stage1_continued"], counts["cd_stage2"]) == (4, 4, 4)
+    assert (counts["study_tables"], counts["study"]) == (1, 1) and "tables" not in counts
+    for j in (1, 2, 3):
+        assert f"results/ci/stage2/main/seed~{j}/eval/fid_1step.json" in out
+        assert f"results/ci/distill/stage2/seed~{j}/eval/fid_1step.json" in out
+    assert "results/ci/stage2/main/seed~4/" not in out
+    assert "--out results/ci/study --training-seeds 4 " in out and "results/ci/study/tables/claims.md" in out
+    quick = snakemake(workdir, "-n", "-p", "--configfile", "config.yaml", "study.yaml", "--config", "preset=ci",
+                      "--", "paper_tables", check=True).stdout
+    assert "--out results/ci --training-seeds 2 " in quick and "results/ci/stage2/main/seed~2/" not in quick
+
+
 def test_cifar10_distils_edms_uncond_vp_model_from_the_inits_file(workdir):
     write_overlay(workdir / "cd.yaml", "presets:\n  cifar10: {distill: {method: cd, ode_solver: heun}}\n")
     out = snakemake(workdir, "-n", "-p", "--configfile", "config.yaml", "cd.yaml", "--config", "preset=cifar10",

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tcm_core.errors import ConfigError
 from tcm_core.io.atomic import write_bytes_atomic
 from tcm_core.report.claims import Claim, claims, claims_table, split_line
 from tcm_core.report.figures import FIGURE_BUILDERS, FIGURES
@@ -44,9 +45,13 @@ def build_report(
     tracking_uri: str | None = None,
     paper_values: Path | None = None,
     figures: bool = True,
+    training_seeds: int | None = None,
 ) -> Report:
-    """Read every result of ``preset`` and write the tables, figures and claims under ``out_dir``."""
+    """Read every result of ``preset`` and write the tables, figures and claims under ``out_dir``; with
+    ``training_seeds`` K, of training seeds 0 .. K-1 only."""
     results, timings = collect(Path(results_dir), preset, tracking_uri)
+    if training_seeds is not None:
+        results = results.first_seeds(training_seeds)
     out = Path(out_dir)
     paper = load_paper_values(paper_values)
 
@@ -146,17 +151,20 @@ def add_tables_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mlflow.json of the study: the tables and figures become artifacts of its parent run")
     parser.add_argument("--paper-values", type=Path, default=None, help="override of tcm_core/report/paper_values.csv")
     parser.add_argument("--no-figures", action="store_true", help="write the tables and claims only (quick look)")
+    parser.add_argument("--training-seeds", type=int, default=None, metavar="K",
+                        help="report training seeds 0 .. K-1 of each arm (the target's K); default: every seed found")
 
 
 def run_tables(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    report = build_report(
-        args.preset, args.results, args.out, args.tracking_uri, args.paper_values, figures=not args.no_figures
-    )
+    if args.training_seeds is not None and args.training_seeds < 1:
+        raise ConfigError(f"tables: --training-seeds {args.training_seeds}: give K >= 1 (the target's training_seeds)")
+    report = build_report(args.preset, args.results, args.out, args.tracking_uri, args.paper_values,
+                          figures=not args.no_figures, training_seeds=args.training_seeds)
     print(format_summary(report, time.perf_counter() - start), flush=True)
     if args.mlflow_parent and args.tracking_uri and args.tracking_uri.lower() != "none":
         from tcm_core.tracking.mlflow_store import log_on_parent
 
-        parent = log_on_parent(args.tracking_uri, args.mlflow_parent, report.files)
+        parent = log_on_parent(args.tracking_uri, args.mlflow_parent, report.files, root=args.results)
         print(f"  MLflow: {len(report.files)} files logged as artifacts of the study's parent run {parent}", flush=True)
     return 0

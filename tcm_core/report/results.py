@@ -86,6 +86,17 @@ class Results:
     crosscheck: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def first_seeds(self, count: int) -> Results:
+        """The study as if each arm had trained ``count`` seeds: training seeds 0 .. count-1 of every run and their
+        evaluations (a target's K, so that `paper_tables` reads K seeds however many a longer `study` left)."""
+        return Results(
+            self.preset,
+            [r for r in self.runs if r.seed_index < count],
+            [e for e in self.evaluations if e.target is None or split_seed(e.target)[1] < count],
+            [c for c in self.crosscheck if split_seed(str(c.get("run", "")))[1] < count],
+            [*self.notes, f"training seeds 0 .. {count - 1} of each arm (--training-seeds {count})"],
+        )
+
     def runs_of(self, stage: str, grid: str | None = None, all_seeds: bool = False) -> list[TrainingRun]:
         """The runs of a stage (and grid): training seed 0 only, unless ``all_seeds``."""
         return [r for r in self.runs if r.stage == stage and (grid is None or r.grid == grid)

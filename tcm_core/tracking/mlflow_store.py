@@ -331,13 +331,16 @@ def log_on_run(tracking_uri: str, parent: str | Path | dict, run_key: str, metri
     return run_id
 
 
-def log_on_parent(tracking_uri: str, parent: str | Path | dict, files: list[Path]) -> str:
-    """Files as artifacts of the study's parent run (under their folder's name, e.g. ``tables/``, ``figures/``);
-    the parent then ends unless a job still runs. Returns the parent's run id."""
+def log_on_parent(tracking_uri: str, parent: str | Path | dict, files: list[Path], root: Path | None = None) -> str:
+    """Files as artifacts of the study's parent run, under their folder relative to ``root`` (``tables/``,
+    ``study/tables/``; without ``root`` the folder's name); the parent then ends unless a job still runs. Returns
+    the parent's run id."""
     record = study_record(parent)
     client = store_client(tracking_uri)
     for path in files:
-        with_retry(client.log_artifact, record["parent_run_id"], str(path), Path(path).parent.name)
+        folder = Path(path).parent
+        where = folder.resolve().relative_to(Path(root).resolve()).as_posix() if root is not None else folder.name
+        with_retry(client.log_artifact, record["parent_run_id"], str(path), where)
     close_parent_if_idle(client, record["experiment_id"], record["parent_run_id"])
     return record["parent_run_id"]
 

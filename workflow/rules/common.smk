@@ -331,3 +331,92 @@ def intermediate_init(wildcards):
     if wildcards.variant == "init_stage1":
         return stage1_network()
     return f"{RESULTS}/{INTERMEDIATE['finetune']}{wildcards.seed}/network.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# The report targets: paper_tables (training_seeds.paper_tables seeds) and study (training_seeds.study),
+# each the same tables and figures in its own folder.
+PAPER_TABLE_RUNS = [
+    run
+    for run in main_runs()
+    + list(ABLATION_RUNS)
+    + (["stage3/main"] if 3 in ABL.get("stages", []) else [])
+    + DISTILL_RUNS
+    + list(INTERMEDIATE.values())
+    if not (run == "stage1" and P["init"].get("provides") == "stage1")
+]
+# Tables (Markdown + CSV) and figures: tcm_core.report.cli.output_files() lists the same names.
+PAPER_TABLES = {
+    "table1_cifar10": ("table1.rst", "Table 1 (CIFAR-10)"),
+    "table2_imagenet64": ("table2.rst", "Table 2 (ImageNet 64x64)"),
+    "table3_tprime": ("table3.rst", "Table 3 (t')"),
+    "table4_stages": ("table4.rst", "Table 4 (stages)"),
+    "table5_distillation": ("table5.rst", "Table 5 (distillation)"),
+    "table6_intermediate": ("table6.rst", "Table 6 (intermediate stage)"),
+    "mid_t_sweep": ("mid_t_sweep.rst", "2-step middle-time sweep"),
+    "claims": ("claims.rst", "Claims check"),
+}
+PAPER_FIGURES = {
+    "fig1b_fid_stages": ("fig1b.rst", "Fig. 1b"),
+    "fig2_dfid_stage1": ("fig2.rst", "Fig. 2"),
+    "fig3_dfid_stage2": ("fig3.rst", "Fig. 3"),
+    "fig4a_time_density": ("fig4a.rst", "Fig. 4a"),
+    "fig4b_fid_sigma_nu": ("fig4b.rst", "Fig. 4b"),
+    "fig4c_fid_rho_wb": ("fig4c.rst", "Fig. 4c"),
+    "fig7_grad_norm": ("fig7.rst", "Fig. 7"),
+    "fig8_dfid_vs_t": ("fig8.rst", "Fig. 8"),
+    "fig_mid_t_sweep": ("fig_mid_t_sweep.rst", "2-step middle-time sweep"),
+}
+
+
+def report_inputs(target):
+    """What the tables of `target` read: every main, ablation and distillation run with its evaluations and
+    training seeds 1 .. K-1 of the claim-bearing arms (K = training_seeds of the target)."""
+    return sorted(
+        set(
+            main_targets()
+            + ablation_targets()
+            + distill_targets()
+            + [f"{RESULTS}/{run}/config.json" for run in PAPER_TABLE_RUNS]
+            + seed_targets(target)
+            + intermediate_targets(target)
+            + mid_t_sweep_targets()
+        )
+    )
+
+
+def report_outputs(folder, table_category, figure_category):
+    """The tables rule's named outputs under `folder` (a pattern with {preset}), as report() items."""
+    tables = {
+        f"{name}_{ext}": report(
+            f"{folder}/tables/{name}.{ext}",
+            caption=f"../report/{caption}",
+            category=table_category,
+            labels={"table": label, "format": ext},
+        )
+        for name, (caption, label) in PAPER_TABLES.items()
+        for ext in ("md", "csv")
+    }
+    figures = {
+        name: report(
+            f"{folder}/figures/{name}.png",
+            caption=f"../report/{caption}",
+            category=figure_category,
+            labels={"figure": label},
+        )
+        for name, (caption, label) in PAPER_FIGURES.items()
+    }
+    crosscheck = report(
+        f"{folder}/tables/crosscheck.csv",
+        caption="../report/crosscheck.rst",
+        category=table_category,
+        labels={"table": "Files vs MLflow", "format": "csv"},
+    )
+    return {**tables, **figures, "crosscheck": crosscheck}
+
+
+def report_files(folder):
+    """Every file report_outputs names, for one preset's concrete `folder` (a target's input)."""
+    tables = [f"{folder}/tables/{name}.{ext}" for name in PAPER_TABLES for ext in ("md", "csv")]
+    figures = [f"{folder}/figures/{name}.png" for name in PAPER_FIGURES]
+    return tables + [f"{folder}/tables/crosscheck.csv"] + figures
