@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 from reporting_helpers import DISTILL_FIDS, LABEL, Scenario, build_synthetic, mirror_to_mlflow
 
+from tcm_core.presets import split_seed
 from tcm_core.report import figures, measurements
 from tcm_core.report.claims import MDE_COLUMN
 from tcm_core.report.cli import build_report, format_summary, output_files
@@ -239,6 +240,8 @@ def test_training_seeds_reports_the_first_k_seeds_as_a_study_of_k_would(tmp_path
     for name in ("claims.csv", "table5_distillation.csv", "table6_intermediate.csv", "table3_tprime.csv"):
         assert (tmp_path / "cut" / "tables" / name).read_text() == (tmp_path / "alone" / "tables" / name).read_text()
     assert not any(r.seed_index >= 2 for r in cut.results.runs)
+    assert every.results.evaluations != cut.results.evaluations  # and no evaluation of a seed left out:
+    assert not any(split_seed(e.target)[1] >= 2 for e in cut.results.evaluations if e.target)
     assert "training seeds 0 .. 1 of each arm (--training-seeds 2)" in cut.results.notes
 
 
