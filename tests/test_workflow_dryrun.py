@@ -284,8 +284,9 @@ def test_paper_tables_plans_the_distillation_arm(workdir):
 
 
 def test_study_trains_its_own_seed_count_and_reports_in_its_folder(workdir):
-    """`study` is paper_tables at training_seeds.study: seeds 1 .. KS-1 of every claim-bearing arm, and the tables
-    read exactly KS seeds (--training-seeds) into results/<preset>/study; paper_tables keeps its own K."""
+    """`study` is paper_tables at training_seeds.study for the arms of S1 and S5 (seeds 1 .. KS-1 of the control,
+    Stage 2 and the CD arm's two; paper_tables' K of the other seeded arms), and its tables read KS seeds
+    (--training-seeds) into results/<preset>/study; paper_tables keeps its own K."""
     write_overlay(workdir / "study.yaml", "presets:\n  ci: {training_seeds: {paper_tables: 2, study: 4}}\n")
     out = snakemake(workdir, "-n", "-p", "--configfile", "config.yaml", "study.yaml", "--config", "preset=ci",
                     "--", "study", check=True).stdout
@@ -296,6 +297,9 @@ def test_study_trains_its_own_seed_count_and_reports_in_its_folder(workdir):
         assert f"results/ci/stage2/main/seed~{j}/eval/fid_1step.json" in out
         assert f"results/ci/distill/stage2/seed~{j}/eval/fid_1step.json" in out
     assert "results/ci/stage2/main/seed~4/" not in out
+    cell = "results/ci/stage2/ablation/t_prime~1.0/rho~0.25/w_b~0.01/student_sigma~0.2/student_nu~0.01"
+    assert f"{cell}/seed~1/eval/fid_1step.json" in out and f"{cell}/seed~2/" not in out  # S3's cell: K = 2
+    assert "results/ci/intermediate/finetune/seed~1/" in out and "intermediate/finetune/seed~2/" not in out
     assert "--out results/ci/study --training-seeds 4 " in out and "results/ci/study/tables/claims.md" in out
     quick = snakemake(workdir, "-n", "-p", "--configfile", "config.yaml", "study.yaml", "--config", "preset=ci",
                       "--", "paper_tables", check=True).stdout

@@ -95,6 +95,11 @@ SEEDED_RUNS = (
     + ([f"distill/{m}" for m in presets.DISTILL_SEEDED_MODES] if DISTILL_RUNS else [])
     + INTERMEDIATE_STAGE2_RUNS  # claim S6 (their boundary, intermediate/finetune, is seeded with them)
 )
+# The arms of claims S1 and S5, which the power analysis sizes: `study` trains training_seeds.study seeds of these
+# and paper_tables' K of the other seeded arms (docs/STUDY.md).
+POWERED_RUNS = ["stage1_continued", "stage2/main"] + (
+    [f"distill/{m}" for m in presets.DISTILL_SEEDED_MODES] if DISTILL_RUNS else []
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,11 +383,20 @@ def report_inputs(target):
             + ablation_targets()
             + distill_targets()
             + [f"{RESULTS}/{run}/config.json" for run in PAPER_TABLE_RUNS]
-            + seed_targets(target)
-            + intermediate_targets(target)
+            + report_seed_targets(target)
+            + intermediate_targets("paper_tables" if target == "study" else target)
             + mid_t_sweep_targets()
         )
     )
+
+
+def report_seed_targets(target):
+    """The extra training seeds the tables of `target` read: K of the target for every seeded arm; for `study`,
+    training_seeds.study of the S1 and S5 arms (POWERED_RUNS) and paper_tables' K of the others."""
+    if target != "study":
+        return seed_targets(target)
+    others = [run for run in SEEDED_RUNS if run not in POWERED_RUNS]
+    return seed_targets("study", POWERED_RUNS) + seed_targets("paper_tables", others)
 
 
 def report_outputs(folder, table_category, figure_category):
