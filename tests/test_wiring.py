@@ -312,6 +312,25 @@ def test_each_presets_stage2_starts_at_the_ratio_cap(preset):
     assert paper_ratio(start, stage2.q, stage2.double_iters, stage2.ratio_limit) == stage2.ratio_limit
 
 
+def test_tiny_stage2_trains_at_the_controls_learning_rate_with_adam():
+    """tiny: Stage 1 and its control on Adam (beta2 0.99) with EDM2's inverse-sqrt decay from 1e-3 (t_ref 50);
+    Stage 2 with half the reference lr and four times the decay length (the official ImageNet relation), which
+    is the control's lr at every iteration after the split: closed form 1e-3 * sqrt(50 / it) for it >= 50."""
+    from tcm_core.training.optim import build_optimizer, learning_rate
+
+    repo_config = Path(__file__).resolve().parents[1] / "config.yaml"
+    stage1, control, stage2 = (resolve_config(repo_config, m, "tiny", []) for m in
+                               ("stage1", "stage1_continued", "stage2"))
+    for cfg in (stage1, control, stage2):
+        optimizer = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
+        assert type(optimizer) is torch.optim.Adam and optimizer.param_groups[0]["betas"] == (0.9, 0.99)
+    split = stage1.iterations
+    assert learning_rate(stage1, split) == pytest.approx(1e-3 / math.sqrt(split / 50), rel=1e-12)
+    for it in range(split, split + stage2.iterations):
+        assert learning_rate(control, it) == pytest.approx(1e-3 * math.sqrt(50 / it), rel=1e-12)
+        assert learning_rate(stage2, it) == pytest.approx(learning_rate(control, it), rel=1e-12)
+
+
 def test_distillation_arm_walks_its_curriculum_to_the_cap_and_compares_like_for_like():
     """The tiny CD arm (its own length: 200 iterations per run): CD Stage 1 reaches the ratio cap before it ends,
     so the CD control and CD Stage 2 run at the cap (App. E), and both continue CD Stage 1 with its batch (the CT
