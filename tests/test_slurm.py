@@ -191,7 +191,7 @@ def test_profile_covers_every_remote_rule():
         rules |= {line.split()[0] for line in proc.stdout.splitlines() if line[:1].strip()}  # docstrings indent
     assert {"cd_stage1", "cd_stage1_continued", "cd_stage2"} <= rules
     local = {"all", "all_ablations", "all_distillation", "mlflow_init", "fetch_checkpoint", "fetch_dataset",
-             "fetch_teacher", "paper_tables", "release_check", "released_table", "released_tables"}
+             "fetch_teacher", "paper_tables", "study", "release_check", "released_table", "released_tables"}
     missing = rules - local - set(profile_gpu_rules())
     assert not missing, f"rules missing from profiles/slurm set-resources: {missing}"
 
