@@ -245,6 +245,15 @@ def test_training_seeds_reports_the_first_k_seeds_as_a_study_of_k_would(tmp_path
     assert "training seeds 0 .. 1 of each arm (--training-seeds 2)" in cut.results.notes
 
 
+def test_training_seeds_below_one_is_one_error_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tcm_core", "tables", "--preset", "tiny", "--results",
+                           str(tmp_path / "results"), "--out", str(tmp_path / "out"), "--training-seeds", "0"],
+                          capture_output=True, text=True, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "tcm: error: tables: --training-seeds 0: give K >= 1 (the target's training_seeds)"], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_table5_without_a_distillation_arm_says_so(tmp_path):
     results = tmp_path / "results" / "tiny"
     build_synthetic(results, scenario=Scenario(distill={}, ablations=False))

@@ -333,13 +333,14 @@ def log_on_run(tracking_uri: str, parent: str | Path | dict, run_key: str, metri
 
 def log_on_parent(tracking_uri: str, parent: str | Path | dict, files: list[Path], root: Path | None = None) -> str:
     """Files as artifacts of the study's parent run, under their folder relative to ``root`` (``tables/``,
-    ``study/tables/``; without ``root`` the folder's name); the parent then ends unless a job still runs. Returns
-    the parent's run id."""
+    ``study/tables/``; the folder's name for a file outside ``root`` or without one); the parent then ends unless
+    a job still runs. Returns the parent's run id."""
     record = study_record(parent)
     client = store_client(tracking_uri)
+    base = Path(root).resolve() if root is not None else None
     for path in files:
-        folder = Path(path).parent
-        where = folder.resolve().relative_to(Path(root).resolve()).as_posix() if root is not None else folder.name
+        folder = Path(path).resolve().parent
+        where = folder.relative_to(base).as_posix() if base and folder.is_relative_to(base) else folder.name
         with_retry(client.log_artifact, record["parent_run_id"], str(path), where)
     close_parent_if_idle(client, record["experiment_id"], record["parent_run_id"])
     return record["parent_run_id"]

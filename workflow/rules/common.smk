@@ -85,20 +85,19 @@ INTERMEDIATE_STAGE2_RUNS = (
 # Stage-1 run, the ablation cells of tcm_core.presets.seeded_ablation_points, and the distillation arm's control
 # and Stage 2 from the one CD Stage-1 run (claim S5). Seed j > 0 of run folder R is R/seed~j
 # (tcm_core.presets.seed_run); seed 0 is R.
+# The arms of claims S1 and S5, which the power analysis sizes: `study` trains training_seeds.study seeds of these
+# and paper_tables' K of the other seeded arms (docs/STUDY.md).
+POWERED_RUNS = ["stage1_continued", "stage2/main"] + (
+    [f"distill/{m}" for m in presets.DISTILL_SEEDED_MODES] if DISTILL_RUNS else []
+)
 SEEDED_RUNS = (
-    ["stage1_continued", "stage2/main"]
+    POWERED_RUNS
     + [
         run
         for run, point in zip(ABLATION_RUNS, presets.ablation_points(P))
         if point in presets.seeded_ablation_points(P)
     ]
-    + ([f"distill/{m}" for m in presets.DISTILL_SEEDED_MODES] if DISTILL_RUNS else [])
     + INTERMEDIATE_STAGE2_RUNS  # claim S6 (their boundary, intermediate/finetune, is seeded with them)
-)
-# The arms of claims S1 and S5, which the power analysis sizes: `study` trains training_seeds.study seeds of these
-# and paper_tables' K of the other seeded arms (docs/STUDY.md).
-POWERED_RUNS = ["stage1_continued", "stage2/main"] + (
-    [f"distill/{m}" for m in presets.DISTILL_SEEDED_MODES] if DISTILL_RUNS else []
 )
 
 
@@ -431,6 +430,4 @@ def report_outputs(folder, table_category, figure_category):
 
 def report_files(folder):
     """Every file report_outputs names, for one preset's concrete `folder` (a target's input)."""
-    tables = [f"{folder}/tables/{name}.{ext}" for name in PAPER_TABLES for ext in ("md", "csv")]
-    figures = [f"{folder}/figures/{name}.png" for name in PAPER_FIGURES]
-    return tables + [f"{folder}/tables/crosscheck.csv"] + figures
+    return [str(path) for path in report_outputs(folder, None, None).values()]
